@@ -1,0 +1,312 @@
+"""The ``dphubert`` fairseq model: a HuBERT / wav2vec2 encoder with per-layer sizes and hard-concrete gates.
+
+One class serves the gated student during training and the pruned model after export: the export only changes
+the config (smaller sizes, no gates) and the weights.
+"""
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+from fairseq.modules import GradMultiply
+from omegaconf import OmegaConf
+
+from ..param_count import UnitSizes, parse_conv_layers, static_sizes, total_params
+from .encoder import PrunableTransformerEncoder
+from .feature_norm import FeatureLayerNorm
+from .hard_concrete import HardConcrete
+from .prunable_conv import ConvFeatureExtractor
+
+PRUNABLE_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
+EXTRACTOR_MODES = ChoiceEnum(["default", "layer_norm"])
+FRAME_PADDING_STYLES = ChoiceEnum(["hubert", "wav2vec2"])
+
+
+def _per_layer(value: int, help: str, layers: int = 12):
+    """A per-layer list field; the default is the HuBERT Base shape."""
+    return field(default_factory=lambda: [value] * layers, metadata={"help": help})
+
+
+@dataclass
+class DPHuBERTConfig(FairseqDataclass):
+    # --- CNN feature extractor ---
+    extractor_mode: EXTRACTOR_MODES = field(
+        default="default",
+        metadata={
+            "help": "'default': one GroupNorm in the first conv block (HuBERT / wav2vec2 Base); "
+            "'layer_norm': a LayerNorm over channels in every conv block (Large models)"
+        },
+    )
+    conv_feature_layers: str = field(
+        default="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+        metadata={
+            "help": "conv layers as fairseq writes them, a Python list of (channels, kernel, stride); "
+            "the channels of each layer are its own size after pruning"
+        },
+    )
+    conv_bias: bool = field(default=False, metadata={"help": "conv layers have a bias"})
+    # --- transformer ---
+    encoder_layers: int = field(default=12, metadata={"help": "number of transformer layers"})
+    encoder_embed_dim: int = field(default=768, metadata={"help": "transformer dimension D"})
+    attention_head_dim: int = field(default=64, metadata={"help": "dimension of one attention head"})
+    encoder_attention_heads: List[int] = _per_layer(
+        12, "attention heads of each layer (0 keeps only the out_proj bias)"
+    )
+    encoder_ffn_embed_dims: List[int] = _per_layer(
+        3072, "FFN intermediate size of each layer (0 keeps only the fc2 bias)"
+    )
+    use_attention: List[int] = _per_layer(1, "per layer, 1 if the attention block is present, 0 if removed")
+    use_ffn: List[int] = _per_layer(1, "per layer, 1 if the FFN block is present, 0 if removed")
+    layer_norm_first: bool = field(
+        default=False, metadata={"help": "pre-LayerNorm layers (Large models) instead of post-LayerNorm"}
+    )
+    activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
+        default="gelu", metadata={"help": "activation of the FFN blocks"}
+    )
+    conv_pos: int = field(default=128, metadata={"help": "kernel size of the positional convolution"})
+    conv_pos_groups: int = field(default=16, metadata={"help": "groups of the positional convolution"})
+    conv_pos_batch_norm: bool = field(
+        default=False, metadata={"help": "positional convolution with BatchNorm instead of weight norm"}
+    )
+    post_extract_proj: bool = field(
+        default=True,
+        metadata={"help": "a Linear maps the CNN channels to D (fairseq adds it when they differ)"},
+    )
+    # --- regularisation ---
+    dropout: float = field(default=0.1, metadata={"help": "dropout in the transformer"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})
+    dropout_input: float = field(default=0.0, metadata={"help": "dropout after the feature projection"})
+    feature_grad_mult: float = field(
+        default=1.0, metadata={"help": "gradient multiplier of the CNN (0 freezes it)"}
+    )
+    # --- input conventions, copied from the teacher ---
+    frame_padding: FRAME_PADDING_STYLES = field(
+        default="hubert",
+        metadata={
+            "help": "how the frame padding mask is derived from the sample one: 'hubert' "
+            "(HubertModel.forward_padding_mask) or 'wav2vec2' (conv output lengths)"
+        },
+    )
+    crop_seq_to_multiple: int = field(
+        default=1, metadata={"help": "crop the frames to a multiple of this (wav2vec2's option)"}
+    )
+    normalize: bool = field(
+        default=False, metadata={"help": "the model expects zero-mean unit-variance waveforms"}
+    )
+    sample_rate: int = field(default=16000, metadata={"help": "sample rate the model expects"})
+    # --- pruning ---
+    prune_units: List[str] = field(
+        default_factory=list,
+        metadata={"help": "structures that get hard-concrete gates: any of " + ", ".join(PRUNABLE_UNITS)},
+    )
+    feature_norm_removed_channels: int = field(
+        default=0,
+        metadata={"help": "set by export: CNN output channels removed, kept as zeros in the feature LayerNorm"},
+    )
+    feature_norm_channel_scale: bool = field(
+        default=False,
+        metadata={"help": "set by export: the feature LayerNorm scales its input by the last gate's values"},
+    )
+
+
+
+
+def hubert_frame_padding(padding_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """HuBERT's rule (``HubertModel.forward_padding_mask``): a frame is padding when all samples of its equal
+    share of the input are. ``(B, L) -> (B, T)``."""
+    extra = padding_mask.size(1) % num_frames
+    if extra > 0:
+        padding_mask = padding_mask[:, :-extra]
+    return padding_mask.view(padding_mask.size(0), num_frames, -1).all(-1)
+
+
+def wav2vec2_frame_padding(
+    padding_mask: torch.Tensor, num_frames: int, output_lengths: Callable[[torch.Tensor], torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """wav2vec2's rule (``Wav2Vec2Model.forward``): frames past the conv output length of the unpadded input
+    are padding; None when nothing is padded. ``(B, L) -> (B, T)``."""
+    if not padding_mask.any():
+        return None
+    lengths = output_lengths((~padding_mask).long().sum(-1))
+    frames = torch.arange(num_frames, device=padding_mask.device)
+    return frames.unsqueeze(0) >= lengths.unsqueeze(1)
+
+
+def as_config(cfg) -> DPHuBERTConfig:
+    """A fresh ``DPHuBERTConfig`` from a dataclass or an OmegaConf node (what fairseq passes to build_model)."""
+    if isinstance(cfg, DPHuBERTConfig):
+        return copy.deepcopy(cfg)
+    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    names = {f.name for f in dataclasses.fields(DPHuBERTConfig)}
+    return DPHuBERTConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def validate_config(cfg) -> None:
+    """Raise ``ValueError`` naming the key when the per-layer lists do not describe one architecture."""
+    for key in ("encoder_attention_heads", "encoder_ffn_embed_dims", "use_attention", "use_ffn"):
+        if len(getattr(cfg, key)) != cfg.encoder_layers:
+            raise ValueError(
+                f"model.{key} has {len(getattr(cfg, key))} entries but model.encoder_layers is "
+                f"{cfg.encoder_layers}"
+            )
+    unknown = set(cfg.prune_units) - set(PRUNABLE_UNITS)
+    if unknown:
+        raise ValueError(
+            f"model.prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}"
+        )
+
+
+@register_model("dphubert", dataclass=DPHuBERTConfig)
+class DPHuBERTModel(BaseFairseqModel):
+    """``source (B, L)`` waveform and ``padding_mask (B, L)`` (True = padding) -> hidden states ``(B, T, D)``."""
+
+    def __init__(self, cfg: DPHuBERTConfig) -> None:
+        super().__init__()
+        validate_config(cfg)
+        self.cfg = cfg
+        units = frozenset(cfg.prune_units)
+        conv_layers = parse_conv_layers(cfg.conv_feature_layers)
+        gated = ["conv" in units] * len(conv_layers)
+        if not cfg.post_extract_proj:
+            gated[-1] = False  # the CNN's last channels are the encoder's dimension: nothing to prune into
+        self.feature_extractor = ConvFeatureExtractor(
+            conv_layers, cfg.extractor_mode, cfg.conv_bias, gated
+        )
+        channels = conv_layers[-1][0]
+        self.layer_norm = FeatureLayerNorm(
+            channels, cfg.feature_norm_removed_channels, cfg.feature_norm_channel_scale
+        )
+        self.post_extract_proj = (
+            nn.Linear(self.layer_norm.out_features, cfg.encoder_embed_dim) if cfg.post_extract_proj else None
+        )
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.encoder = PrunableTransformerEncoder(cfg, units)
+
+    @classmethod
+    def build_model(cls, cfg: DPHuBERTConfig, task=None) -> "DPHuBERTModel":
+        return cls(cfg)
+
+    @property
+    def encoder_embed_dim(self) -> int:
+        return self.cfg.encoder_embed_dim
+
+    # ----- forward -----
+
+    def frame_padding_mask(
+        self, padding_mask: Optional[torch.Tensor], num_frames: int
+    ) -> Optional[torch.Tensor]:
+        """Sample-level ``(B, L)`` padding mask -> frame-level ``(B, T)``, as the teacher's fairseq model does."""
+        if padding_mask is None:
+            return None
+        if self.cfg.frame_padding == "hubert":
+            return hubert_frame_padding(padding_mask, num_frames)
+        return wav2vec2_frame_padding(padding_mask, num_frames, self.feature_extractor.output_lengths)
+
+    def forward(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> Dict[str, object]:
+        """Returns ``hidden_states`` ``[h_0, ..., h_L]`` (each ``(B, T, D)``), ``x`` (the encoder's output,
+        ``(B, T, D)``) and ``padding_mask`` (``(B, T)`` or None)."""
+        if self.cfg.feature_grad_mult > 0:
+            features = self.feature_extractor(source)
+            if self.cfg.feature_grad_mult != 1.0:
+                features = GradMultiply.apply(features, self.cfg.feature_grad_mult)
+        else:
+            with torch.no_grad():
+                features = self.feature_extractor(source)
+        features = self.layer_norm(features.transpose(1, 2))
+        padding_mask = self.frame_padding_mask(padding_mask, features.size(1))
+        drop = features.size(1) % self.cfg.crop_seq_to_multiple
+        if drop:
+            features = features[:, :-drop]
+            padding_mask = padding_mask[:, :-drop] if padding_mask is not None else None
+        if self.post_extract_proj is not None:
+            features = self.post_extract_proj(features)
+        h0 = self.dropout_input(features)
+        layer_outputs, final = self.encoder(h0, padding_mask)
+        return {"hidden_states": [h0] + layer_outputs, "x": final, "padding_mask": padding_mask}
+
+    def hidden_states(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> List[torch.Tensor]:
+        """``[h_0, ..., h_L]``: h_0 is the feature projection's output (the encoder's input, before the
+        positional conv), h_i the output of transformer layer i; each ``(B, T, D)``."""
+        return self.forward(source, padding_mask)["hidden_states"]
+
+    def extract_features(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False, **unused
+    ) -> Dict[str, object]:
+        """Encoder output as fairseq's wav2vec2 returns it: ``x`` ``(B, T, D)``, ``padding_mask``,
+        ``layer_results`` (the hidden states)."""
+        out = self.forward(source, padding_mask)
+        return {"x": out["x"], "padding_mask": out["padding_mask"], "layer_results": out["hidden_states"]}
+
+    def remove_pretraining_modules(self, *unused, **unused_kw) -> None:
+        """Nothing to remove: the model has no pretraining heads."""
+
+    # ----- gates and sizes -----
+
+    def gates(self) -> Dict[str, HardConcrete]:
+        """Every gate of the model, by its module path."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, HardConcrete)}
+
+    def unit_sizes(self, mode: str = "expected") -> UnitSizes:
+        """Size of each prunable structure.
+
+        ``mode``: 'static' (the config's sizes), 'expected' (expected open gates, differentiable tensors) or
+        'eval' (gates open in the deterministic eval masks).
+        """
+        if mode not in ("static", "expected", "eval"):
+            raise ValueError(f"mode must be 'static', 'expected' or 'eval', got {mode!r}")
+        if mode == "static":
+            return static_sizes(self.cfg)
+
+        def size(gate: Optional[HardConcrete], static: int):
+            if gate is None:
+                return static
+            if mode == "expected":
+                return gate.l0_norm()
+            return int((gate.deterministic_mask() > 0).sum())
+
+        def keep(gate: Optional[HardConcrete], present: bool):
+            if not present or gate is None:
+                return int(present)
+            if mode == "expected":
+                return gate.prob_open()[0]
+            return int(gate.deterministic_mask()[0] > 0)
+
+        heads, ffn_dims, att_keep, ffn_keep = [], [], [], []
+        for layer, h, f in zip(
+            self.encoder.layers, self.cfg.encoder_attention_heads, self.cfg.encoder_ffn_embed_dims
+        ):
+            attn, ffn = layer.self_attn, layer.ffn
+            heads.append(size(attn.head_gate, h) if attn is not None else h)
+            att_keep.append(keep(attn.layer_gate if attn is not None else None, attn is not None))
+            ffn_dims.append(size(ffn.unit_gate, f) if ffn is not None else f)
+            ffn_keep.append(keep(ffn.layer_gate if ffn is not None else None, ffn is not None))
+        return UnitSizes(
+            conv_channels=[size(b.gate, b.out_channels) for b in self.feature_extractor.blocks],
+            heads=heads,
+            ffn_dims=ffn_dims,
+            attention_keep=att_keep,
+            ffn_keep=ffn_keep,
+        )
+
+    def num_params(self) -> int:
+        """Counted parameters (``param_count`` convention) of this architecture."""
+        return int(total_params(self.cfg, static_sizes(self.cfg)))
+
+    def expected_params(self) -> torch.Tensor:
+        """Differentiable expected parameter count under the gates (float32 scalar); equals
+        ``num_params()`` when no gate is active."""
+        n = total_params(self.cfg, self.unit_sizes("expected"))
+        if not torch.is_tensor(n):
+            n = torch.tensor(float(n))
+        return n

@@ -1,0 +1,74 @@
+"""The transformer encoder: positional convolution, prunable layers, final LayerNorm."""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq.models.wav2vec.wav2vec2 import make_conv_pos
+from fairseq.modules import LayerNorm
+
+from .encoder_layer import PrunableEncoderLayer
+from .prunable_attention import PrunableSelfAttention
+from .prunable_ffn import PrunableFeedForward
+
+
+class PrunableTransformerEncoder(nn.Module):
+    """fairseq's wav2vec2 ``TransformerEncoder`` with per-layer sizes. Batch-first throughout.
+
+    ``forward((B, T, D), (B, T) padding mask) -> ([h_1, ..., h_L], final)``: each ``h_i`` is layer i's output
+    ``(B, T, D)``; ``final`` is ``h_L`` passed through the encoder LayerNorm for pre-LN models, else ``h_L``.
+    """
+
+    def __init__(self, cfg, prune_units: frozenset) -> None:
+        super().__init__()
+        embed_dim = cfg.encoder_embed_dim
+        self.layer_norm_first = cfg.layer_norm_first
+        self.dropout = cfg.dropout
+        # fairseq's own builder, so that state dicts (weight_g / weight_v) match stock checkpoints
+        self.pos_conv = make_conv_pos(
+            embed_dim, cfg.conv_pos, cfg.conv_pos_groups, is_batch_norm=cfg.conv_pos_batch_norm
+        )
+        layers = []
+        for i in range(cfg.encoder_layers):
+            self_attn = None
+            if cfg.use_attention[i]:
+                self_attn = PrunableSelfAttention(
+                    embed_dim,
+                    cfg.encoder_attention_heads[i],
+                    cfg.attention_head_dim,
+                    cfg.attention_dropout,
+                    head_gate="head" in prune_units,
+                    layer_gate="attlayer" in prune_units,
+                )
+            ffn = None
+            if cfg.use_ffn[i]:
+                ffn = PrunableFeedForward(
+                    embed_dim,
+                    cfg.encoder_ffn_embed_dims[i],
+                    cfg.activation_fn,
+                    cfg.activation_dropout,
+                    unit_gate="interm" in prune_units,
+                    layer_gate="ffnlayer" in prune_units,
+                )
+            layers.append(
+                PrunableEncoderLayer(self_attn, ffn, embed_dim, cfg.dropout, cfg.layer_norm_first)
+            )
+        self.layers = nn.ModuleList(layers)
+        self.layer_norm = LayerNorm(embed_dim)
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        outputs = []
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+            outputs.append(x)
+        final = self.layer_norm(x) if self.layer_norm_first else x
+        return outputs, final

@@ -1,0 +1,52 @@
+"""One transformer layer whose attention and FFN blocks can be pruned or removed."""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from fairseq.modules import LayerNorm
+
+from .prunable_attention import PrunableSelfAttention
+from .prunable_ffn import PrunableFeedForward
+
+
+class PrunableEncoderLayer(nn.Module):
+    """fairseq's ``TransformerSentenceEncoderLayer`` (post- or pre-LayerNorm) with prunable blocks.
+
+    ``(B, T, D)`` and key padding mask ``(B, T)`` ``-> (B, T, D)``. A removed block (``None``) contributes
+    nothing. Post-LN layers keep both LayerNorms whatever is removed, since they sit on the residual stream;
+    a pre-LN layer's LayerNorm belongs to its block and goes with it.
+    """
+
+    def __init__(
+        self,
+        self_attn: Optional[PrunableSelfAttention],
+        ffn: Optional[PrunableFeedForward],
+        embed_dim: int,
+        dropout: float,
+        layer_norm_first: bool,
+    ) -> None:
+        super().__init__()
+        self.layer_norm_first = layer_norm_first
+        self.self_attn = self_attn
+        self.ffn = ffn
+        keep_attn_norm = self_attn is not None or not layer_norm_first
+        keep_ffn_norm = ffn is not None or not layer_norm_first
+        self.self_attn_layer_norm = LayerNorm(embed_dim) if keep_attn_norm else None
+        self.final_layer_norm = LayerNorm(embed_dim) if keep_ffn_norm else None
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.layer_norm_first:
+            if self.self_attn is not None:
+                x = x + self.dropout1(self.self_attn(self.self_attn_layer_norm(x), key_padding_mask))
+            if self.ffn is not None:
+                x = x + self.dropout3(self.ffn(self.final_layer_norm(x)))
+            return x
+        if self.self_attn is not None:
+            x = x + self.dropout1(self.self_attn(x, key_padding_mask))
+        x = self.self_attn_layer_norm(x)
+        if self.ffn is not None:
+            x = x + self.dropout3(self.ffn(x))
+        return self.final_layer_norm(x)

@@ -1,0 +1,241 @@
+"""Export: fold the eval-mode gate masks into the weights and remove what they switched off.
+
+All folding lives here. A gate multiplies the *output* of its units, so its soft value is folded into the
+*input* of whatever reads them (the next conv's input channels, out_proj's or fc2's columns) and the units with
+a zero mask are index-selected away. Two places need more care than a plain index-select, and are exact here:
+
+- the LayerNorm after the CNN saw the removed channels as zeros: ``FeatureLayerNorm`` keeps them as phantom
+  zeros in its statistics, carries the kept channels' soft values as a per-channel scale, and its extra
+  ``-mean/std`` output with one more projection column stands for the removed channels' gamma; their beta is
+  folded into the projection bias;
+- a block whose units are all removed still adds its output bias (times its layer gate): it is kept as a
+  0-unit block holding only that bias.
+
+One place cannot be exact: in the 'layer_norm' extractor (Large models) each conv block normalises over all
+its channels *before* the gate, so removing channels changes the statistics for every kept channel. ``prune``
+measures the resulting deviation on a probe input and reports it.
+"""
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
+from .models.hard_concrete import HardConcrete
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningReport:
+    """What ``prune`` did: whether the pruned model reproduces the gated one exactly, and how closely it did
+    on the probe input (max abs difference over all hidden states)."""
+
+    exact: bool
+    inexact_parts: List[str]
+    max_abs_deviation: Optional[float]
+    probe: str
+
+
+def _mask(gate: Optional[HardConcrete], n: int, like: torch.Tensor) -> torch.Tensor:
+    if gate is None:
+        return torch.ones(n, dtype=like.dtype, device=like.device)
+    return gate.deterministic_mask().to(like)
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask, as_tuple=False).squeeze(-1)
+
+
+def _fold_feature_extractor(
+    model: DPHuBERTModel, state: Dict[str, torch.Tensor], cfg: DPHuBERTConfig
+) -> List[str]:
+    """Conv blocks, the feature LayerNorm and the projection. Returns the parts that are not exact."""
+    inexact = []
+    prev_kept: Optional[torch.Tensor] = None
+    prev_scale: Optional[torch.Tensor] = None
+    conv_layers = []
+    for i, block in enumerate(model.feature_extractor.blocks):
+        prefix = f"feature_extractor.blocks.{i}."
+        weight = block.conv.weight
+        if prev_kept is not None:
+            weight = weight[:, prev_kept, :] * prev_scale.view(1, -1, 1)
+        mask = _mask(block.gate, block.out_channels, weight)
+        kept = _kept(mask)
+        if kept.numel() == 0:
+            raise ValueError(f"conv layer {i} would lose all its channels: the model would output constants")
+        state[prefix + "conv.weight"] = weight[kept]
+        if block.conv.bias is not None:
+            state[prefix + "conv.bias"] = block.conv.bias[kept]
+        if block.norm is not None:
+            state[prefix + "norm.weight"] = block.norm.weight[kept]
+            state[prefix + "norm.bias"] = block.norm.bias[kept]
+            if block.norm_kind == "layer" and kept.numel() < block.out_channels:
+                inexact.append(
+                    f"feature_extractor.blocks.{i}: its LayerNorm normalised over {block.out_channels} "
+                    f"channels and now over {kept.numel()}"
+                )
+        conv_layers.append((kept.numel(), block.kernel, block.stride))
+        prev_kept, prev_scale = kept, mask[kept]
+    cfg.conv_feature_layers = "[" + ", ".join(f"({c}, {k}, {s})" for c, k, s in conv_layers) + "]"
+
+    norm = model.layer_norm
+    last_gated = model.feature_extractor.blocks[-1].gate is not None
+    removed = torch.tensor(
+        sorted(set(range(norm.channels)) - set(prev_kept.tolist())), dtype=torch.long, device=prev_kept.device
+    )
+    state["layer_norm.weight"] = norm.weight[prev_kept]
+    state["layer_norm.bias"] = norm.bias[prev_kept]
+    if norm.channel_scale is not None or last_gated:
+        old_scale = norm.channel_scale if norm.channel_scale is not None else torch.ones_like(norm.weight)
+        state["layer_norm.channel_scale"] = old_scale[prev_kept] * prev_scale
+        cfg.feature_norm_channel_scale = True
+    cfg.feature_norm_removed_channels = norm.removed_channels + removed.numel()
+
+    proj = model.post_extract_proj
+    if proj is not None:
+        main, extra = proj.weight[:, : norm.channels], proj.weight[:, norm.channels :]
+        weight = main[:, prev_kept]
+        if cfg.feature_norm_removed_channels > 0:
+            # removed channel j gave (-mean/std) * gamma_j + beta_j to the projection
+            column = main[:, removed] @ norm.weight[removed]
+            if extra.size(1) > 0:
+                column = column + extra[:, 0]
+            weight = torch.cat([weight, column.unsqueeze(1)], dim=1)
+        state["post_extract_proj.weight"] = weight
+        state["post_extract_proj.bias"] = proj.bias + main[:, removed] @ norm.bias[removed]
+    return inexact
+
+
+def _fold_attention(
+    model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]
+) -> Tuple[int, int]:
+    """Layer i's attention block. Returns (heads, use_attention)."""
+    attn = model.encoder.layers[i].self_attn
+    prefix = f"encoder.layers.{i}.self_attn."
+    if attn is None:
+        return 0, 0
+    like = attn.out_proj.bias
+    layer_mask = _mask(attn.layer_gate, 1, like)[0]
+    if layer_mask == 0:
+        return 0, 0
+    head_mask = _mask(attn.head_gate, attn.num_heads, like)
+    heads = _kept(head_mask)
+    dim = attn.head_dim
+    rows = (heads.unsqueeze(1) * dim + torch.arange(dim, device=heads.device)).reshape(-1)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        proj = getattr(attn, name)
+        state[prefix + name + ".weight"] = proj.weight[rows]
+        state[prefix + name + ".bias"] = proj.bias[rows]
+    column_scale = head_mask[heads].repeat_interleave(dim) * layer_mask
+    state[prefix + "out_proj.weight"] = attn.out_proj.weight[:, rows] * column_scale
+    state[prefix + "out_proj.bias"] = attn.out_proj.bias * layer_mask
+    return heads.numel(), 1
+
+
+def _fold_ffn(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+    """Layer i's FFN block. Returns (units, use_ffn)."""
+    ffn = model.encoder.layers[i].ffn
+    prefix = f"encoder.layers.{i}.ffn."
+    if ffn is None:
+        return 0, 0
+    like = ffn.fc2.bias
+    layer_mask = _mask(ffn.layer_gate, 1, like)[0]
+    if layer_mask == 0:
+        return 0, 0
+    unit_mask = _mask(ffn.unit_gate, ffn.ffn_dim, like)
+    units = _kept(unit_mask)
+    state[prefix + "fc1.weight"] = ffn.fc1.weight[units]
+    state[prefix + "fc1.bias"] = ffn.fc1.bias[units]
+    state[prefix + "fc2.weight"] = ffn.fc2.weight[:, units] * (unit_mask[units] * layer_mask)
+    state[prefix + "fc2.bias"] = ffn.fc2.bias * layer_mask
+    return units.numel(), 1
+
+
+def _probe_input(model: DPHuBERTModel, seconds: float = 1.0) -> torch.Tensor:
+    """A fixed, speech-scaled input: two seeded seconds of noise, normalised to unit variance."""
+    generator = torch.Generator().manual_seed(0)
+    wave = torch.randn(2, int(model.cfg.sample_rate * seconds), generator=generator)
+    wave = (wave - wave.mean(-1, keepdim=True)) / wave.std(-1, keepdim=True)
+    reference = next(model.parameters())
+    return wave.to(device=reference.device, dtype=reference.dtype)
+
+
+@torch.no_grad()
+def max_hidden_state_deviation(a: DPHuBERTModel, b: DPHuBERTModel, source: torch.Tensor) -> float:
+    """Max abs difference between the hidden states of two models on ``source`` ``(B, L)``."""
+    return max(
+        (x - y).abs().max().item() for x, y in zip(a.hidden_states(source), b.hidden_states(source))
+    )
+
+
+@torch.no_grad()
+def prune(
+    model: DPHuBERTModel, verify: bool = True, probe: Optional[torch.Tensor] = None
+) -> DPHuBERTModel:
+    """A new, smaller ``dphubert`` model that computes what ``model`` computes in eval mode, gates folded in.
+
+    The result has no gates, carries its sizes in its config and a ``pruning_report`` (``PruningReport``).
+    With ``verify`` both models are run on ``probe`` (default: a fixed 1 s input) to measure the deviation.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        cfg = as_config(model.cfg)
+        state = {
+            k: v for k, v in model.state_dict().items() if not k.endswith("log_alpha")
+        }
+        for key in [k for k in state if k.startswith(("feature_extractor.", "layer_norm.", "post_extract_proj."))]:
+            del state[key]
+        inexact = _fold_feature_extractor(model, state, cfg)
+        heads, ffn_dims, use_attention, use_ffn = [], [], [], []
+        for i, layer in enumerate(model.encoder.layers):
+            for key in [k for k in state if k.startswith((f"encoder.layers.{i}.self_attn.", f"encoder.layers.{i}.ffn."))]:
+                del state[key]
+            h, use_a = _fold_attention(model, i, state)
+            f, use_f = _fold_ffn(model, i, state)
+            heads.append(h)
+            ffn_dims.append(f)
+            use_attention.append(use_a)
+            use_ffn.append(use_f)
+            if cfg.layer_norm_first:  # a pre-LN block's LayerNorm goes with the block
+                for norm, used in (("self_attn_layer_norm", use_a), ("final_layer_norm", use_f)):
+                    if not used:
+                        state.pop(f"encoder.layers.{i}.{norm}.weight", None)
+                        state.pop(f"encoder.layers.{i}.{norm}.bias", None)
+        cfg.encoder_attention_heads = heads
+        cfg.encoder_ffn_embed_dims = ffn_dims
+        cfg.use_attention = use_attention
+        cfg.use_ffn = use_ffn
+        cfg.prune_units = []
+
+        reference = next(model.parameters())
+        pruned = DPHuBERTModel(cfg).to(device=reference.device, dtype=reference.dtype)
+        pruned.load_state_dict(state, strict=True)
+        pruned.eval()
+
+        deviation = None
+        if verify:
+            source = probe if probe is not None else _probe_input(model)
+            deviation = max_hidden_state_deviation(model, pruned, source)
+        pruned.pruning_report = PruningReport(
+            exact=not inexact,
+            inexact_parts=inexact,
+            max_abs_deviation=deviation,
+            probe="given input" if probe is not None else "2 x 1 s of seeded unit-variance noise",
+        )
+        if inexact:
+            logger.warning(
+                "pruning is not exact in %d place(s) (%s); max abs deviation of hidden states on the probe: %s",
+                len(inexact),
+                "; ".join(inexact),
+                deviation,
+            )
+        elif deviation is not None:
+            logger.info("pruned model reproduces the gated one; max abs deviation on the probe: %.3g", deviation)
+        return pruned
+    finally:
+        model.train(was_training)

@@ -1,0 +1,70 @@
+import glob
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers the model)
+import fairseq_teachers  # noqa: E402
+
+LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
+
+#: (kind, large_shape) of every supported teacher shape
+TEACHER_SHAPES = {
+    "hubert_base": ("hubert", False),
+    "hubert_large": ("hubert", True),
+    "wav2vec2_base": ("wav2vec2", False),
+    "wav2vec2_large": ("wav2vec2", True),
+}
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("teachers"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(teacher_dir):
+    """Checkpoint paths of tiny teachers of every supported shape, written by fairseq's Trainer."""
+    return {
+        name: fairseq_teachers.make_teacher(os.path.join(teacher_dir, f"{name}.pt"), kind, "tiny", large, seed=i)
+        for i, (name, (kind, large)) in enumerate(TEACHER_SHAPES.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def speech():
+    """Real read speech (LibriVox clips of Debian's pocketsphinx-testdata), float32 at 16 kHz, if installed."""
+    import soundfile as sf
+
+    files = sorted(glob.glob(os.path.join(LIBRIVOX, "*.wav")))
+    if not files:
+        pytest.skip("pocketsphinx-testdata is not installed (apt-get install pocketsphinx-testdata)")
+    clips = []
+    for f in files:
+        wav, rate = sf.read(f, dtype="float32")
+        assert rate == 16000
+        clips.append(torch.from_numpy(wav))
+    return clips
+
+
+def padded_batch(clips, normalize: bool = False):
+    """(B, L) batch right-padded with zeros and its (B, L) padding mask (True = padding)."""
+    if normalize:
+        clips = [(c - c.mean()) / (c.std() + 1e-5) for c in clips]
+    length = max(c.numel() for c in clips)
+    source = torch.zeros(len(clips), length)
+    mask = torch.ones(len(clips), length, dtype=torch.bool)
+    for i, c in enumerate(clips):
+        source[i, : c.numel()] = c
+        mask[i, : c.numel()] = False
+    return source, mask
+
+
+@pytest.fixture(scope="session")
+def unequal_batch(speech):
+    """Three clips of unequal length (1.3 s, 2.0 s, 0.9 s) cut from real speech."""
+    return [speech[0][:20800], speech[1][:32000], speech[2][8000:22400]]

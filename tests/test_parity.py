@@ -1,0 +1,54 @@
+"""A student made from a teacher, gates off, computes the teacher's hidden states."""
+
+import pytest
+import torch
+from conftest import TEACHER_SHAPES, padded_batch
+
+import dphubert_fairseq as dp
+
+
+def _frame_mask(student, mask, frames):
+    m = student.frame_padding_mask(mask, frames)
+    return torch.zeros(mask.size(0), frames, dtype=torch.bool) if m is None else m
+
+
+@pytest.mark.parametrize("shape", list(TEACHER_SHAPES))
+def test_student_reproduces_teacher_on_padded_batch(tiny_teachers, unequal_batch, shape):
+    teacher = dp.load_teacher(tiny_teachers[shape])
+    student = dp.student_from_teacher(tiny_teachers[shape], prune_units=()).eval()
+    source, mask = padded_batch(unequal_batch, normalize=student.cfg.normalize)
+    with torch.no_grad():
+        expected = dp.teacher_hidden_states(teacher, source, mask)
+        got = student.hidden_states(source, mask)
+    assert len(got) == len(expected) == student.cfg.encoder_layers + 1
+    frame_mask = _frame_mask(student, mask, got[0].size(1))
+    assert frame_mask.any() and not frame_mask.all()
+    for layer, (s, t) in enumerate(zip(got, expected)):
+        assert s.shape == t.shape
+        assert s.dtype == torch.float32
+        assert (s - t).abs().max().item() <= 1e-5, f"layer {layer}"
+        assert t[~frame_mask].abs().mean() > 0.1  # real, unit-scale activations
+
+
+def test_teacher_hidden_states_match_fairseq_extract_features(tiny_teachers, unequal_batch):
+    """Our reading of the teacher's layers is fairseq's own: the last one equals extract_features' output."""
+    teacher = dp.load_teacher(tiny_teachers["hubert_base"])
+    source, mask = padded_batch(unequal_batch)
+    with torch.no_grad():
+        ours = dp.teacher_hidden_states(teacher, source, mask)
+        x, frame_mask = teacher.extract_features(source, padding_mask=mask, mask=False)
+    assert torch.allclose(ours[-1][~frame_mask], x[~frame_mask], atol=1e-6)
+
+
+def test_student_of_base_sized_hubert_reproduces_teacher(teacher_dir, speech):
+    import fairseq_teachers
+
+    _, _, teacher, _ = fairseq_teachers.build("hubert", teacher_dir + "/base_labels", size="base")
+    teacher.eval()
+    student = dp.student_from_teacher(teacher, prune_units=()).eval()
+    source, mask = padded_batch([speech[0][:24000], speech[3][:16000]])
+    with torch.no_grad():
+        expected = dp.teacher_hidden_states(teacher, source, mask)
+        got = student.hidden_states(source, mask)
+    for s, t in zip(got, expected):
+        assert (s - t).abs().max().item() <= 1e-5
