@@ -98,12 +98,33 @@ def describe_load_error(path: str, err: BaseException) -> str:
     return f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({reason})"
 
 
+class _NotAFairseqCheckpoint(ValueError):
+    pass
+
+
+def _wrap_upgrade_state_dict(original):
+    # fairseq upgrades whatever torch.load returned and fails with a bare KeyError on a torch file that is not
+    # a fairseq checkpoint; check the layout first (load_checkpoint_to_cpu below adds the file name)
+    @functools.wraps(original)
+    def _upgrade_state_dict(state):
+        if not isinstance(state, dict) or "model" not in state:
+            raise _NotAFairseqCheckpoint("not a fairseq checkpoint (no 'model' entry)")
+        if state.get("cfg") is None and state.get("args") is None:
+            raise _NotAFairseqCheckpoint("not a fairseq checkpoint (neither 'cfg' nor 'args')")
+        return original(state)
+
+    _upgrade_state_dict.__dphubert_wrapped__ = True
+    return _upgrade_state_dict
+
+
 def _wrap_load_checkpoint_to_cpu(original):
     @functools.wraps(original)
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         check_checkpoint_file(path)
         try:
             return original(path, *args, **kwargs)
+        except _NotAFairseqCheckpoint as err:
+            raise CheckpointError(f"{path}: {err}") from None
         except (pickle.UnpicklingError, EOFError) as err:
             raise CheckpointError(describe_load_error(path, err)) from None
         except RuntimeError as err:
@@ -120,6 +141,8 @@ def install() -> None:
     checkpoint reader fail with readable errors. Idempotent."""
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
     allow_globals(os.environ.get(TRUST_ENV, "").split(","))
+    if not getattr(checkpoint_utils._upgrade_state_dict, "__dphubert_wrapped__", False):
+        checkpoint_utils._upgrade_state_dict = _wrap_upgrade_state_dict(checkpoint_utils._upgrade_state_dict)
     if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "__dphubert_wrapped__", False):
         checkpoint_utils.load_checkpoint_to_cpu = _wrap_load_checkpoint_to_cpu(
             checkpoint_utils.load_checkpoint_to_cpu
@@ -127,10 +150,5 @@ def install() -> None:
 
 
 def read_checkpoint(path: str) -> dict:
-    """Load a fairseq checkpoint to CPU through fairseq (weights-only, upgraded); validate its layout."""
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    if state.get("cfg") is None and state.get("args") is None:
-        raise CheckpointError(f"{path}: not a fairseq checkpoint (neither 'cfg' nor 'args')")
-    return state
+    """Load a fairseq checkpoint to CPU through fairseq (weights-only, layout checked, upgraded)."""
+    return checkpoint_utils.load_checkpoint_to_cpu(str(path))

@@ -56,12 +56,15 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
     if type(encoder) is not TransformerEncoder or isinstance(encoder, ConformerEncoder):
         raise UnsupportedTeacher(f"encoder {type(encoder).__name__} is not supported; {_SUPPORTED_TEXT}")
     layers = list(encoder.layers)
-    if any(type(layer) is not TransformerSentenceEncoderLayer for layer in layers):
-        raise UnsupportedTeacher(f"only plain transformer layers are supported; {_SUPPORTED_TEXT}")
+    for layer in layers:
+        if type(layer) is not TransformerSentenceEncoderLayer:
+            raise UnsupportedTeacher(f"layer type {type(layer).__name__} is not supported; {_SUPPORTED_TEXT}")
     pos_conv = encoder.pos_conv
     convs = [m for m in pos_conv.modules() if isinstance(m, nn.Conv1d)]
     if len(convs) != 1:
-        raise UnsupportedTeacher(f"a positional convolution of depth {len(convs)} is not supported")
+        raise UnsupportedTeacher(
+            f"a positional convolution of depth {len(convs)} is not supported; {_SUPPORTED_TEXT}"
+        )
 
     blocks = list(model.feature_extractor.conv_layers)
     conv_layers = [(b[0].out_channels, b[0].kernel_size[0], b[0].stride[0]) for b in blocks]

@@ -1,0 +1,66 @@
+"""Parameter counting: one convention, the same numbers from the arithmetic and from the modules."""
+
+import pytest
+import torch
+from fairseq_teachers import build, counted_modules, direct_count
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.param_count import total_params
+
+# HuBERT Base / wav2vec2 Base (same shape): CNN 4,200,448; feature LayerNorm 1,024; projection 393,984;
+# positional conv 4,719,488; 12 layers x 7,087,872; encoder LayerNorm 1,536.
+BASE_COUNT = 94_370_944
+
+
+@pytest.mark.parametrize("kind", ["hubert", "wav2vec2"])
+def test_base_shapes_count_agrees_with_direct_sum(tmp_path, kind):
+    _, _, teacher, _ = build(kind, str(tmp_path), size="base")
+    direct = direct_count(counted_modules(teacher))
+    assert dp.count_params(teacher) == direct == BASE_COUNT
+    # pretraining-only parts exist in the teacher and are not counted
+    total = sum(p.numel() for p in teacher.parameters())
+    assert total > direct
+
+    student = dp.student_from_teacher(teacher)
+    assert dp.count_params(student) == BASE_COUNT
+    assert direct_count([student], exclude="log_alpha") == BASE_COUNT
+
+
+def test_expected_params_equals_count_without_active_gates(tiny_teachers):
+    plain = dp.student_from_teacher(tiny_teachers["hubert_large"], prune_units=())
+    assert plain.expected_params().item() == dp.count_params(plain)
+
+
+def test_expected_params_is_differentiable_and_follows_the_gates(tiny_teachers):
+    model = dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv", "head", "interm", "attlayer"))
+    full = dp.count_params(model)
+    expected = model.expected_params()
+    assert expected.dtype == torch.float32 and expected.item() < full
+    expected.backward()
+    grads = [g.log_alpha.grad for g in model.gates().values()]
+    assert all(g is not None and (g > 0).all() for g in grads)  # opening a gate can only add parameters
+    with torch.no_grad():
+        for gate in model.gates().values():
+            gate.log_alpha.fill_(30.0)  # every gate surely open
+    assert model.expected_params().item() == pytest.approx(full, rel=1e-6)
+
+
+def test_size_formulas_match_module_sizes():
+    """The per-structure formulas against the modules they describe, at odd sizes."""
+    from dphubert_fairseq.models.prunable_attention import PrunableSelfAttention
+    from dphubert_fairseq.models.prunable_ffn import PrunableFeedForward
+    from dphubert_fairseq.param_count import attention_params, ffn_params
+
+    for heads in (0, 1, 5):
+        attn = PrunableSelfAttention(40, heads, 8, 0.0)
+        assert sum(p.numel() for p in attn.parameters()) == attention_params(40, 8, heads)
+    for units in (0, 7):
+        ffn = PrunableFeedForward(40, units, "gelu", 0.0)
+        assert sum(p.numel() for p in ffn.parameters()) == ffn_params(40, units)
+
+
+def test_count_of_static_config_matches_model(tiny_teachers):
+    model = dp.student_from_teacher(tiny_teachers["wav2vec2_large"], prune_units=())
+    from dphubert_fairseq.param_count import static_sizes
+
+    assert total_params(model.cfg, static_sizes(model.cfg)) == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,139 @@
+"""prune(model) reproduces the eval-mode gated model, including the cases the reference gets wrong."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import padded_batch
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.models.dphubert import as_config
+from dphubert_fairseq.param_count import total_params
+from dphubert_fairseq.pruning import max_hidden_state_deviation
+
+ALL_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
+
+
+def randomise_gates(model, seed=0):
+    """Random gate logits: a mix of closed gates and open ones with soft values well below 1, plus the
+    corner cases: every head of layer 0 and every FFN unit of layer 1 closed, and, when whole-layer gates
+    exist, the attention block of layer 2 and the FFN block of layer 0 closed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates().values():
+            gate.log_alpha.copy_(torch.randn(gate.n, generator=g) * 2.0 - 0.5)
+        layers = model.encoder.layers
+        if layers[0].self_attn.head_gate is not None:
+            layers[0].self_attn.head_gate.log_alpha.fill_(-10.0)
+        if layers[1].ffn.unit_gate is not None:
+            layers[1].ffn.unit_gate.log_alpha.fill_(-10.0)
+        if layers[0].self_attn.layer_gate is not None:
+            layers[0].self_attn.layer_gate.log_alpha.fill_(5.0)  # open: the bias-only block must survive
+            layers[1].ffn.layer_gate.log_alpha.fill_(5.0)
+            layers[2].self_attn.layer_gate.log_alpha.fill_(-10.0)
+            layers[0].ffn.layer_gate.log_alpha.fill_(-10.0)
+    return model
+
+
+def implied_count(model) -> int:
+    """The parameter count the eval masks imply: kept units per structure, plus the exact-fold extras."""
+    sizes = model.unit_sizes("eval")
+    channels = model.feature_extractor.out_channels
+    cfg = dataclasses.replace(
+        as_config(model.cfg),
+        feature_norm_channel_scale=model.feature_extractor.blocks[-1].gate is not None,
+        feature_norm_removed_channels=channels - sizes.conv_channels[-1],
+    )
+    return int(total_params(cfg, sizes))
+
+
+@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_base"])
+@pytest.mark.parametrize("units", [("conv", "head", "interm"), ALL_UNITS])
+def test_prune_is_exact_for_base_shaped_extractor(tiny_teachers, unequal_batch, shape, units):
+    model = randomise_gates(dp.student_from_teacher(tiny_teachers[shape], prune_units=units)).eval()
+    pruned = dp.prune(model)
+    source, mask = padded_batch(unequal_batch)
+    with torch.no_grad():
+        gated_states = model.hidden_states(source, mask)
+        pruned_states = pruned.hidden_states(source, mask)
+    for layer, (a, b) in enumerate(zip(gated_states, pruned_states)):
+        assert a.abs().mean() > 0.1
+        assert (a - b).abs().max().item() <= 1e-4, f"layer {layer}"
+
+    report = pruned.pruning_report
+    assert report.exact and report.inexact_parts == [] and report.max_abs_deviation <= 1e-4
+    assert pruned.gates() == {}
+    assert not any(n.endswith("log_alpha") for n, _ in pruned.named_parameters())
+
+    # the corner cases really happened: bias-only blocks, removed blocks, removed CNN output channels
+    cfg = pruned.cfg
+    assert cfg.encoder_attention_heads[0] == 0 and cfg.use_attention[0] == 1
+    assert cfg.encoder_ffn_embed_dims[1] == 0 and cfg.use_ffn[1] == 1
+    assert pruned.encoder.layers[0].self_attn.out_proj.bias.abs().sum() > 0
+    if "attlayer" in units:
+        assert cfg.use_attention[2] == 0 and pruned.encoder.layers[2].self_attn is None
+        assert cfg.use_ffn[0] == 0 and pruned.encoder.layers[0].ffn is None
+    assert cfg.feature_norm_removed_channels > 0 and cfg.feature_norm_channel_scale
+
+    # sizes: what the masks imply, what the modules hold, what count_params says
+    direct = sum(p.numel() for p in pruned.parameters())
+    assert dp.count_params(pruned) == direct == implied_count(model)
+    assert dp.count_params(pruned) < dp.count_params(model)
+    assert model.training is False  # prune leaves the caller's mode alone
+
+
+def test_prune_keeps_the_caller_in_training_mode(tiny_teachers):
+    model = dp.student_from_teacher(tiny_teachers["hubert_base"]).train()
+    dp.prune(model, verify=False)
+    assert model.training
+
+
+def test_feature_layernorm_fold_is_needed(tiny_teachers, unequal_batch):
+    """Pruning the feature LayerNorm the reference way (statistics over kept channels only, no column for the
+    removed ones) is measurably wrong; ours is exact."""
+    model = randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv",))).eval()
+    pruned = dp.prune(model)
+    naive_cfg = dataclasses.replace(as_config(pruned.cfg), feature_norm_removed_channels=0)
+    naive = dp.DPHuBERTModel(naive_cfg).eval()
+    state = pruned.state_dict()
+    channels = pruned.layer_norm.channels
+    state["post_extract_proj.weight"] = state["post_extract_proj.weight"][:, :channels]
+    naive.load_state_dict(state)
+    source, mask = padded_batch(unequal_batch)
+    assert max_hidden_state_deviation(model, pruned, source) <= 1e-4
+    assert max_hidden_state_deviation(model, naive, source) > 1e-2
+
+
+def test_prune_base_sized_hubert(teacher_dir, speech):
+    import fairseq_teachers
+
+    _, _, teacher, _ = fairseq_teachers.build("hubert", teacher_dir + "/base_labels", size="base", seed=3)
+    model = randomise_gates(dp.student_from_teacher(teacher.eval())).eval()
+    pruned = dp.prune(model)
+    source, mask = padded_batch([speech[0][:32000], speech[1][:24000]])
+    assert max_hidden_state_deviation(model, pruned, source) <= 1e-4
+    assert dp.count_params(pruned) == sum(p.numel() for p in pruned.parameters()) == implied_count(model)
+
+
+@pytest.mark.parametrize("shape", ["hubert_large", "wav2vec2_large"])
+def test_layer_norm_extractor_deviation_is_measured_and_reported(tiny_teachers, unequal_batch, shape):
+    """Large-shaped extractors normalise each conv block over channels that pruning removes: not exact.
+    prune says so, measures the deviation on its probe, and the figure holds for real speech."""
+    model = randomise_gates(dp.student_from_teacher(tiny_teachers[shape])).eval()
+    pruned = dp.prune(model)
+    report = pruned.pruning_report
+    assert not report.exact
+    assert any("LayerNorm" in part for part in report.inexact_parts)
+    assert report.max_abs_deviation > 1e-4  # really inexact ...
+    assert report.max_abs_deviation == pytest.approx(
+        max_hidden_state_deviation(model, pruned, dp.pruning._probe_input(model)), rel=1e-6
+    )
+    source, mask = padded_batch(unequal_batch, normalize=True)
+    speech_deviation = max_hidden_state_deviation(model, pruned, source)
+    print(f"{shape}: deviation on the probe {report.max_abs_deviation:.4g}, on speech {speech_deviation:.4g}")
+    assert speech_deviation <= 3 * report.max_abs_deviation  # ... by about what was reported
+
+    # with conv pruning off the rest is exact again
+    model = randomise_gates(dp.student_from_teacher(tiny_teachers[shape], prune_units=("head", "interm"))).eval()
+    pruned = dp.prune(model)
+    assert pruned.pruning_report.exact and pruned.pruning_report.max_abs_deviation <= 1e-4

@@ -1,0 +1,115 @@
+"""Native fairseq checkpoints load with torch's weights-only default on; anything else is refused clearly."""
+
+import datetime
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import padded_batch
+from fairseq import checkpoint_utils
+from fairseq.data.dictionary import Dictionary
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.safe_loading import TRUST_ENV
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.dirname(__file__))
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
+
+
+def test_trainer_checkpoint_needs_the_plugin_and_loads_with_it(tiny_teachers):
+    path = tiny_teachers["hubert_base"]
+    # stock torch + fairseq alone refuse it (this is the problem the plugin solves) ...
+    out = _run(f"import torch, fairseq.data.dictionary; torch.load({path!r})")
+    assert out.returncode != 0 and "fairseq.data.dictionary.Dictionary" in out.stderr
+    # ... with the plugin imported, plain torch.load (weights_only=True by default) and fairseq's loader work
+    state = torch.load(path)
+    assert isinstance(state["task_state"]["dictionaries"][0], Dictionary)
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    assert state["cfg"].model._name == "hubert"
+    assert state["last_optimizer_state"] is not None and state["extra_state"]["metrics"] is not None
+
+
+def test_legacy_wav2vec2_namespace_checkpoint(tmp_path, unequal_batch):
+    import fairseq_teachers
+
+    path = fairseq_teachers.make_legacy_wav2vec2(str(tmp_path / "wav2vec_small.pt"), str(tmp_path))
+    assert torch.load(path)["args"].arch == "wav2vec2"
+    teacher = dp.load_teacher(path)
+    student = dp.student_from_teacher(path, prune_units=()).eval()
+    source, mask = padded_batch(unequal_batch)
+    with torch.no_grad():
+        for a, b in zip(dp.teacher_hidden_states(teacher, source, mask), student.hidden_states(source, mask)):
+            assert (a - b).abs().max() <= 1e-5
+
+
+def _broadcast_worker(rank: int, path: str, port: int, result_dir: str) -> None:
+    import dphubert_fairseq  # noqa: F401  (every worker imports the plugin through common.user_dir)
+    from fairseq.distributed import utils as distributed_utils
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    state = checkpoint_utils.load_checkpoint_to_cpu(path) if rank == 0 else None
+    # exactly what Trainer.load_checkpoint does to hand rank 0's checkpoint to the other workers
+    state = distributed_utils.broadcast_object(state, src_rank=0, group=dist.group.WORLD)
+    summary = (
+        state["cfg"].model._name,
+        len(state["task_state"]["dictionaries"][0]),
+        float(sum(v.double().sum() for v in state["model"].values())),
+    )
+    torch.save(summary, os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_resume_broadcast_between_workers(tiny_teachers, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_broadcast_worker, args=(tiny_teachers["hubert_base"], port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0 == rank1 and rank0[0] == "hubert"
+
+
+@pytest.fixture
+def checkpoint_with_foreign_class(tmp_path, tiny_teachers):
+    state = torch.load(tiny_teachers["hubert_base"])
+    state["extra_state"]["written_on"] = datetime.date(2026, 11, 26)
+    path = str(tmp_path / "foreign.pt")
+    torch.save(state, path)
+    return path
+
+
+def test_foreign_class_is_refused_with_the_opt_in(checkpoint_with_foreign_class):
+    path = checkpoint_with_foreign_class
+    for load in (dp.load_teacher, checkpoint_utils.load_checkpoint_to_cpu):
+        with pytest.raises(dp.CheckpointError) as err:
+            load(path)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(path)
+        assert "datetime.date" in message and f"{TRUST_ENV}=datetime.date" in message
+    # still refused by plain torch.load: the check was not switched off
+    with pytest.raises(Exception, match="datetime.date"):
+        torch.load(path)
+
+
+def test_user_who_trusts_the_file_can_opt_in(checkpoint_with_foreign_class):
+    script = f"""
+        import dphubert_fairseq as dp
+        teacher = dp.load_teacher({checkpoint_with_foreign_class!r})
+        print("loaded", type(teacher).__name__)
+        """
+    out = _run(script, {TRUST_ENV: "datetime.date"})
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "loaded HubertModel" in out.stdout
