@@ -10,6 +10,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers the model)
 import fairseq_teachers  # noqa: E402
 
+def pytest_configure(config):
+    # noise from third-party code on this stack, not from the plugin
+    for line in (
+        "ignore::UserWarning:hydra",
+        "ignore:.*version_base parameter is not specified.*",
+        "ignore:(?s).*is validated against ConfigStore schema:UserWarning",
+        "ignore:.*The strict flag in the compose API is deprecated.*",
+        "ignore:.*Usage of deprecated keyword in package header.*",
+        "ignore:.*hydra.experimental.compose.*",
+        "ignore:.*torch.nn.utils.weight_norm.*is deprecated.*:FutureWarning",
+    ):
+        config.addinivalue_line("filterwarnings", line)
+
+
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 
 #: (kind, large_shape) of every supported teacher shape

@@ -1,0 +1,49 @@
+"""dphubert-fairseq: DPHuBERT structured pruning + distillation of HuBERT / wav2vec2 as a fairseq plugin."""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# What the plugin needs. On Python >= 3.11 the official fairseq 0.12.2 does not install (old hydra/omegaconf
+# pins); ve-fairseq 0.12.3 is a prebuilt build of fairseq's main branch that provides the same `fairseq` package.
+REQUIRES = [
+    "torch>=2.0",
+    "torchaudio>=2.0",
+    "soundfile",
+    "numpy",
+    "omegaconf>=2.1",
+    "ve-fairseq==0.12.3; python_version >= '3.11'",
+    "fairseq>=0.12.2; python_version < '3.11'",
+]
+
+# The set the test suite and CI run on (Python 3.11): torch and torchaudio must come from the same release.
+TESTED = [
+    "torch==2.9.1",
+    "torchaudio==2.9.1",
+    "ve-fairseq==0.12.3",
+    "hydra-core==1.3.*",
+    "omegaconf==2.3.*",
+    "numpy>=2,<3",
+    "soundfile>=0.12",
+]
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    LONG_DESCRIPTION = f.read()
+
+setup(
+    name="dphubert-fairseq",
+    version="0.1.0",
+    description="DPHuBERT (joint distillation and structured pruning of HuBERT / wav2vec2) as a fairseq plugin",
+    long_description=LONG_DESCRIPTION,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dphubert_fairseq", "dphubert_fairseq.*"]),
+    python_requires=">=3.8",
+    install_requires=REQUIRES,
+    extras_require={"tested": TESTED, "test": ["pytest>=7"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
