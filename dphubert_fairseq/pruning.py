@@ -16,7 +16,6 @@ its channels *before* the gate, so removing channels changes the statistics for 
 measures the resulting deviation on a probe input and reports it.
 """
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -110,49 +109,72 @@ def _fold_feature_extractor(
     return inexact
 
 
-def _fold_attention(
-    model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]
+def _fold_block(
+    prefix: str,
+    in_projs: Dict[str, torch.nn.Linear],
+    out_name: str,
+    out_proj: torch.nn.Linear,
+    unit_gate: Optional[HardConcrete],
+    num_units: int,
+    unit_width: int,
+    layer_gate: Optional[HardConcrete],
+    state: Dict[str, torch.Tensor],
 ) -> Tuple[int, int]:
-    """Layer i's attention block. Returns (heads, use_attention)."""
-    attn = model.encoder.layers[i].self_attn
-    prefix = f"encoder.layers.{i}.self_attn."
-    if attn is None:
-        return 0, 0
-    like = attn.out_proj.bias
-    layer_mask = _mask(attn.layer_gate, 1, like)[0]
+    """A gated block ``in_projs -> units -> out_proj`` (attention: q/k/v, heads of ``head_dim`` rows, out_proj;
+    FFN: fc1, units of 1 row, fc2). Kept units' rows of the input projections are selected, the unit and layer
+    mask values folded into out_proj's columns (and the layer mask into its bias).
+    Returns (kept units, 1) or (0, 0) when the layer gate removes the block."""
+    like = out_proj.bias
+    layer_mask = _mask(layer_gate, 1, like)[0]
     if layer_mask == 0:
         return 0, 0
-    head_mask = _mask(attn.head_gate, attn.num_heads, like)
-    heads = _kept(head_mask)
-    dim = attn.head_dim
-    rows = (heads.unsqueeze(1) * dim + torch.arange(dim, device=heads.device)).reshape(-1)
-    for name in ("q_proj", "k_proj", "v_proj"):
-        proj = getattr(attn, name)
+    unit_mask = _mask(unit_gate, num_units, like)
+    units = _kept(unit_mask)
+    rows = (units.unsqueeze(1) * unit_width + torch.arange(unit_width, device=units.device)).reshape(-1)
+    for name, proj in in_projs.items():
         state[prefix + name + ".weight"] = proj.weight[rows]
         state[prefix + name + ".bias"] = proj.bias[rows]
-    column_scale = head_mask[heads].repeat_interleave(dim) * layer_mask
-    state[prefix + "out_proj.weight"] = attn.out_proj.weight[:, rows] * column_scale
-    state[prefix + "out_proj.bias"] = attn.out_proj.bias * layer_mask
-    return heads.numel(), 1
+    column_scale = unit_mask[units].repeat_interleave(unit_width) * layer_mask
+    state[prefix + out_name + ".weight"] = out_proj.weight[:, rows] * column_scale
+    state[prefix + out_name + ".bias"] = out_proj.bias * layer_mask
+    return units.numel(), 1
+
+
+def _fold_attention(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+    """Layer i's attention block. Returns (heads, use_attention)."""
+    attn = model.encoder.layers[i].self_attn
+    if attn is None:
+        return 0, 0
+    in_projs = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}
+    return _fold_block(
+        f"encoder.layers.{i}.self_attn.",
+        in_projs,
+        "out_proj",
+        attn.out_proj,
+        attn.head_gate,
+        attn.num_heads,
+        attn.head_dim,
+        attn.layer_gate,
+        state,
+    )
 
 
 def _fold_ffn(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
     """Layer i's FFN block. Returns (units, use_ffn)."""
     ffn = model.encoder.layers[i].ffn
-    prefix = f"encoder.layers.{i}.ffn."
     if ffn is None:
         return 0, 0
-    like = ffn.fc2.bias
-    layer_mask = _mask(ffn.layer_gate, 1, like)[0]
-    if layer_mask == 0:
-        return 0, 0
-    unit_mask = _mask(ffn.unit_gate, ffn.ffn_dim, like)
-    units = _kept(unit_mask)
-    state[prefix + "fc1.weight"] = ffn.fc1.weight[units]
-    state[prefix + "fc1.bias"] = ffn.fc1.bias[units]
-    state[prefix + "fc2.weight"] = ffn.fc2.weight[:, units] * (unit_mask[units] * layer_mask)
-    state[prefix + "fc2.bias"] = ffn.fc2.bias * layer_mask
-    return units.numel(), 1
+    return _fold_block(
+        f"encoder.layers.{i}.ffn.",
+        {"fc1": ffn.fc1},
+        "fc2",
+        ffn.fc2,
+        ffn.unit_gate,
+        ffn.ffn_dim,
+        1,
+        ffn.layer_gate,
+        state,
+    )
 
 
 def _probe_input(model: DPHuBERTModel, seconds: float = 1.0) -> torch.Tensor:
@@ -167,33 +189,34 @@ def _probe_input(model: DPHuBERTModel, seconds: float = 1.0) -> torch.Tensor:
 @torch.no_grad()
 def max_hidden_state_deviation(a: DPHuBERTModel, b: DPHuBERTModel, source: torch.Tensor) -> float:
     """Max abs difference between the hidden states of two models on ``source`` ``(B, L)``."""
-    return max(
-        (x - y).abs().max().item() for x, y in zip(a.hidden_states(source), b.hidden_states(source))
-    )
+    return max((x - y).abs().max().item() for x, y in zip(a.hidden_states(source), b.hidden_states(source)))
 
 
 @torch.no_grad()
-def prune(
-    model: DPHuBERTModel, verify: bool = True, probe: Optional[torch.Tensor] = None
-) -> DPHuBERTModel:
+def prune(model: DPHuBERTModel, verify: bool = True, probe: Optional[torch.Tensor] = None) -> DPHuBERTModel:
     """A new, smaller ``dphubert`` model that computes what ``model`` computes in eval mode, gates folded in.
 
     The result has no gates, carries its sizes in its config and a ``pruning_report`` (``PruningReport``).
-    With ``verify`` both models are run on ``probe`` (default: a fixed 1 s input) to measure the deviation.
+    With ``verify`` both models are run on ``probe`` (default: two fixed seconds of noise) to measure the
+    deviation.
     """
     was_training = model.training
     model.eval()
     try:
         cfg = as_config(model.cfg)
-        state = {
-            k: v for k, v in model.state_dict().items() if not k.endswith("log_alpha")
-        }
-        for key in [k for k in state if k.startswith(("feature_extractor.", "layer_norm.", "post_extract_proj."))]:
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("log_alpha")}
+        for key in [
+            k for k in state if k.startswith(("feature_extractor.", "layer_norm.", "post_extract_proj."))
+        ]:
             del state[key]
         inexact = _fold_feature_extractor(model, state, cfg)
         heads, ffn_dims, use_attention, use_ffn = [], [], [], []
         for i, layer in enumerate(model.encoder.layers):
-            for key in [k for k in state if k.startswith((f"encoder.layers.{i}.self_attn.", f"encoder.layers.{i}.ffn."))]:
+            for key in [
+                k
+                for k in state
+                if k.startswith((f"encoder.layers.{i}.self_attn.", f"encoder.layers.{i}.ffn."))
+            ]:
                 del state[key]
             h, use_a = _fold_attention(model, i, state)
             f, use_f = _fold_ffn(model, i, state)
@@ -235,7 +258,9 @@ def prune(
                 deviation,
             )
         elif deviation is not None:
-            logger.info("pruned model reproduces the gated one; max abs deviation on the probe: %.3g", deviation)
+            logger.info(
+                "pruned model reproduces the gated one; max abs deviation on the probe: %.3g", deviation
+            )
         return pruned
     finally:
         model.train(was_training)

@@ -6,15 +6,24 @@ from typing import Dict, Iterable, Union
 import torch
 import torch.nn as nn
 
-from .models.dphubert import DPHuBERTModel, PRUNABLE_UNITS
+from .models.dphubert import PRUNABLE_UNITS, DPHuBERTModel
 from .teacher import config_from_fairseq, load_teacher_and_config
 
 # teacher (fairseq) state-dict name -> student name; names matching no rule and absent from the student are
 # the teacher's pretraining-only parts (final_proj, label_embs_concat, mask_emb, quantizer, ...)
 _RENAMES = [
-    (re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)$"), r"feature_extractor.blocks.\1.conv.\2"),
-    (re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)$"), r"feature_extractor.blocks.\1.norm.\2"),
-    (re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$"), r"feature_extractor.blocks.\1.norm.\2"),
+    (
+        re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)$"),
+        r"feature_extractor.blocks.\1.conv.\2",
+    ),
+    (
+        re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)$"),
+        r"feature_extractor.blocks.\1.norm.\2",
+    ),
+    (
+        re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$"),
+        r"feature_extractor.blocks.\1.norm.\2",
+    ),
     (re.compile(r"^encoder\.layers\.(\d+)\.(fc1|fc2)\.(weight|bias)$"), r"encoder.layers.\1.ffn.\2.\3"),
 ]
 
@@ -43,7 +52,9 @@ def student_from_teacher(
     units = list(prune_units)
     unknown = set(units) - set(PRUNABLE_UNITS)
     if unknown:
-        raise ValueError(f"prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}")
+        raise ValueError(
+            f"prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}"
+        )
     cfg.prune_units = units
     student = DPHuBERTModel(cfg)
     reference = next(teacher.parameters())

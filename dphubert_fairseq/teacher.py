@@ -68,9 +68,7 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
 
     blocks = list(model.feature_extractor.conv_layers)
     conv_layers = [(b[0].out_channels, b[0].kernel_size[0], b[0].stride[0]) for b in blocks]
-    layer_norm_extractor = any(
-        isinstance(m, nn.LayerNorm) for b in blocks for m in b.modules()
-    )
+    layer_norm_extractor = any(isinstance(m, nn.LayerNorm) for b in blocks for m in b.modules())
     embed_dim = encoder.embedding_dim
     heads = layers[0].self_attn.num_heads
     return DPHuBERTConfig(

@@ -7,8 +7,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers the model)
 import fairseq_teachers  # noqa: E402
+
+import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers the model)
+
 
 def pytest_configure(config):
     # noise from third-party code on this stack, not from the plugin
@@ -44,7 +46,9 @@ def teacher_dir(tmp_path_factory):
 def tiny_teachers(teacher_dir):
     """Checkpoint paths of tiny teachers of every supported shape, written by fairseq's Trainer."""
     return {
-        name: fairseq_teachers.make_teacher(os.path.join(teacher_dir, f"{name}.pt"), kind, "tiny", large, seed=i)
+        name: fairseq_teachers.make_teacher(
+            os.path.join(teacher_dir, f"{name}.pt"), kind, "tiny", large, seed=i
+        )
         for i, (name, (kind, large)) in enumerate(TEACHER_SHAPES.items())
     }
 

@@ -13,14 +13,22 @@ from typing import List, Optional
 import torch
 
 TINY = [
-    "--encoder-layers", "3",
-    "--encoder-embed-dim", "32",
-    "--encoder-ffn-embed-dim", "64",
-    "--encoder-attention-heads", "4",
-    "--conv-feature-layers", "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
-    "--conv-pos", "16",
-    "--conv-pos-groups", "4",
-    "--final-dim", "16",
+    "--encoder-layers",
+    "3",
+    "--encoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--encoder-attention-heads",
+    "4",
+    "--conv-feature-layers",
+    "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
+    "--conv-pos",
+    "16",
+    "--conv-pos-groups",
+    "4",
+    "--final-dim",
+    "16",
 ]
 BASE = ["--final-dim", "256"]
 LARGE_SHAPE = ["--layer-norm-first", "--extractor-mode", "layer_norm", "--normalize"]
@@ -40,8 +48,20 @@ def training_args(kind: str, folder: str, size: str = "tiny", large_shape: bool 
     argv: List[str] = [folder, "--cpu", "--optimizer", "adam", "--lr", "1e-4", "--max-tokens", "100000"]
     if kind == "hubert":
         argv += [
-            "--task", "hubert_pretraining", "--arch", "hubert", "--criterion", "hubert",
-            "--labels", '["km"]', "--label-dir", folder, "--label-rate", "50", "--pred-masked-weight", "1",
+            "--task",
+            "hubert_pretraining",
+            "--arch",
+            "hubert",
+            "--criterion",
+            "hubert",
+            "--labels",
+            '["km"]',
+            "--label-dir",
+            folder,
+            "--label-rate",
+            "50",
+            "--pred-masked-weight",
+            "1",
         ]
     elif kind == "wav2vec2":
         argv += ["--task", "audio_pretraining", "--arch", "wav2vec2", "--criterion", "wav2vec"]
@@ -99,8 +119,14 @@ def make_legacy_wav2vec2(path: str, folder: str, size: str = "tiny", large_shape
     state = {
         "args": args,
         "model": model.state_dict(),
-        "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": None}, "num_updates": 400000}],
+        "optimizer_history": [
+            {
+                "criterion_name": "Wav2vecCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 400000,
+            }
+        ],
         "extra_state": {"train_iterator": {"epoch": 1}, "val_loss": None},
         "last_optimizer_state": None,
     }

@@ -73,14 +73,18 @@ def test_conformer_wav2vec2_is_refused(tmp_path):
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
-    path = fairseq_teachers.save_with_trainer(str(tmp_path / "conformer.pt"), cfg, task, model, task.build_criterion(cfg.criterion))
+    path = fairseq_teachers.save_with_trainer(
+        str(tmp_path / "conformer.pt"), cfg, task, model, task.build_criterion(cfg.criterion)
+    )
     with pytest.raises(dp.CheckpointError) as err:
         dp.load_teacher(path)
     _assert_one_line(err, path, "not supported", "hubert and wav2vec2")
 
 
 def test_student_given_as_teacher_and_teacher_given_as_student(tmp_path, tiny_teachers):
-    student_path = dp.save_model(dp.student_from_teacher(tiny_teachers["hubert_base"]), tmp_path / "student.pt")
+    student_path = dp.save_model(
+        dp.student_from_teacher(tiny_teachers["hubert_base"]), tmp_path / "student.pt"
+    )
     with pytest.raises(dp.CheckpointError) as err:
         dp.load_teacher(student_path)
     _assert_one_line(err, student_path, "dphubert student", "load_model")

@@ -32,7 +32,9 @@ def test_expected_params_equals_count_without_active_gates(tiny_teachers):
 
 
 def test_expected_params_is_differentiable_and_follows_the_gates(tiny_teachers):
-    model = dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv", "head", "interm", "attlayer"))
+    model = dp.student_from_teacher(
+        tiny_teachers["hubert_base"], prune_units=("conv", "head", "interm", "attlayer")
+    )
     full = dp.count_params(model)
     expected = model.expected_params()
     assert expected.dtype == torch.float32 and expected.item() < full

@@ -91,7 +91,9 @@ def test_prune_keeps_the_caller_in_training_mode(tiny_teachers):
 def test_feature_layernorm_fold_is_needed(tiny_teachers, unequal_batch):
     """Pruning the feature LayerNorm the reference way (statistics over kept channels only, no column for the
     removed ones) is measurably wrong; ours is exact."""
-    model = randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv",))).eval()
+    model = randomise_gates(
+        dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv",))
+    ).eval()
     pruned = dp.prune(model)
     naive_cfg = dataclasses.replace(as_config(pruned.cfg), feature_norm_removed_channels=0)
     naive = dp.DPHuBERTModel(naive_cfg).eval()
@@ -134,6 +136,8 @@ def test_layer_norm_extractor_deviation_is_measured_and_reported(tiny_teachers, 
     assert speech_deviation <= 3 * report.max_abs_deviation  # ... by about what was reported
 
     # with conv pruning off the rest is exact again
-    model = randomise_gates(dp.student_from_teacher(tiny_teachers[shape], prune_units=("head", "interm"))).eval()
+    model = randomise_gates(
+        dp.student_from_teacher(tiny_teachers[shape], prune_units=("head", "interm"))
+    ).eval()
     pruned = dp.prune(model)
     assert pruned.pruning_report.exact and pruned.pruning_report.max_abs_deviation <= 1e-4

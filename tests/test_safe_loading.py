@@ -24,7 +24,9 @@ def _run(script: str, env_extra=None):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.dirname(__file__))
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True
+    )
 
 
 def test_trainer_checkpoint_needs_the_plugin_and_loads_with_it(tiny_teachers):
@@ -55,8 +57,9 @@ def test_legacy_wav2vec2_namespace_checkpoint(tmp_path, unequal_batch):
 
 
 def _broadcast_worker(rank: int, path: str, port: int, result_dir: str) -> None:
-    import dphubert_fairseq  # noqa: F401  (every worker imports the plugin through common.user_dir)
     from fairseq.distributed import utils as distributed_utils
+
+    import dphubert_fairseq  # noqa: F401  (every worker imports the plugin through common.user_dir)
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     state = checkpoint_utils.load_checkpoint_to_cpu(path) if rank == 0 else None

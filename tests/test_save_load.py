@@ -18,7 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def pruned(tiny_teachers):
-    return dp.prune(randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], ("conv", "head", "interm", "attlayer", "ffnlayer"))).eval())
+    return dp.prune(
+        randomise_gates(
+            dp.student_from_teacher(
+                tiny_teachers["hubert_base"], ("conv", "head", "interm", "attlayer", "ffnlayer")
+            )
+        ).eval()
+    )
 
 
 def test_stock_loader_reproduces_hidden_states(pruned, unequal_batch, tmp_path):
@@ -58,7 +64,7 @@ def test_fresh_process_loads_with_stock_fairseq_only(pruned, tmp_path):
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([{str(path)!r}])
         m = models[0].eval()
         got = m.hidden_states(torch.ones(1, 4000) * 0.1)[-1]
-        assert torch.equal(got, torch.load({str(tmp_path / 'expected.bin')!r})), "hidden states differ"
+        assert torch.equal(got, torch.load({str(tmp_path / "expected.bin")!r})), "hidden states differ"
         state = torch.load({str(path)!r})
         assert state["cfg"]["model"]["_name"] == "dphubert"
         print("ok", type(m).__name__)

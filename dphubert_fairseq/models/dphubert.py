@@ -108,14 +108,14 @@ class DPHuBERTConfig(FairseqDataclass):
     )
     feature_norm_removed_channels: int = field(
         default=0,
-        metadata={"help": "set by export: CNN output channels removed, kept as zeros in the feature LayerNorm"},
+        metadata={
+            "help": "set by export: CNN output channels removed, kept as zeros in the feature LayerNorm"
+        },
     )
     feature_norm_channel_scale: bool = field(
         default=False,
         metadata={"help": "set by export: the feature LayerNorm scales its input by the last gate's values"},
     )
-
-
 
 
 def hubert_frame_padding(padding_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -176,9 +176,7 @@ class DPHuBERTModel(BaseFairseqModel):
         gated = ["conv" in units] * len(conv_layers)
         if not cfg.post_extract_proj:
             gated[-1] = False  # the CNN's last channels are the encoder's dimension: nothing to prune into
-        self.feature_extractor = ConvFeatureExtractor(
-            conv_layers, cfg.extractor_mode, cfg.conv_bias, gated
-        )
+        self.feature_extractor = ConvFeatureExtractor(conv_layers, cfg.extractor_mode, cfg.conv_bias, gated)
         channels = conv_layers[-1][0]
         self.layer_norm = FeatureLayerNorm(
             channels, cfg.feature_norm_removed_channels, cfg.feature_norm_channel_scale
@@ -209,9 +207,7 @@ class DPHuBERTModel(BaseFairseqModel):
             return hubert_frame_padding(padding_mask, num_frames)
         return wav2vec2_frame_padding(padding_mask, num_frames, self.feature_extractor.output_lengths)
 
-    def forward(
-        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
-    ) -> Dict[str, object]:
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> Dict[str, object]:
         """Returns ``hidden_states`` ``[h_0, ..., h_L]`` (each ``(B, T, D)``), ``x`` (the encoder's output,
         ``(B, T, D)``) and ``padding_mask`` (``(B, T)`` or None)."""
         if self.cfg.feature_grad_mult > 0:

@@ -51,9 +51,7 @@ class PrunableTransformerEncoder(nn.Module):
                     unit_gate="interm" in prune_units,
                     layer_gate="ffnlayer" in prune_units,
                 )
-            layers.append(
-                PrunableEncoderLayer(self_attn, ffn, embed_dim, cfg.dropout, cfg.layer_norm_first)
-            )
+            layers.append(PrunableEncoderLayer(self_attn, ffn, embed_dim, cfg.dropout, cfg.layer_norm_first))
         self.layers = nn.ModuleList(layers)
         self.layer_norm = LayerNorm(embed_dim)
 
