@@ -8,7 +8,7 @@ from . import safe_loading
 
 safe_loading.install()
 
-from . import models  # noqa: E402,F401  (registers the fairseq model)
+from . import criterions, models, tasks  # noqa: E402,F401  (register the model, task and criterion)
 from .checkpoint_io import load_model, save_model  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel  # noqa: E402

@@ -2,7 +2,7 @@
 
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from fairseq import checkpoint_utils
@@ -69,8 +69,8 @@ def save_model(model: DPHuBERTModel, path: str, extra_state: Optional[Dict[str, 
     return str(path)
 
 
-def load_model(path: str) -> DPHuBERTModel:
-    """A ``dphubert`` model from a checkpoint written by ``save_model`` (or by training), in eval mode."""
+def load_model_and_extra_state(path: str) -> Tuple[DPHuBERTModel, Dict[str, Any]]:
+    """``load_model`` plus the checkpoint's ``extra_state`` (the export keeps distillation projections there)."""
     path = str(path)
     state = read_checkpoint(path)
     name = checkpoint_model_name(state)
@@ -78,5 +78,11 @@ def load_model(path: str) -> DPHuBERTModel:
         raise CheckpointError(
             f"{path}: holds a {name!r} model, not a dphubert one (a native teacher loads with load_teacher)"
         )
+    extra_state = dict(state.get("extra_state") or {})
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
-    return models[0].eval()
+    return models[0].eval(), extra_state
+
+
+def load_model(path: str) -> DPHuBERTModel:
+    """A ``dphubert`` model from a checkpoint written by ``save_model`` (or by training), in eval mode."""
+    return load_model_and_extra_state(path)[0]

@@ -146,11 +146,15 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
     return n + layer_norm_params(embed_dim)
 
 
+def config_params(cfg) -> int:
+    """Counted parameters of the architecture a ``DPHuBERTConfig`` describes."""
+    return int(total_params(cfg, static_sizes(cfg)))
+
+
 def count_params(model) -> int:
     """Counted parameters of a ``dphubert`` model or a fairseq HubertModel / Wav2Vec2Model."""
     if hasattr(model, "num_params"):
         return model.num_params()
     from .teacher import config_from_fairseq  # here to keep param_count free of model imports
 
-    cfg = config_from_fairseq(model)
-    return int(total_params(cfg, static_sizes(cfg)))
+    return config_params(config_from_fairseq(model))

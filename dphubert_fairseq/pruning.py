@@ -24,6 +24,7 @@ import torch
 
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from .models.hard_concrete import HardConcrete
+from .param_count import total_params
 
 logger = logging.getLogger(__name__)
 
@@ -264,3 +265,14 @@ def prune(model: DPHuBERTModel, verify: bool = True, probe: Optional[torch.Tenso
         return pruned
     finally:
         model.train(was_training)
+
+
+def eval_mask_params(model: DPHuBERTModel) -> int:
+    """Parameters ``prune(model)`` will have: kept units of the eval masks, plus the exact-fold extras."""
+    sizes = model.unit_sizes("eval")
+    norm = model.layer_norm
+    removed = norm.removed_channels + model.feature_extractor.out_channels - sizes.conv_channels[-1]
+    cfg = as_config(model.cfg)
+    cfg.feature_norm_channel_scale = norm.channel_scale is not None or model.feature_extractor.blocks[-1].gate is not None
+    cfg.feature_norm_removed_channels = removed
+    return int(total_params(cfg, sizes))

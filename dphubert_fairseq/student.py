@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .models.dphubert import PRUNABLE_UNITS, DPHuBERTModel
+from .param_count import config_params
 from .teacher import config_from_fairseq, load_teacher_and_config
 
 # teacher (fairseq) state-dict name -> student name; names matching no rule and absent from the student are
@@ -56,6 +57,7 @@ def student_from_teacher(
             f"prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}"
         )
     cfg.prune_units = units
+    cfg.teacher_params = config_params(cfg)
     student = DPHuBERTModel(cfg)
     reference = next(teacher.parameters())
     student.to(device=reference.device, dtype=reference.dtype)

@@ -17,7 +17,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules import GradMultiply
 from omegaconf import OmegaConf
 
-from ..param_count import UnitSizes, parse_conv_layers, static_sizes, total_params
+from ..param_count import UnitSizes, config_params, parse_conv_layers, static_sizes, total_params
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
 from .hard_concrete import HardConcrete
@@ -101,6 +101,10 @@ class DPHuBERTConfig(FairseqDataclass):
         default=False, metadata={"help": "the model expects zero-mean unit-variance waveforms"}
     )
     sample_rate: int = field(default=16000, metadata={"help": "sample rate the model expects"})
+    teacher_params: int = field(
+        default=0,
+        metadata={"help": "set when the student is made: counted parameters of its teacher (for reports)"},
+    )
     # --- pruning ---
     prune_units: List[str] = field(
         default_factory=list,
@@ -297,7 +301,7 @@ class DPHuBERTModel(BaseFairseqModel):
 
     def num_params(self) -> int:
         """Counted parameters (``param_count`` convention) of this architecture."""
-        return int(total_params(self.cfg, static_sizes(self.cfg)))
+        return config_params(self.cfg)
 
     def expected_params(self) -> torch.Tensor:
         """Differentiable expected parameter count under the gates (float32 scalar); equals

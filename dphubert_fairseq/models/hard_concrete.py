@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .float32_module import Float32Module
+
 #: Temperature, stretch interval and clamping of the uniform noise (METHOD.md).
 BETA = 2.0 / 3.0
 LEFT = -0.1
@@ -18,7 +20,7 @@ INIT_DROP_RATE = {"conv": 0.01, "head": 0.01, "interm": 0.5, "attlayer": 0.01, "
 INIT_STD = 0.01
 
 
-class HardConcrete(nn.Module):
+class HardConcrete(Float32Module):
     """``n`` stochastic gates with a differentiable expected L0 norm.
 
     ``forward()`` returns a float32 mask of shape ``(n,)``: one sample shared by the whole batch in training
@@ -34,6 +36,7 @@ class HardConcrete(nn.Module):
         self.init_drop_rate = init_drop_rate
         self.init_std = init_std
         self.log_alpha = nn.Parameter(torch.empty(n))
+        self.log_alpha.param_group = "gates"  # its own learning rate (fairseq's composite optimizer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

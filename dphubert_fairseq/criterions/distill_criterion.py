@@ -1,0 +1,164 @@
+"""The ``dphubert_distill`` criterion: layer-to-layer distillation plus the L0 Lagrangian."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+
+from ..pruning import eval_mask_params
+from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
+from .lagrangian import SparsityLagrangian, target_sparsity
+
+
+@dataclass
+class DPHuBERTDistillCriterionConfig(FairseqDataclass):
+    distill_layers: str = field(
+        default="0;4,8,12",
+        metadata={
+            "help": "teacher layers to distil, ';' between groups that get their own projection, ',' inside a "
+            "group (shared projection); layer 0 is the feature projection's output"
+        },
+    )
+    l1_weight: float = field(default=1.0, metadata={"help": "weight of the mean L1 distance"})
+    cos_weight: float = field(default=1.0, metadata={"help": "weight of the (negated) mean cosine similarity"})
+    mse_weight: float = field(default=0.0, metadata={"help": "weight of the mean squared error"})
+    prediction_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "DistilHuBERT-style: one head per target layer, all on the student's last layer, instead "
+            "of layer-to-layer projections"
+        },
+    )
+    lagrangian: bool = field(
+        default=True, metadata={"help": "add the L0 Lagrangian (stage 1); false for plain distillation (stage 2)"}
+    )
+    target_sparsity: float = field(
+        default=0.75, metadata={"help": "final target of 1 - expected params / teacher params"}
+    )
+    sparsity_warmup_updates: int = field(
+        default=5000, metadata={"help": "updates over which the target ramps linearly from 0"}
+    )
+
+
+@register_criterion("dphubert_distill", dataclass=DPHuBERTDistillCriterionConfig)
+class DPHuBERTDistillCriterion(FairseqCriterion):
+    """``loss = distill + lambda1 (s - t) + lambda2 (s - t)^2`` with ``s = 1 - E[params] / teacher params``.
+
+    Holds the distillation projections (learning rate of the weights) and the Lagrange multipliers (their
+    own group, gradient ascent). The loss is a mean: ``sample_size`` is 1.
+    """
+
+    def __init__(self, cfg: DPHuBERTDistillCriterionConfig, task) -> None:
+        super().__init__(task)
+        self.cfg = cfg
+        if not 0.0 <= cfg.target_sparsity < 1.0:
+            raise ValueError(f"criterion.target_sparsity must be in [0, 1), got {cfg.target_sparsity}")
+        groups = parse_layer_groups(cfg.distill_layers)
+        teacher_cfg = task.teacher_config
+        for layer in (layer for group in groups for layer in group):
+            if not 0 <= layer <= teacher_cfg.encoder_layers:
+                raise ValueError(
+                    f"criterion.distill_layers: layer {layer} does not exist (the teacher has "
+                    f"{teacher_cfg.encoder_layers} layers; 0 is the projection output)"
+                )
+        self.projections = DistillationProjections(groups, teacher_cfg.encoder_embed_dim, cfg.prediction_heads)
+        initial = getattr(task, "initial_projections", None)
+        if initial:
+            try:
+                self.projections.load_state_dict(initial)
+            except RuntimeError:
+                raise ValueError(
+                    "criterion.distill_layers / prediction_heads differ from the stage-1 run whose projections "
+                    "task.student_path carries; use the same settings"
+                ) from None
+        self.lagrangian = SparsityLagrangian() if cfg.lagrangian else None
+        self.teacher_params = _teacher_params(task)
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+
+    def current_target(self) -> float:
+        return target_sparsity(self.cfg.target_sparsity, self.cfg.sparsity_warmup_updates, self.num_updates)
+
+    def forward(self, model, sample, reduce: bool = True):
+        net_input = sample["net_input"]
+        out = model(**net_input)
+        student_states: List[torch.Tensor] = out["hidden_states"]
+        teacher_states = self.task.teacher_hidden_states(net_input, dtype=student_states[0].dtype)
+        padding = out["padding_mask"]
+        valid = None if padding is None else ~padding
+        predictions = self.projections(student_states)
+        distill = sum(
+            layer_loss(pred, teacher_states[layer], valid, self.cfg.l1_weight, self.cfg.cos_weight, self.cfg.mse_weight)
+            for pred, layer in zip(predictions, self.projections.targets)
+        ) / len(predictions)
+        loss = distill
+        log: Dict[str, float] = {
+            "loss": loss.detach().item(),
+            "distill_loss": distill.detach().item(),
+            "ntokens": int(valid.sum()) if valid is not None else student_states[0].shape[0] * student_states[0].shape[1],
+            "nsentences": student_states[0].size(0),
+            "sample_size": 1,
+            "count": 1,
+        }
+        if self.lagrangian is not None:
+            expected = model.expected_params()
+            sparsity = 1.0 - expected / self.teacher_params
+            target = self.current_target()
+            loss = loss + self.lagrangian(sparsity, target)
+            log.update(
+                loss=loss.detach().item(),
+                expected_sparsity=sparsity.item(),
+                target_sparsity=target,
+                lambda1=self.lagrangian.lambda1.item(),
+                lambda2=self.lagrangian.lambda2.item(),
+                expected_params=expected.item(),
+            )
+        if not model.training:
+            self._log_eval_masks(model, log)
+        return loss, 1, log
+
+    def _log_eval_masks(self, model, log: Dict[str, float]) -> None:
+        """At validation: the sparsity and sizes the eval masks imply (what an export would keep)."""
+        inner = getattr(model, "module", model)
+        params = eval_mask_params(inner)
+        sizes = inner.unit_sizes("eval")
+        log.update(
+            eval_params=params,
+            eval_sparsity=1.0 - params / self.teacher_params,
+            kept_conv_channels=sum(sizes.conv_channels),
+            kept_heads=sum(h * k for h, k in zip(sizes.heads, sizes.attention_keep)),
+            kept_ffn_units=sum(f * k for f, k in zip(sizes.ffn_dims, sizes.ffn_keep)),
+        )
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        count = sum(log.get("count", 0) for log in logging_outputs) or 1
+        for key in logging_outputs[0] if logging_outputs else []:
+            if key in ("count", "sample_size"):
+                continue
+            total = sum(log.get(key, 0) for log in logging_outputs)
+            if key in ("ntokens", "nsentences"):
+                metrics.log_scalar(key, total, round=0)
+                continue
+            value = total / count
+            rounding = 0 if key in ("expected_params", "eval_params") or key.startswith("kept_") else 5
+            metrics.log_scalar(key, value, count, round=rounding)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+def _teacher_params(task) -> int:
+    from ..param_count import config_params
+
+    params = config_params(task.teacher_config)
+    if params <= 0 or math.isnan(params):
+        raise ValueError("the teacher has no parameters to count")
+    return params

@@ -1,0 +1,3 @@
+"""fairseq tasks of the plugin; importing this package registers them."""
+
+from .distill_task import DPHuBERTDistillConfig, DPHuBERTDistillTask  # noqa: F401

@@ -1,0 +1,188 @@
+"""The ``dphubert_distill`` task: audio-only manifests, a frozen native fairseq teacher, the student built
+from it (stage 1) or from an exported stage-1 model (stage 2)."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from fairseq.tasks import register_task
+from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
+from omegaconf import MISSING, open_dict
+
+from ..checkpoint_io import load_model_and_extra_state
+from ..data.manifest_check import check_manifest
+from ..errors import CheckpointError
+from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
+from ..param_count import config_params
+from ..safe_loading import check_checkpoint_file
+from ..student import student_from_teacher
+from ..teacher import load_teacher_and_config, teacher_hidden_states
+
+logger = logging.getLogger(__name__)
+
+# model-config keys the student takes from its teacher (or from the stage-1 model); the others (dropouts,
+# feature_grad_mult, prune_units) are the student's own training settings
+_ARCHITECTURE_KEYS = [
+    "extractor_mode", "conv_feature_layers", "conv_bias", "encoder_layers", "encoder_embed_dim",
+    "attention_head_dim", "encoder_attention_heads", "encoder_ffn_embed_dims", "use_attention", "use_ffn",
+    "layer_norm_first", "activation_fn", "conv_pos", "conv_pos_groups", "conv_pos_batch_norm",
+    "post_extract_proj", "frame_padding", "crop_seq_to_multiple", "normalize", "sample_rate",
+    "feature_norm_removed_channels", "feature_norm_channel_scale", "teacher_params",
+]
+_TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout_input", "feature_grad_mult"]
+
+
+@dataclass
+class DPHuBERTDistillConfig(AudioPretrainingConfig):
+    teacher_path: str = field(
+        default=MISSING, metadata={"help": "native fairseq HuBERT / wav2vec2 checkpoint of the frozen teacher"}
+    )
+    student_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "stage 2: the exported stage-1 model (dphubert-export output) to distil further without "
+            "pruning; unset for stage 1, where the student is a gated copy of the teacher"
+        },
+    )
+    check_audio_files: bool = field(
+        default=True,
+        metadata={
+            "help": "before training, open every manifest entry's header (exists, readable, sample rate); "
+            "false only checks that the files exist"
+        },
+    )
+
+
+@register_task("dphubert_distill", dataclass=DPHuBERTDistillConfig)
+class DPHuBERTDistillTask(AudioPretrainingTask):
+    """Distillation data and teacher. The teacher is held here: outside the model, the criterion, the
+    optimizer, DDP and checkpoints; it runs in eval mode under no_grad, in the student's precision."""
+
+    cfg: DPHuBERTDistillConfig
+
+    def __init__(self, cfg: DPHuBERTDistillConfig) -> None:
+        super().__init__(cfg)
+        self._teacher: Optional[nn.Module] = None
+        self._teacher_config: Optional[DPHuBERTConfig] = None
+        #: distillation projections carried over from the stage-1 export (stage 2), for the criterion
+        self.initial_projections: Optional[Dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def setup_task(cls, cfg: DPHuBERTDistillConfig, **kwargs) -> "DPHuBERTDistillTask":
+        if kwargs.get("from_checkpoint"):
+            return cls(cfg)  # loading a trained student: no teacher needed
+        if not cfg.teacher_path or cfg.teacher_path == MISSING:
+            raise ValueError("task.teacher_path: not set; give the teacher's fairseq checkpoint")
+        try:
+            check_checkpoint_file(cfg.teacher_path)
+            if cfg.student_path:
+                check_checkpoint_file(cfg.student_path)
+        except CheckpointError as err:
+            key = "task.student_path" if cfg.student_path and str(err).startswith(cfg.student_path) else "task.teacher_path"
+            raise CheckpointError(f"{key}: {err}") from None
+        task = cls(cfg)
+        task._load_teacher()  # fail on a bad teacher before any data or model is built
+        return task
+
+    # ----- teacher -----
+
+    def _load_teacher(self) -> None:
+        teacher, config = load_teacher_and_config(self.cfg.teacher_path)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if bool(self.cfg.normalize) != config.normalize:
+            raise ValueError(
+                f"task.normalize={self.cfg.normalize} but the teacher {self.cfg.teacher_path} was trained with "
+                f"normalize={config.normalize}; set task.normalize={str(config.normalize).lower()}"
+            )
+        if int(self.cfg.sample_rate) != config.sample_rate:
+            raise ValueError(
+                f"task.sample_rate={self.cfg.sample_rate} but the teacher {self.cfg.teacher_path} expects "
+                f"{config.sample_rate} Hz; set task.sample_rate={config.sample_rate} and resample the data"
+            )
+        self._teacher, self._teacher_config = teacher, config
+        logger.info("teacher %s: %d counted parameters", self.cfg.teacher_path, config_params(config))
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            self._load_teacher()
+        return self._teacher
+
+    @property
+    def teacher_config(self) -> DPHuBERTConfig:
+        if self._teacher_config is None:
+            self._load_teacher()
+        return self._teacher_config
+
+    @torch.no_grad()
+    def teacher_hidden_states(self, net_input: Dict[str, torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+        """The teacher's ``[h_0, ..., h_L]`` for a batch, on the batch's device, in ``dtype``."""
+        source = net_input["source"]
+        teacher = self.teacher
+        reference = next(teacher.parameters())
+        if reference.device != source.device or reference.dtype != dtype:
+            teacher.to(device=source.device, dtype=dtype)
+        teacher.eval()
+        return teacher_hidden_states(teacher, source.to(dtype), net_input.get("padding_mask"))
+
+    # ----- data -----
+
+    def load_dataset(self, split: str, task_cfg=None, **kwargs) -> None:
+        manifest = os.path.join(self.cfg.data, f"{split}.tsv")
+        count = check_manifest(manifest, int(self.cfg.sample_rate), read_headers=self.cfg.check_audio_files)
+        logger.info("%s: %d utterances checked", manifest, count)
+        super().load_dataset(split, task_cfg, **kwargs)
+
+    # ----- model -----
+
+    def build_model(self, cfg, from_checkpoint: bool = False) -> DPHuBERTModel:
+        """Stage 1: a gated copy of the teacher; stage 2: the exported stage-1 model. The architecture is
+        written back into ``cfg`` so that the checkpoints fairseq saves describe the student exactly."""
+        if from_checkpoint:
+            return DPHuBERTModel(as_config(cfg))
+        if cfg._name != "dphubert":
+            raise ValueError(f"model._name: the dphubert_distill task trains a 'dphubert' model, not {cfg._name!r}")
+        if self.cfg.student_path:
+            if list(cfg.prune_units):
+                raise ValueError(
+                    "model.prune_units: stage 2 (task.student_path set) distils without pruning; set it to []"
+                )
+            student, extra_state = load_model_and_extra_state(self.cfg.student_path)
+            self.initial_projections = extra_state.get("distill_projections")
+            if student.gates():
+                raise CheckpointError(
+                    f"task.student_path: {self.cfg.student_path} still has gates; export it first (dphubert-export)"
+                )
+        else:
+            student = student_from_teacher(self.teacher, prune_units=list(cfg.prune_units))
+        student_cfg = as_config(student.cfg)
+        if student_cfg.encoder_embed_dim != self.teacher_config.encoder_embed_dim:
+            raise ValueError(
+                f"task.student_path: the student's dimension {student_cfg.encoder_embed_dim} differs from the "
+                f"teacher's {self.teacher_config.encoder_embed_dim}"
+            )
+        if not student_cfg.teacher_params:
+            student_cfg.teacher_params = config_params(self.teacher_config)
+        for key in _TRAINING_KEYS:
+            setattr(student_cfg, key, getattr(cfg, key))
+        student_cfg.prune_units = list(cfg.prune_units)
+        model = DPHuBERTModel(student_cfg)
+        model.load_state_dict(student.state_dict(), strict=False)
+        missing = set(model.state_dict()) - set(student.state_dict())
+        if any(not k.endswith("log_alpha") for k in missing):
+            raise RuntimeError(f"student weights missing for {sorted(missing)[:5]}")
+        with open_dict(cfg):
+            for key in _ARCHITECTURE_KEYS:
+                value = getattr(student_cfg, key)
+                cfg[key] = list(value) if isinstance(value, list) else (str(value) if key in ("extractor_mode", "activation_fn", "frame_padding") else value)
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
