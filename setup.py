@@ -41,7 +41,8 @@ setup(
     packages=find_packages(include=["dphubert_fairseq", "dphubert_fairseq.*"]),
     python_requires=">=3.8",
     install_requires=REQUIRES,
-    extras_require={"tested": TESTED, "test": ["pytest>=7"]},
+    extras_require={"tested": TESTED, "test": ["pytest>=7", "editdistance"]},
+    entry_points={"console_scripts": ["dphubert-export=dphubert_fairseq.export:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -107,7 +107,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             "count": 1,
         }
         if self.lagrangian is not None:
-            expected = model.expected_params()
+            expected = unwrap(model).expected_params()
             sparsity = 1.0 - expected / self.teacher_params
             target = self.current_target()
             loss = loss + self.lagrangian(sparsity, target)
@@ -125,7 +125,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
 
     def _log_eval_masks(self, model, log: Dict[str, float]) -> None:
         """At validation: the sparsity and sizes the eval masks imply (what an export would keep)."""
-        inner = getattr(model, "module", model)
+        inner = unwrap(model)
         params = eval_mask_params(inner)
         sizes = inner.unit_sizes("eval")
         log.update(
@@ -153,6 +153,13 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def unwrap(model):
+    """The ``dphubert`` model inside fairseq's distributed wrappers."""
+    while not hasattr(model, "unit_sizes") and hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def _teacher_params(task) -> int:

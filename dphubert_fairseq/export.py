@@ -1,0 +1,128 @@
+"""Export a training checkpoint as a pruned fairseq checkpoint.
+
+    python -m dphubert_fairseq.export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json]
+    dphubert-export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json]
+
+Reads a checkpoint written by fairseq's trainer for the ``dphubert_distill`` task (stage 1 or 2), folds the
+eval-mode gates into the weights (``prune``), writes the result with ``save_model`` (the distillation
+projections go along in ``extra_state`` for stage 2), prints a summary and optionally writes it as JSON.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from . import safe_loading
+from .checkpoint_io import atomic_write_text, save_model
+from .errors import CheckpointError
+from .models.dphubert import DPHuBERTModel, as_config
+from .param_count import parse_conv_layers
+from .pruning import prune
+from .teacher import checkpoint_model_name
+
+logger = logging.getLogger("dphubert_fairseq.export")
+
+
+def model_from_training_checkpoint(path: str):
+    """(model, state) from a checkpoint of a ``dphubert`` training run; no teacher or data needed."""
+    state = safe_loading.read_checkpoint(path)
+    name = checkpoint_model_name(state)
+    if name != "dphubert":
+        raise CheckpointError(f"{path}: holds a {name!r} model, not a dphubert training checkpoint")
+    model = DPHuBERTModel(as_config(state["cfg"]["model"]))
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), state
+
+
+def summarize(model: DPHuBERTModel) -> Dict[str, Any]:
+    """Sizes of an (exported) model against its teacher."""
+    cfg = model.cfg
+    params = model.num_params()
+    teacher = int(cfg.teacher_params) or None
+    report = getattr(model, "pruning_report", None)
+    return {
+        "params": params,
+        "teacher_params": teacher,
+        "sparsity": None if teacher is None else 1.0 - params / teacher,
+        "conv_channels": [c for c, _, _ in parse_conv_layers(cfg.conv_feature_layers)],
+        "heads": [h if u else 0 for h, u in zip(cfg.encoder_attention_heads, cfg.use_attention)],
+        "ffn_dims": [f if u else 0 for f, u in zip(cfg.encoder_ffn_embed_dims, cfg.use_ffn)],
+        "use_attention": [int(u) for u in cfg.use_attention],
+        "use_ffn": [int(u) for u in cfg.use_ffn],
+        "exact": None if report is None else report.exact,
+        "inexact_parts": [] if report is None else report.inexact_parts,
+        "max_abs_deviation": None if report is None else report.max_abs_deviation,
+    }
+
+
+def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]] = None) -> str:
+    lines = [f"parameters: {summary['params']:,}"]
+    if summary["teacher_params"]:
+        lines[0] += f" of {summary['teacher_params']:,} (sparsity {summary['sparsity']:.4f})"
+    lines.append("conv channels: " + " ".join(str(c) for c in summary["conv_channels"]))
+    lines.append("layer  heads  ffn units")
+    for i, (h, f) in enumerate(zip(summary["heads"], summary["ffn_dims"])):
+        att = "-" if not summary["use_attention"][i] else str(h)
+        ffn = "-" if not summary["use_ffn"][i] else str(f)
+        lines.append(f"{i + 1:>5}  {att:>5}  {ffn:>9}")
+    if summary["exact"] is not None:
+        if summary["exact"]:
+            lines.append(f"export is exact (max abs deviation on the probe {summary['max_abs_deviation']:.2e})")
+        else:
+            lines.append(
+                f"export is NOT exact: {'; '.join(summary['inexact_parts'])}; max abs deviation on the probe "
+                f"{summary['max_abs_deviation']:.4g}"
+            )
+    return "\n".join(lines)
+
+
+def export(checkpoint: str, out: str, json_path: Optional[str] = None) -> Dict[str, Any]:
+    model, state = model_from_training_checkpoint(checkpoint)
+    pruned = prune(model) if model.gates() else model
+    summary = summarize(pruned)
+    history = state.get("optimizer_history") or [{}]
+    summary["num_updates"] = history[-1].get("num_updates")
+    summary["source"] = os.path.abspath(checkpoint)
+    criterion_state = state.get("criterion") or {}
+    projections = {
+        k[len("projections."):]: v for k, v in criterion_state.items() if k.startswith("projections.")
+    }
+    criterion_cfg = state["cfg"].get("criterion") or {}
+    extra_state = {
+        "distill_projections": projections,
+        "distill_layers": criterion_cfg.get("distill_layers"),
+        "prediction_heads": criterion_cfg.get("prediction_heads"),
+        "export_summary": summary,
+    }
+    save_model(pruned, out, extra_state=extra_state)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dphubert-export", description="Export a dphubert training checkpoint as a pruned fairseq checkpoint."
+    )
+    parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (stage 1 or stage 2)")
+    parser.add_argument("out", help="where to write the pruned fairseq checkpoint (.pt)")
+    parser.add_argument("--json", dest="json_path", help="also write the summary as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = export(args.checkpoint, args.out, args.json_path)
+    except (CheckpointError, ValueError) as err:
+        print(f"dphubert-export: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"wrote {args.out}" + (f" and {args.json_path}" if args.json_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    import dphubert_fairseq  # noqa: F401  (safe loading, registrations)
+
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The whole pipeline through fairseq's own trainer: stage 1, export, stage 2, export, resume, 2 workers."""
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.export import model_from_training_checkpoint
+
+sys.path.insert(0, os.path.dirname(__file__))
+import pipeline as P  # noqa: E402
+
+STAGE1_UPDATES = 300
+LRS = {"default": 2e-4, "gates": 0.1, "lagrangian": 0.1}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def data(workdir, speech):
+    return P.write_speech_manifests(str(workdir / "data"))
+
+
+@pytest.fixture(scope="module")
+def teacher(workdir, data):
+    """A 12-layer tiny HuBERT pretrained for a few updates by stock fairseq's trainer."""
+    return P.pretrain_tiny_hubert(data, str(workdir / "teacher"))
+
+
+def card(data, teacher, save_dir):
+    """The card's command line (task.data, task.teacher_path, checkpoint.save_dir)."""
+    return [f"task.data={data}", f"task.teacher_path={teacher}", f"checkpoint.save_dir={save_dir}"]
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir, data, teacher):
+    save_dir = str(workdir / "stage1")
+    out = P.hydra_train(
+        "dphubert",
+        card(data, teacher, save_dir)
+        + P.CPU_OVERRIDES
+        + [
+            "dataset.max_tokens=48000", f"optimization.max_update={STAGE1_UPDATES}",
+            "criterion.target_sparsity=0.5", f"criterion.sparsity_warmup_updates={STAGE1_UPDATES // 6}",
+            "common.log_interval=10", f"dataset.validate_interval_updates={STAGE1_UPDATES}",
+            f"checkpoint.save_interval_updates={STAGE1_UPDATES}",
+        ]
+        + P.schedule_overrides("dphubert", STAGE1_UPDATES, 5, LRS),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return save_dir, out.stdout
+
+
+def test_stage1_reaches_the_target_sparsity(stage1):
+    save_dir, stdout = stage1
+    train = P.logged(stdout, "train_inner")
+    assert len(train) == STAGE1_UPDATES // 10
+    for record in train:  # logged every interval
+        for key in ("loss", "distill_loss", "expected_sparsity", "target_sparsity", "lambda1", "lambda2",
+                    "expected_params", "lr_default", "lr_gates", "lr_lagrangian"):
+            assert key in record, key
+    assert float(train[0]["target_sparsity"]) < 0.5 == float(train[-1]["target_sparsity"])
+    assert abs(float(train[-1]["lambda1"])) > 0.1 and abs(float(train[-1]["lambda2"])) > 0.1  # they moved
+    # the three groups have their own learning rates, with one schedule shape
+    lrs = {k: float(train[1][f"lr_{k}"]) for k in LRS}
+    assert lrs["gates"] / lrs["default"] == pytest.approx(LRS["gates"] / LRS["default"], rel=1e-3)
+    valid = P.logged(stdout, "valid")[-1]
+    for key in ("valid_eval_sparsity", "valid_eval_params", "valid_kept_heads", "valid_kept_ffn_units",
+                "valid_kept_conv_channels"):
+        assert key in valid
+    assert abs(float(valid["valid_eval_sparsity"]) - 0.5) <= 0.03
+    assert os.path.exists(os.path.join(save_dir, "checkpoint_last.pt"))
+    # the teacher never went into the checkpoint
+    state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"))
+    assert all("teacher" not in k for k in state["model"]) and set(state["criterion"]) == {
+        "projections.proj.0.weight", "projections.proj.0.bias", "projections.proj.1.weight",
+        "projections.proj.1.bias", "lagrangian.lambda1", "lagrangian.lambda2"}
+
+
+def test_export_stage2_export(stage1, workdir, data, teacher):
+    save_dir, _ = stage1
+    pruned1 = str(workdir / "stage1_pruned.pt")
+    summary_path = str(workdir / "stage1.json")
+    out = P.export(os.path.join(save_dir, "checkpoint_last.pt"), pruned1, summary_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "parameters:" in out.stdout and "sparsity" in out.stdout
+    summary = json.load(open(summary_path))
+    for key in ("params", "teacher_params", "sparsity", "conv_channels", "heads", "ffn_dims"):
+        assert key in summary
+    assert len(summary["heads"]) == len(summary["ffn_dims"]) == 12 and len(summary["conv_channels"]) == 7
+    assert abs(summary["sparsity"] - 0.5) <= 0.03
+    assert summary["params"] == dp.count_params(dp.load_model(pruned1))
+
+    stage2_dir = str(workdir / "stage2")
+    out = P.hydra_train(
+        "dphubert_final",
+        card(data, teacher, stage2_dir) + [f"task.student_path={pruned1}"] + P.CPU_OVERRIDES
+        + ["dataset.max_tokens=48000", "optimization.max_update=6", "common.log_interval=1"]
+        + P.schedule_overrides("dphubert_final", 6, 2, {"default": 1e-4}),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "expected_sparsity" not in P.logged(out.stdout, "train_inner")[0]  # no Lagrangian in stage 2
+
+    final = str(workdir / "final.pt")
+    out = P.export(os.path.join(stage2_dir, "checkpoint_last.pt"), final)
+    assert out.returncode == 0, out.stderr[-3000:]
+    models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([final])
+    exported = models[0].eval()
+    trained, _ = model_from_training_checkpoint(os.path.join(stage2_dir, "checkpoint_last.pt"))
+    source = torch.randn(2, 24000)
+    with torch.no_grad():
+        for a, b in zip(trained.hidden_states(source), exported.hidden_states(source)):
+            assert torch.equal(a, b)
+    assert dp.count_params(exported) == summary["params"]
+    assert cfg.task._name == "audio_pretraining"
+
+
+def test_stage2_starts_from_the_stage1_projections(stage1, workdir, teacher, data):
+    """Stage 2 builds the pruned architecture from the export and carries the projections over."""
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
+    from dphubert_fairseq.models.dphubert import DPHuBERTConfig
+    from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+    save_dir, _ = stage1
+    pruned1 = str(workdir / "stage1_pruned_b.pt")
+    assert P.export(os.path.join(save_dir, "checkpoint_last.pt"), pruned1).returncode == 0
+    task = DPHuBERTDistillTask.setup_task(
+        OmegaConf.structured(DPHuBERTDistillConfig(data=data, teacher_path=teacher, student_path=pruned1))
+    )
+    model_cfg = OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=[]))
+    model = task.build_model(model_cfg)
+    assert model.num_params() == dp.count_params(dp.load_model(pruned1))
+    assert list(model_cfg.encoder_ffn_embed_dims) == list(model.cfg.encoder_ffn_embed_dims)  # written back
+    criterion = DPHuBERTDistillCriterion(DPHuBERTDistillCriterionConfig(lagrangian=False), task)
+    stage1_state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"))["criterion"]
+    for name, value in criterion.projections.state_dict().items():
+        assert torch.equal(value, stage1_state["projections." + name])
+
+
+RESUME_ARGS = [
+    "dataset.max_tokens=48000", "common.log_interval=1", "criterion.target_sparsity=0.5",
+    "criterion.sparsity_warmup_updates=4", "checkpoint.save_interval_updates=6",
+    "dataset.validate_interval_updates=1000",
+] + P.schedule_overrides("dphubert", 12, 2, LRS)
+
+
+def test_resume_continues_exactly(workdir, data, teacher):
+    straight = P.hydra_train("dphubert", card(data, teacher, str(workdir / "straight")) + P.CPU_OVERRIDES
+                             + RESUME_ARGS + ["optimization.max_update=12"])
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    resumed_dir = str(workdir / "resumed")
+    first = P.hydra_train("dphubert", card(data, teacher, resumed_dir) + P.CPU_OVERRIDES
+                          + RESUME_ARGS + ["optimization.max_update=6"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = P.hydra_train("dphubert", card(data, teacher, resumed_dir) + P.CPU_OVERRIDES
+                           + RESUME_ARGS + ["optimization.max_update=12"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Loaded checkpoint" in second.stdout
+    expected = {r["num_updates"]: r for r in P.logged(straight.stdout, "train_inner")}
+    got = {r["num_updates"]: r for r in P.logged(second.stdout, "train_inner")}
+    assert sorted(got, key=int) == [str(u) for u in range(7, 13)]
+    keys = ("loss", "distill_loss", "expected_sparsity", "target_sparsity", "lambda1", "lambda2",
+            "lr_default", "lr_gates", "lr_lagrangian", "gnorm")
+    for update, record in got.items():
+        for key in keys:
+            assert record[key] == expected[update][key], (update, key)
+    assert float(got["12"]["lambda1"]) != 0.0
+
+
+def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
+    """Two CPU workers (gloo), one process per rank as a cluster launcher starts them. On CPU fairseq's
+    torchrun path and its c10d wrapper assume CUDA devices, so this uses fairseq's legacy_ddp wrapper; the
+    configs' c10d is for GPUs."""
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    save_dir = str(workdir / "ddp")
+    common = card(data, teacher, save_dir) + [
+        o for o in P.CPU_OVERRIDES if "world_size" not in o and "nprocs" not in o
+    ] + [
+        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
+        f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
+        "distributed_training.distributed_no_spawn=true", "distributed_training.ddp_backend=legacy_ddp",
+        "dataset.max_tokens=24000", "optimization.max_update=4",
+        "common.log_interval=1", "checkpoint.save_interval_updates=4",
+    ] + P.schedule_overrides("dphubert", 4, 1, LRS)
+    cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train")
+    cmd += ["--config-dir", "configs", "--config-name", "dphubert"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    workers = [
+        subprocess.Popen(cmd + common + [f"distributed_training.distributed_rank={rank}",
+                                          f"hydra.run.dir={save_dir}/hydra{rank}"],
+                         cwd=P.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, text in zip(workers, outputs):
+        assert w.returncode == 0, text[-3000:]
+    assert "distributed init (rank 1)" in outputs[1]
+    assert [f for f in os.listdir(save_dir) if f.endswith(".pt.tmp")] == []
+    model, state = model_from_training_checkpoint(os.path.join(save_dir, "checkpoint_last.pt"))
+    assert state["optimizer_history"][-1]["num_updates"] == 4
+    records = P.logged(outputs[0], "train_inner")
+    assert len(records) == 4
+    single = P.logged(P.hydra_train("dphubert", card(data, teacher, str(workdir / "single")) + P.CPU_OVERRIDES + [
+        "dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"]).stdout, "train_inner")
+    # each update of the 2-worker run saw both workers' batches
+    assert int(records[0]["bsz"]) > int(single[0]["bsz"])
