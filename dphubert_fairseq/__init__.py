@@ -4,9 +4,10 @@ Importing the package registers the ``dphubert`` model with fairseq and makes na
 under torch's weights-only default (see ``safe_loading``).
 """
 
-from . import safe_loading
+from . import fairseq_fixes, safe_loading
 
 safe_loading.install()
+fairseq_fixes.install()
 
 from . import criterions, models, tasks  # noqa: E402,F401  (register the model, task and criterion)
 from .checkpoint_io import load_model, save_model  # noqa: E402

@@ -127,3 +127,17 @@ def export(checkpoint: str, out: str, json_path: Optional[str] = None):
     if json_path:
         cmd += ["--json", json_path]
     return run(cmd)
+
+
+def write_letter_labels(folder: str, text: str = "A TINY LABELLED SET") -> None:
+    """Letter transcripts (fairseq's ``.ltr`` format) for every manifest in ``folder``, and ``dict.ltr.txt``."""
+    letters = " ".join(text.replace(" ", "|")) + " |"
+    for tsv in glob.glob(os.path.join(folder, "*.tsv")):
+        with open(tsv) as f:
+            count = sum(1 for line in f) - 1
+        with open(tsv[:-4] + ".ltr", "w") as f:
+            f.writelines(letters + "\n" for _ in range(count))
+    symbols = sorted(set(letters.split()))
+    with open(os.path.join(folder, "dict.ltr.txt"), "w") as f:
+        f.writelines(f"{s} 1\n" for s in symbols)
+

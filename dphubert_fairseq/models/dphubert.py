@@ -167,6 +167,27 @@ def validate_config(cfg) -> None:
         )
 
 
+class ExtractedFeatures(tuple):
+    """``(x, padding_mask)``, as ``HubertModel.extract_features`` returns it (stock ``hubert_ctc`` unpacks it),
+    that also answers ``["x"]``, ``["padding_mask"]`` and ``["layer_results"]`` like the dict of
+    ``Wav2Vec2Model.extract_features`` (stock ``wav2vec_ctc`` indexes it)."""
+
+    def __new__(cls, x: torch.Tensor, padding_mask: Optional[torch.Tensor], layer_results: List[torch.Tensor]):
+        obj = super().__new__(cls, (x, padding_mask))
+        obj.layer_results = layer_results
+        return obj
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key == "layer_results":
+                return self.layer_results
+            try:
+                return tuple.__getitem__(self, ("x", "padding_mask").index(key))
+            except ValueError:
+                raise KeyError(key) from None
+        return tuple.__getitem__(self, key)
+
+
 @register_model("dphubert", dataclass=DPHuBERTConfig)
 class DPHuBERTModel(BaseFairseqModel):
     """``source (B, L)`` waveform and ``padding_mask (B, L)`` (True = padding) -> hidden states ``(B, T, D)``."""
@@ -242,11 +263,12 @@ class DPHuBERTModel(BaseFairseqModel):
 
     def extract_features(
         self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False, **unused
-    ) -> Dict[str, object]:
-        """Encoder output as fairseq's wav2vec2 returns it: ``x`` ``(B, T, D)``, ``padding_mask``,
-        ``layer_results`` (the hidden states)."""
+    ) -> "ExtractedFeatures":
+        """The encoder's output for fine-tuning with stock fairseq: ``x`` ``(B, T, D)`` and the frame
+        ``padding_mask``, readable both as HubertModel's tuple and as Wav2Vec2Model's dict (see
+        ``ExtractedFeatures``). ``mask`` is accepted and ignored: the model does no time masking."""
         out = self.forward(source, padding_mask)
-        return {"x": out["x"], "padding_mask": out["padding_mask"], "layer_results": out["hidden_states"]}
+        return ExtractedFeatures(out["x"], out["padding_mask"], out["hidden_states"])
 
     def remove_pretraining_modules(self, *unused, **unused_kw) -> None:
         """Nothing to remove: the model has no pretraining heads."""

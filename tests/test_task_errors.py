@@ -1,0 +1,127 @@
+"""Bad input to the training task: clear errors naming the file, before training starts."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.data.manifest_check import ManifestError
+from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+
+@pytest.fixture
+def data(tmp_path, speech):
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    lines = [str(audio)]
+    for i in range(3):
+        sf.write(audio / f"{i}.wav", speech[i][:16000].numpy(), 16000)
+        lines.append(f"{i}.wav\t16000")
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def task_for(data, teacher, **kw):
+    cfg = OmegaConf.structured(
+        DPHuBERTDistillConfig(data=str(data), teacher_path=str(teacher), tpu=False, seed=1, **kw)
+    )
+    return DPHuBERTDistillTask.setup_task(cfg)
+
+
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_good_manifest_loads(data, tiny_teachers):
+    task = task_for(data, tiny_teachers["hubert_base"])
+    task.load_dataset("train")
+    assert len(task.datasets["train"]) == 3
+
+
+def test_missing_audio_file(data, tiny_teachers):
+    os.remove(data / "audio" / "1.wav")
+    with pytest.raises(ManifestError) as err:
+        task_for(data, tiny_teachers["hubert_base"]).load_dataset("train")
+    assert one_line(err).startswith(f"{data / 'train.tsv'}:3: audio file {data / 'audio' / '1.wav'} does not exist")
+
+
+def test_corrupt_audio_file(data, tiny_teachers):
+    (data / "audio" / "2.wav").write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(ManifestError) as err:
+        task_for(data, tiny_teachers["hubert_base"]).load_dataset("train")
+    assert "cannot read audio file" in one_line(err) and "2.wav" in str(err.value)
+
+
+def test_wrong_sample_rate(data, tiny_teachers, speech):
+    import soundfile as sf
+
+    sf.write(data / "audio" / "0.wav", speech[0][:8000].numpy(), 8000)
+    with pytest.raises(ManifestError, match="sampled at 8000 Hz but the teacher expects 16000 Hz"):
+        task_for(data, tiny_teachers["hubert_base"]).load_dataset("train")
+
+
+def test_empty_and_missing_manifest(data, tiny_teachers):
+    (data / "valid.tsv").write_text(str(data / "audio") + "\n")
+    task = task_for(data, tiny_teachers["hubert_base"])
+    with pytest.raises(ManifestError) as err:
+        task.load_dataset("valid")
+    assert one_line(err) == f"{data / 'valid.tsv'}: the manifest lists no audio files"
+    with pytest.raises(ManifestError, match="no such manifest"):
+        task.load_dataset("test")
+
+
+def test_missing_unsupported_or_student_teacher(data, tiny_teachers, tmp_path):
+    with pytest.raises(dp.CheckpointError) as err:
+        task_for(data, tmp_path / "nope.pt")
+    assert one_line(err) == f"task.teacher_path: {tmp_path / 'nope.pt'}: no such checkpoint file"
+
+    state = torch.load(tiny_teachers["wav2vec2_base"])
+    state["cfg"]["model"]["_name"] = "wav2vec_ctc"
+    torch.save(state, tmp_path / "ctc.pt")
+    with pytest.raises(dp.CheckpointError, match="'wav2vec_ctc' is not supported"):
+        task_for(data, tmp_path / "ctc.pt")
+
+    student = dp.save_model(dp.student_from_teacher(tiny_teachers["hubert_base"]), tmp_path / "student.pt")
+    with pytest.raises(dp.CheckpointError, match="holds a dphubert student, not a native fairseq teacher"):
+        task_for(data, student)
+
+
+def test_normalisation_must_match_the_teacher(data, tiny_teachers):
+    with pytest.raises(ValueError, match="task.normalize=False but the teacher .* normalize=True"):
+        task_for(data, tiny_teachers["hubert_large"])
+    task_for(data, tiny_teachers["hubert_large"], normalize=True)
+
+
+def test_cli_reports_bad_manifest_before_training(data, tiny_teachers, tmp_path):
+    import pipeline as P
+
+    shutil.rmtree(data / "audio")
+    (data / "audio").mkdir()
+    (data / "valid.tsv").write_text((data / "train.tsv").read_text())
+    save_dir = tmp_path / "out"
+    out = P.hydra_train("dphubert", [f"task.data={data}", f"task.teacher_path={tiny_teachers['hubert_base']}",
+                                     f"checkpoint.save_dir={save_dir}", 'criterion.distill_layers="0;1,2,3"',
+                                     *P.CPU_OVERRIDES])
+    assert out.returncode != 0
+    assert f"{data / 'valid.tsv'}:2: audio file {data / 'audio' / '0.wav'} does not exist" in out.stdout + out.stderr
+    assert not (save_dir / "checkpoint_last.pt").exists()
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path):
+    """fairseq's trainer writes checkpoints through torch_persistent_save: a temporary file renamed into
+    place. A failure while writing leaves the previous checkpoint_last.pt untouched."""
+    from fairseq import checkpoint_utils
+
+    path = str(tmp_path / "checkpoint_last.pt")
+    checkpoint_utils.torch_persistent_save({"model": {"w": torch.ones(3)}}, path)
+    good = open(path, "rb").read()
+    with pytest.raises(Exception):
+        checkpoint_utils.torch_persistent_save({"model": {"w": torch.ones(3)}, "bad": lambda: 0}, path)
+    assert open(path, "rb").read() == good
