@@ -43,4 +43,4 @@ def test_arithmetic_stays_float32_in_half_precision():
     gate = HardConcrete(8, init_drop_rate=0.01).half().train()
     assert gate().dtype == torch.float32
     assert gate.l0_norm().dtype == torch.float32
-    assert gate.log_alpha.dtype == torch.float16
+    assert gate.log_alpha.dtype == torch.float32  # the gate refuses to be cast down

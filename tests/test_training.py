@@ -259,3 +259,22 @@ def test_exported_model_finetunes_with_stock_ctc(stage1, workdir, data, recipe):
     assert state["cfg"]["model"]["_name"] == recipe
     # the fine-tuned encoder is the dphubert model (its FFN blocks are named ffn.fc1, fairseq's are fc1)
     assert any(k.startswith("w2v_encoder.w2v_model.encoder.layers.0.ffn.fc1.") for k in state["model"])
+
+
+def test_legacy_fairseq_train_route(workdir, data, teacher):
+    """``fairseq-train --user-dir`` (argparse) builds the same task, model and criterion."""
+    save_dir = str(workdir / "legacy")
+    cmd = P.bin_or_module("fairseq-train", "fairseq_cli.train") + [
+        data, "--user-dir", os.path.join(P.REPO, "dphubert_fairseq"), "--task", "dphubert_distill",
+        "--teacher-path", teacher, "--arch", "dphubert", "--prune-units", '["conv","head","interm"]',
+        "--criterion", "dphubert_distill", "--target-sparsity", "0.5", "--sparsity-warmup-updates", "2",
+        "--optimizer", "adam", "--lr", "1e-4", "--max-update", "3", "--cpu", "--max-tokens", "48000",
+        "--required-batch-size-multiple", "1", "--min-sample-size", "8000", "--save-dir", save_dir,
+        "--log-interval", "1", "--log-format", "json", "--num-workers", "0",
+    ]
+    out = P.run(cmd, cwd=str(workdir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [json.loads(line.split(" | ")[-1]) for line in out.stdout.splitlines() if "| train_inner |" in line]
+    assert len(lines) == 3 and lines[-1]["target_sparsity"] == "0.5"
+    model, _ = model_from_training_checkpoint(os.path.join(save_dir, "checkpoint_last.pt"))
+    assert set(model.cfg.prune_units) == {"conv", "head", "interm"} and model.gates()
