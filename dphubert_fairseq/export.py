@@ -70,7 +70,9 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
         lines.append(f"{i + 1:>5}  {att:>5}  {ffn:>9}")
     if summary["exact"] is not None:
         if summary["exact"]:
-            lines.append(f"export is exact (max abs deviation on the probe {summary['max_abs_deviation']:.2e})")
+            lines.append(
+                f"export is exact (max abs deviation on the probe {summary['max_abs_deviation']:.2e})"
+            )
         else:
             lines.append(
                 f"export is NOT exact: {'; '.join(summary['inexact_parts'])}; max abs deviation on the probe "
@@ -88,7 +90,7 @@ def export(checkpoint: str, out: str, json_path: Optional[str] = None) -> Dict[s
     summary["source"] = os.path.abspath(checkpoint)
     criterion_state = state.get("criterion") or {}
     projections = {
-        k[len("projections."):]: v for k, v in criterion_state.items() if k.startswith("projections.")
+        k[len("projections.") :]: v for k, v in criterion_state.items() if k.startswith("projections.")
     }
     criterion_cfg = state["cfg"].get("criterion") or {}
     extra_state = {
@@ -105,7 +107,8 @@ def export(checkpoint: str, out: str, json_path: Optional[str] = None) -> Dict[s
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dphubert-export", description="Export a dphubert training checkpoint as a pruned fairseq checkpoint."
+        prog="dphubert-export",
+        description="Export a dphubert training checkpoint as a pruned fairseq checkpoint.",
     )
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (stage 1 or stage 2)")
     parser.add_argument("out", help="where to write the pruned fairseq checkpoint (.pt)")

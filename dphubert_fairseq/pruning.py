@@ -273,6 +273,8 @@ def eval_mask_params(model: DPHuBERTModel) -> int:
     norm = model.layer_norm
     removed = norm.removed_channels + model.feature_extractor.out_channels - sizes.conv_channels[-1]
     cfg = as_config(model.cfg)
-    cfg.feature_norm_channel_scale = norm.channel_scale is not None or model.feature_extractor.blocks[-1].gate is not None
+    cfg.feature_norm_channel_scale = (
+        norm.channel_scale is not None or model.feature_extractor.blocks[-1].gate is not None
+    )
     cfg.feature_norm_removed_channels = removed
     return int(total_params(cfg, sizes))

@@ -41,6 +41,18 @@ def student_state_from_teacher(teacher_state: Dict[str, torch.Tensor]) -> Dict[s
     return out
 
 
+def load_weights(student: DPHuBERTModel, source: nn.Module) -> DPHuBERTModel:
+    """Copy every weight of ``student`` but its gate logits from ``source``: a fairseq HuBERT / wav2vec2
+    teacher of the same architecture, or another ``dphubert`` model of the same sizes."""
+    own = student.state_dict()
+    state = {k: v for k, v in student_state_from_teacher(source.state_dict()).items() if k in own}
+    missing = [k for k in own if k not in state and not k.endswith("log_alpha")]
+    if missing:
+        raise RuntimeError(f"no weights for student parameters {missing[:5]}")
+    nn.Module.load_state_dict(student, state, strict=False)
+    return student
+
+
 def student_from_teacher(
     teacher: Union[str, nn.Module], prune_units: Iterable[str] = ("conv", "head", "interm")
 ) -> DPHuBERTModel:
@@ -58,13 +70,6 @@ def student_from_teacher(
         )
     cfg.prune_units = units
     cfg.teacher_params = config_params(cfg)
-    student = DPHuBERTModel(cfg)
     reference = next(teacher.parameters())
-    student.to(device=reference.device, dtype=reference.dtype)
-    own = student.state_dict()
-    state = {k: v for k, v in student_state_from_teacher(teacher.state_dict()).items() if k in own}
-    missing = [k for k in own if k not in state and not k.endswith("log_alpha")]
-    if missing:
-        raise RuntimeError(f"the teacher has no weights for student parameters {missing[:5]}")
-    nn.Module.load_state_dict(student, state, strict=False)
-    return student.train(teacher.training)
+    student = DPHuBERTModel(cfg).to(device=reference.device, dtype=reference.dtype)
+    return load_weights(student, teacher).train(teacher.training)

@@ -49,7 +49,10 @@ def write_speech_manifests(folder: str, chunk_seconds: float = 1.5, valid_chunks
     rng = np.random.default_rng(0)
     splits = {"train": entries[valid_chunks:], "valid": entries[:valid_chunks]}
     for split, items in splits.items():
-        with open(os.path.join(folder, f"{split}.tsv"), "w") as tsv, open(os.path.join(folder, f"{split}.km"), "w") as km:
+        with (
+            open(os.path.join(folder, f"{split}.tsv"), "w") as tsv,
+            open(os.path.join(folder, f"{split}.km"), "w") as km,
+        ):
             tsv.write(audio_dir + "\n")
             for name, n in items:
                 tsv.write(f"{name}\t{n}\n")
@@ -70,16 +73,35 @@ def pretrain_tiny_hubert(data: str, save_dir: str, layers: int = 12, updates: in
     """A small HuBERT pretrained for a few updates by stock fairseq (hubert_pretraining task, fairseq's own
     HuBERT Base recipe, shrunk); returns its checkpoint_last.pt."""
     cmd = bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train") + [
-        "--config-dir", hubert_pretrain_configs(), "--config-name", "hubert_base_librispeech",
-        f"task.data={data}", f"task.label_dir={data}", "task.labels=[km]", "model.label_rate=50",
-        "task.min_sample_size=8000", "common.fp16=false", "common.cpu=true", "common.tensorboard_logdir=null",
-        "common.log_interval=1", "distributed_training.distributed_world_size=1",
-        "distributed_training.nprocs_per_node=1", "dataset.num_workers=0", "dataset.max_tokens=100000",
+        "--config-dir",
+        hubert_pretrain_configs(),
+        "--config-name",
+        "hubert_base_librispeech",
+        f"task.data={data}",
+        f"task.label_dir={data}",
+        "task.labels=[km]",
+        "model.label_rate=50",
+        "task.min_sample_size=8000",
+        "common.fp16=false",
+        "common.cpu=true",
+        "common.tensorboard_logdir=null",
+        "common.log_interval=1",
+        "distributed_training.distributed_world_size=1",
+        "distributed_training.nprocs_per_node=1",
+        "dataset.num_workers=0",
+        "dataset.max_tokens=100000",
         "dataset.required_batch_size_multiple=1",
-        f"optimization.max_update={updates}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra",
-        f"+model.encoder_layers={layers}", "+model.encoder_embed_dim=32", "+model.encoder_ffn_embed_dim=64",
-        "+model.encoder_attention_heads=4", "+model.conv_pos=16", "+model.conv_pos_groups=4",
-        'model.conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"', "model.final_dim=16",
+        f"optimization.max_update={updates}",
+        f"checkpoint.save_dir={save_dir}",
+        f"hydra.run.dir={save_dir}/hydra",
+        f"+model.encoder_layers={layers}",
+        "+model.encoder_embed_dim=32",
+        "+model.encoder_ffn_embed_dim=64",
+        "+model.encoder_attention_heads=4",
+        "+model.conv_pos=16",
+        "+model.conv_pos_groups=4",
+        'model.conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"',
+        "model.final_dim=16",
     ]
     out = run(cmd)
     path = os.path.join(save_dir, "checkpoint_last.pt")
@@ -89,8 +111,12 @@ def pretrain_tiny_hubert(data: str, save_dir: str, layers: int = 12, updates: in
 
 
 CPU_OVERRIDES = [
-    "common.fp16=false", "common.cpu=true", "distributed_training.distributed_world_size=1",
-    "distributed_training.nprocs_per_node=1", "dataset.num_workers=0", "task.min_sample_size=8000",
+    "common.fp16=false",
+    "common.cpu=true",
+    "distributed_training.distributed_world_size=1",
+    "distributed_training.nprocs_per_node=1",
+    "dataset.num_workers=0",
+    "task.min_sample_size=8000",
     "dataset.required_batch_size_multiple=1",
 ]
 
@@ -101,17 +127,25 @@ def schedule_overrides(config: str, total: int, warmup: int, lrs: Dict[str, floa
         out = []
         for group, lr in lrs.items():
             prefix = f"optimizer.groups.{group}"
-            out += [f"{prefix}.lr_float={lr}", f"{prefix}.lr_scheduler.warmup_updates={warmup}",
-                    f"{prefix}.lr_scheduler.total_num_update={total}"]
+            out += [
+                f"{prefix}.lr_float={lr}",
+                f"{prefix}.lr_scheduler.warmup_updates={warmup}",
+                f"{prefix}.lr_scheduler.total_num_update={total}",
+            ]
         return out
-    return [f"lr_scheduler.warmup_updates={warmup}", f"lr_scheduler.total_num_update={total}",
-            f"optimization.lr=[{lrs['default']}]"]
+    return [
+        f"lr_scheduler.warmup_updates={warmup}",
+        f"lr_scheduler.total_num_update={total}",
+        f"optimization.lr=[{lrs['default']}]",
+    ]
 
 
 def hydra_train(config: str, overrides: Sequence[str], env=None, timeout: int = 600):
     """``fairseq-hydra-train --config-dir configs --config-name CONFIG OVERRIDES`` from the repository root."""
     cmd = bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train")
-    return run(cmd + ["--config-dir", "configs", "--config-name", config, *overrides], env=env, timeout=timeout)
+    return run(
+        cmd + ["--config-dir", "configs", "--config-name", config, *overrides], env=env, timeout=timeout
+    )
 
 
 _LOG = re.compile(r"\]\[(train_inner|valid|train)\]\[INFO\] - (\{.*\})")
@@ -140,4 +174,3 @@ def write_letter_labels(folder: str, text: str = "A TINY LABELLED SET") -> None:
     symbols = sorted(set(letters.split()))
     with open(os.path.join(folder, "dict.ltr.txt"), "w") as f:
         f.writelines(f"{s} 1\n" for s in symbols)
-

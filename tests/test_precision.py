@@ -9,7 +9,9 @@ from dphubert_fairseq.criterions.lagrangian import SparsityLagrangian
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16"])
 def test_casting_the_model_keeps_gates_float32(tiny_teachers, cast):
-    model = dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv", "head", "interm", "attlayer"))
+    model = dp.student_from_teacher(
+        tiny_teachers["hubert_base"], prune_units=("conv", "head", "interm", "attlayer")
+    )
     before = {n: g.log_alpha.detach().clone() for n, g in model.gates().items()}
     model = model.half() if cast == "half" else model.to(dtype=torch.bfloat16)  # what fairseq's trainer does
     reduced = torch.float16 if cast == "half" else torch.bfloat16

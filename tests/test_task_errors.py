@@ -49,7 +49,9 @@ def test_missing_audio_file(data, tiny_teachers):
     os.remove(data / "audio" / "1.wav")
     with pytest.raises(ManifestError) as err:
         task_for(data, tiny_teachers["hubert_base"]).load_dataset("train")
-    assert one_line(err).startswith(f"{data / 'train.tsv'}:3: audio file {data / 'audio' / '1.wav'} does not exist")
+    assert one_line(err).startswith(
+        f"{data / 'train.tsv'}:3: audio file {data / 'audio' / '1.wav'} does not exist"
+    )
 
 
 def test_corrupt_audio_file(data, tiny_teachers):
@@ -106,11 +108,21 @@ def test_cli_reports_bad_manifest_before_training(data, tiny_teachers, tmp_path)
     (data / "audio").mkdir()
     (data / "valid.tsv").write_text((data / "train.tsv").read_text())
     save_dir = tmp_path / "out"
-    out = P.hydra_train("dphubert", [f"task.data={data}", f"task.teacher_path={tiny_teachers['hubert_base']}",
-                                     f"checkpoint.save_dir={save_dir}", 'criterion.distill_layers="0;1,2,3"',
-                                     *P.CPU_OVERRIDES])
+    out = P.hydra_train(
+        "dphubert",
+        [
+            f"task.data={data}",
+            f"task.teacher_path={tiny_teachers['hubert_base']}",
+            f"checkpoint.save_dir={save_dir}",
+            'criterion.distill_layers="0;1,2,3"',
+            *P.CPU_OVERRIDES,
+        ],
+    )
     assert out.returncode != 0
-    assert f"{data / 'valid.tsv'}:2: audio file {data / 'audio' / '0.wav'} does not exist" in out.stdout + out.stderr
+    assert (
+        f"{data / 'valid.tsv'}:2: audio file {data / 'audio' / '0.wav'} does not exist"
+        in out.stdout + out.stderr
+    )
     assert not (save_dir / "checkpoint_last.pt").exists()
 
 

@@ -48,9 +48,12 @@ def stage1(workdir, data, teacher):
         card(data, teacher, save_dir)
         + P.CPU_OVERRIDES
         + [
-            "dataset.max_tokens=48000", f"optimization.max_update={STAGE1_UPDATES}",
-            "criterion.target_sparsity=0.5", f"criterion.sparsity_warmup_updates={STAGE1_UPDATES // 6}",
-            "common.log_interval=10", f"dataset.validate_interval_updates={STAGE1_UPDATES}",
+            "dataset.max_tokens=48000",
+            f"optimization.max_update={STAGE1_UPDATES}",
+            "criterion.target_sparsity=0.5",
+            f"criterion.sparsity_warmup_updates={STAGE1_UPDATES // 6}",
+            "common.log_interval=10",
+            f"dataset.validate_interval_updates={STAGE1_UPDATES}",
             f"checkpoint.save_interval_updates={STAGE1_UPDATES}",
         ]
         + P.schedule_overrides("dphubert", STAGE1_UPDATES, 5, LRS),
@@ -64,8 +67,18 @@ def test_stage1_reaches_the_target_sparsity(stage1):
     train = P.logged(stdout, "train_inner")
     assert len(train) == STAGE1_UPDATES // 10
     for record in train:  # logged every interval
-        for key in ("loss", "distill_loss", "expected_sparsity", "target_sparsity", "lambda1", "lambda2",
-                    "expected_params", "lr_default", "lr_gates", "lr_lagrangian"):
+        for key in (
+            "loss",
+            "distill_loss",
+            "expected_sparsity",
+            "target_sparsity",
+            "lambda1",
+            "lambda2",
+            "expected_params",
+            "lr_default",
+            "lr_gates",
+            "lr_lagrangian",
+        ):
             assert key in record, key
     assert float(train[0]["target_sparsity"]) < 0.5 == float(train[-1]["target_sparsity"])
     assert abs(float(train[-1]["lambda1"])) > 0.1 and abs(float(train[-1]["lambda2"])) > 0.1  # they moved
@@ -73,16 +86,26 @@ def test_stage1_reaches_the_target_sparsity(stage1):
     lrs = {k: float(train[1][f"lr_{k}"]) for k in LRS}
     assert lrs["gates"] / lrs["default"] == pytest.approx(LRS["gates"] / LRS["default"], rel=1e-3)
     valid = P.logged(stdout, "valid")[-1]
-    for key in ("valid_eval_sparsity", "valid_eval_params", "valid_kept_heads", "valid_kept_ffn_units",
-                "valid_kept_conv_channels"):
+    for key in (
+        "valid_eval_sparsity",
+        "valid_eval_params",
+        "valid_kept_heads",
+        "valid_kept_ffn_units",
+        "valid_kept_conv_channels",
+    ):
         assert key in valid
     assert abs(float(valid["valid_eval_sparsity"]) - 0.5) <= 0.03
     assert os.path.exists(os.path.join(save_dir, "checkpoint_last.pt"))
     # the teacher never went into the checkpoint
     state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"))
     assert all("teacher" not in k for k in state["model"]) and set(state["criterion"]) == {
-        "projections.proj.0.weight", "projections.proj.0.bias", "projections.proj.1.weight",
-        "projections.proj.1.bias", "lagrangian.lambda1", "lagrangian.lambda2"}
+        "projections.proj.0.weight",
+        "projections.proj.0.bias",
+        "projections.proj.1.weight",
+        "projections.proj.1.bias",
+        "lagrangian.lambda1",
+        "lagrangian.lambda2",
+    }
 
 
 def test_export_stage2_export(stage1, workdir, data, teacher):
@@ -102,7 +125,9 @@ def test_export_stage2_export(stage1, workdir, data, teacher):
     stage2_dir = str(workdir / "stage2")
     out = P.hydra_train(
         "dphubert_final",
-        card(data, teacher, stage2_dir) + [f"task.student_path={pruned1}"] + P.CPU_OVERRIDES
+        card(data, teacher, stage2_dir)
+        + [f"task.student_path={pruned1}"]
+        + P.CPU_OVERRIDES
         + ["dataset.max_tokens=48000", "optimization.max_update=6", "common.log_interval=1"]
         + P.schedule_overrides("dphubert_final", 6, 2, {"default": 1e-4}),
     )
@@ -148,29 +173,51 @@ def test_stage2_starts_from_the_stage1_projections(stage1, workdir, teacher, dat
 
 
 RESUME_ARGS = [
-    "dataset.max_tokens=48000", "common.log_interval=1", "criterion.target_sparsity=0.5",
-    "criterion.sparsity_warmup_updates=4", "checkpoint.save_interval_updates=6",
+    "dataset.max_tokens=48000",
+    "common.log_interval=1",
+    "criterion.target_sparsity=0.5",
+    "criterion.sparsity_warmup_updates=4",
+    "checkpoint.save_interval_updates=6",
     "dataset.validate_interval_updates=1000",
 ] + P.schedule_overrides("dphubert", 12, 2, LRS)
 
 
 def test_resume_continues_exactly(workdir, data, teacher):
-    straight = P.hydra_train("dphubert", card(data, teacher, str(workdir / "straight")) + P.CPU_OVERRIDES
-                             + RESUME_ARGS + ["optimization.max_update=12"])
+    straight = P.hydra_train(
+        "dphubert",
+        card(data, teacher, str(workdir / "straight"))
+        + P.CPU_OVERRIDES
+        + RESUME_ARGS
+        + ["optimization.max_update=12"],
+    )
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     resumed_dir = str(workdir / "resumed")
-    first = P.hydra_train("dphubert", card(data, teacher, resumed_dir) + P.CPU_OVERRIDES
-                          + RESUME_ARGS + ["optimization.max_update=6"])
+    first = P.hydra_train(
+        "dphubert",
+        card(data, teacher, resumed_dir) + P.CPU_OVERRIDES + RESUME_ARGS + ["optimization.max_update=6"],
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = P.hydra_train("dphubert", card(data, teacher, resumed_dir) + P.CPU_OVERRIDES
-                           + RESUME_ARGS + ["optimization.max_update=12"])
+    second = P.hydra_train(
+        "dphubert",
+        card(data, teacher, resumed_dir) + P.CPU_OVERRIDES + RESUME_ARGS + ["optimization.max_update=12"],
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "Loaded checkpoint" in second.stdout
     expected = {r["num_updates"]: r for r in P.logged(straight.stdout, "train_inner")}
     got = {r["num_updates"]: r for r in P.logged(second.stdout, "train_inner")}
     assert sorted(got, key=int) == [str(u) for u in range(7, 13)]
-    keys = ("loss", "distill_loss", "expected_sparsity", "target_sparsity", "lambda1", "lambda2",
-            "lr_default", "lr_gates", "lr_lagrangian", "gnorm")
+    keys = (
+        "loss",
+        "distill_loss",
+        "expected_sparsity",
+        "target_sparsity",
+        "lambda1",
+        "lambda2",
+        "lr_default",
+        "lr_gates",
+        "lr_lagrangian",
+        "gnorm",
+    )
     for update, record in got.items():
         for key in keys:
             assert record[key] == expected[update][key], (update, key)
@@ -187,22 +234,36 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     save_dir = str(workdir / "ddp")
-    common = card(data, teacher, save_dir) + [
-        o for o in P.CPU_OVERRIDES if "world_size" not in o and "nprocs" not in o
-    ] + [
-        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
-        f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
-        "distributed_training.distributed_no_spawn=true", "distributed_training.ddp_backend=legacy_ddp",
-        "dataset.max_tokens=24000", "optimization.max_update=4",
-        "common.log_interval=1", "checkpoint.save_interval_updates=4",
-    ] + P.schedule_overrides("dphubert", 4, 1, LRS)
+    common = (
+        card(data, teacher, save_dir)
+        + [o for o in P.CPU_OVERRIDES if "world_size" not in o and "nprocs" not in o]
+        + [
+            "distributed_training.distributed_world_size=2",
+            "distributed_training.distributed_backend=gloo",
+            f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}",
+            "distributed_training.distributed_no_spawn=true",
+            "distributed_training.ddp_backend=legacy_ddp",
+            "dataset.max_tokens=24000",
+            "optimization.max_update=4",
+            "common.log_interval=1",
+            "checkpoint.save_interval_updates=4",
+        ]
+        + P.schedule_overrides("dphubert", 4, 1, LRS)
+    )
     cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train")
     cmd += ["--config-dir", "configs", "--config-name", "dphubert"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     workers = [
-        subprocess.Popen(cmd + common + [f"distributed_training.distributed_rank={rank}",
-                                          f"hydra.run.dir={save_dir}/hydra{rank}"],
-                         cwd=P.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            cmd
+            + common
+            + [f"distributed_training.distributed_rank={rank}", f"hydra.run.dir={save_dir}/hydra{rank}"],
+            cwd=P.REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
@@ -214,8 +275,15 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
     assert state["optimizer_history"][-1]["num_updates"] == 4
     records = P.logged(outputs[0], "train_inner")
     assert len(records) == 4
-    single = P.logged(P.hydra_train("dphubert", card(data, teacher, str(workdir / "single")) + P.CPU_OVERRIDES + [
-        "dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"]).stdout, "train_inner")
+    single = P.logged(
+        P.hydra_train(
+            "dphubert",
+            card(data, teacher, str(workdir / "single"))
+            + P.CPU_OVERRIDES
+            + ["dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"],
+        ).stdout,
+        "train_inner",
+    )
     # each update of the 2-worker run saw both workers' batches
     assert int(records[0]["bsz"]) > int(single[0]["bsz"])
 
@@ -223,7 +291,11 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
 CTC_RECIPES = {
     # stock fairseq fine-tuning recipes: (config folder under fairseq/examples, config name, extra overrides)
     "wav2vec_ctc": ("wav2vec/config/finetuning", "base_10m", []),
-    "hubert_ctc": ("hubert/config/finetune", "base_10h", ["task.label_dir={data}", "common.tensorboard_logdir=null"]),
+    "hubert_ctc": (
+        "hubert/config/finetune",
+        "base_10h",
+        ["task.label_dir={data}", "common.tensorboard_logdir=null"],
+    ),
 }
 
 
@@ -241,14 +313,30 @@ def test_exported_model_finetunes_with_stock_ctc(stage1, workdir, data, recipe):
     folder, name, extra = CTC_RECIPES[recipe]
     out_dir = str(workdir / recipe)
     cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train") + [
-        "--config-dir", os.path.join(os.path.dirname(fairseq.__file__), "examples", folder), "--config-name", name,
-        f"task.data={data}", f"model.w2v_path={pruned}", f"common.user_dir={P.REPO}/dphubert_fairseq",
-        f"checkpoint.save_dir={out_dir}", f"hydra.run.dir={out_dir}/hydra", "dataset.valid_subset=valid",
-        "common.fp16=false", "common.cpu=true", "distributed_training.distributed_world_size=1",
-        "dataset.num_workers=0", "dataset.max_tokens=48000", "dataset.required_batch_size_multiple=1",
-        "optimization.max_update=4", "optimization.update_freq=[1]", "model.freeze_finetune_updates=0",
-        "dataset.validate_after_updates=0", "dataset.validate_interval_updates=4", "common.log_interval=1",
-        "checkpoint.save_interval_updates=4", *[e.format(data=data) for e in extra],
+        "--config-dir",
+        os.path.join(os.path.dirname(fairseq.__file__), "examples", folder),
+        "--config-name",
+        name,
+        f"task.data={data}",
+        f"model.w2v_path={pruned}",
+        f"common.user_dir={P.REPO}/dphubert_fairseq",
+        f"checkpoint.save_dir={out_dir}",
+        f"hydra.run.dir={out_dir}/hydra",
+        "dataset.valid_subset=valid",
+        "common.fp16=false",
+        "common.cpu=true",
+        "distributed_training.distributed_world_size=1",
+        "dataset.num_workers=0",
+        "dataset.max_tokens=48000",
+        "dataset.required_batch_size_multiple=1",
+        "optimization.max_update=4",
+        "optimization.update_freq=[1]",
+        "model.freeze_finetune_updates=0",
+        "dataset.validate_after_updates=0",
+        "dataset.validate_interval_updates=4",
+        "common.log_interval=1",
+        "checkpoint.save_interval_updates=4",
+        *[e.format(data=data) for e in extra],
     ]
     out = P.run(cmd, cwd=str(workdir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -265,16 +353,50 @@ def test_legacy_fairseq_train_route(workdir, data, teacher):
     """``fairseq-train --user-dir`` (argparse) builds the same task, model and criterion."""
     save_dir = str(workdir / "legacy")
     cmd = P.bin_or_module("fairseq-train", "fairseq_cli.train") + [
-        data, "--user-dir", os.path.join(P.REPO, "dphubert_fairseq"), "--task", "dphubert_distill",
-        "--teacher-path", teacher, "--arch", "dphubert", "--prune-units", '["conv","head","interm"]',
-        "--criterion", "dphubert_distill", "--target-sparsity", "0.5", "--sparsity-warmup-updates", "2",
-        "--optimizer", "adam", "--lr", "1e-4", "--max-update", "3", "--cpu", "--max-tokens", "48000",
-        "--required-batch-size-multiple", "1", "--min-sample-size", "8000", "--save-dir", save_dir,
-        "--log-interval", "1", "--log-format", "json", "--num-workers", "0",
+        data,
+        "--user-dir",
+        os.path.join(P.REPO, "dphubert_fairseq"),
+        "--task",
+        "dphubert_distill",
+        "--teacher-path",
+        teacher,
+        "--arch",
+        "dphubert",
+        "--prune-units",
+        '["conv","head","interm"]',
+        "--criterion",
+        "dphubert_distill",
+        "--target-sparsity",
+        "0.5",
+        "--sparsity-warmup-updates",
+        "2",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-4",
+        "--max-update",
+        "3",
+        "--cpu",
+        "--max-tokens",
+        "48000",
+        "--required-batch-size-multiple",
+        "1",
+        "--min-sample-size",
+        "8000",
+        "--save-dir",
+        save_dir,
+        "--log-interval",
+        "1",
+        "--log-format",
+        "json",
+        "--num-workers",
+        "0",
     ]
     out = P.run(cmd, cwd=str(workdir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [json.loads(line.split(" | ")[-1]) for line in out.stdout.splitlines() if "| train_inner |" in line]
+    lines = [
+        json.loads(line.split(" | ")[-1]) for line in out.stdout.splitlines() if "| train_inner |" in line
+    ]
     assert len(lines) == 3 and lines[-1]["target_sparsity"] == "0.5"
     model, _ = model_from_training_checkpoint(os.path.join(save_dir, "checkpoint_last.pt"))
     assert set(model.cfg.prune_units) == {"conv", "head", "interm"} and model.gates()

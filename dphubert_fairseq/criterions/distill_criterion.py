@@ -24,7 +24,9 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
         },
     )
     l1_weight: float = field(default=1.0, metadata={"help": "weight of the mean L1 distance"})
-    cos_weight: float = field(default=1.0, metadata={"help": "weight of the (negated) mean cosine similarity"})
+    cos_weight: float = field(
+        default=1.0, metadata={"help": "weight of the (negated) mean cosine similarity"}
+    )
     mse_weight: float = field(default=0.0, metadata={"help": "weight of the mean squared error"})
     prediction_heads: bool = field(
         default=False,
@@ -34,7 +36,8 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
         },
     )
     lagrangian: bool = field(
-        default=True, metadata={"help": "add the L0 Lagrangian (stage 1); false for plain distillation (stage 2)"}
+        default=True,
+        metadata={"help": "add the L0 Lagrangian (stage 1); false for plain distillation (stage 2)"},
     )
     target_sparsity: float = field(
         default=0.75, metadata={"help": "final target of 1 - expected params / teacher params"}
@@ -65,7 +68,9 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                     f"criterion.distill_layers: layer {layer} does not exist (the teacher has "
                     f"{teacher_cfg.encoder_layers} layers; 0 is the projection output)"
                 )
-        self.projections = DistillationProjections(groups, teacher_cfg.encoder_embed_dim, cfg.prediction_heads)
+        self.projections = DistillationProjections(
+            groups, teacher_cfg.encoder_embed_dim, cfg.prediction_heads
+        )
         initial = getattr(task, "initial_projections", None)
         if initial:
             try:
@@ -94,14 +99,23 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         valid = None if padding is None else ~padding
         predictions = self.projections(student_states)
         distill = sum(
-            layer_loss(pred, teacher_states[layer], valid, self.cfg.l1_weight, self.cfg.cos_weight, self.cfg.mse_weight)
+            layer_loss(
+                pred,
+                teacher_states[layer],
+                valid,
+                self.cfg.l1_weight,
+                self.cfg.cos_weight,
+                self.cfg.mse_weight,
+            )
             for pred, layer in zip(predictions, self.projections.targets)
         ) / len(predictions)
         loss = distill
         log: Dict[str, float] = {
             "loss": loss.detach().item(),
             "distill_loss": distill.detach().item(),
-            "ntokens": int(valid.sum()) if valid is not None else student_states[0].shape[0] * student_states[0].shape[1],
+            "ntokens": int(valid.sum())
+            if valid is not None
+            else student_states[0].shape[0] * student_states[0].shape[1],
             "nsentences": student_states[0].size(0),
             "sample_size": 1,
             "count": 1,

@@ -17,7 +17,9 @@ def parse_layer_groups(spec: str) -> List[List[int]]:
         try:
             groups.append([int(x) for x in part.split(",")])
         except ValueError:
-            raise ValueError(f"criterion.distill_layers: cannot read {spec!r}; expected e.g. '0;4,8,12'") from None
+            raise ValueError(
+                f"criterion.distill_layers: cannot read {spec!r}; expected e.g. '0;4,8,12'"
+            ) from None
     if not groups:
         raise ValueError(f"criterion.distill_layers: no layer in {spec!r}")
     return groups

@@ -172,7 +172,9 @@ class ExtractedFeatures(tuple):
     that also answers ``["x"]``, ``["padding_mask"]`` and ``["layer_results"]`` like the dict of
     ``Wav2Vec2Model.extract_features`` (stock ``wav2vec_ctc`` indexes it)."""
 
-    def __new__(cls, x: torch.Tensor, padding_mask: Optional[torch.Tensor], layer_results: List[torch.Tensor]):
+    def __new__(
+        cls, x: torch.Tensor, padding_mask: Optional[torch.Tensor], layer_results: List[torch.Tensor]
+    ):
         obj = super().__new__(cls, (x, padding_mask))
         obj.layer_results = layer_results
         return obj

@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from ..param_count import config_params
 from ..safe_loading import check_checkpoint_file
-from ..student import student_from_teacher
+from ..student import load_weights
 from ..teacher import load_teacher_and_config, teacher_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -26,11 +26,29 @@ logger = logging.getLogger(__name__)
 # model-config keys the student takes from its teacher (or from the stage-1 model); the others (dropouts,
 # feature_grad_mult, prune_units) are the student's own training settings
 _ARCHITECTURE_KEYS = [
-    "extractor_mode", "conv_feature_layers", "conv_bias", "encoder_layers", "encoder_embed_dim",
-    "attention_head_dim", "encoder_attention_heads", "encoder_ffn_embed_dims", "use_attention", "use_ffn",
-    "layer_norm_first", "activation_fn", "conv_pos", "conv_pos_groups", "conv_pos_batch_norm",
-    "post_extract_proj", "frame_padding", "crop_seq_to_multiple", "normalize", "sample_rate",
-    "feature_norm_removed_channels", "feature_norm_channel_scale", "teacher_params",
+    "extractor_mode",
+    "conv_feature_layers",
+    "conv_bias",
+    "encoder_layers",
+    "encoder_embed_dim",
+    "attention_head_dim",
+    "encoder_attention_heads",
+    "encoder_ffn_embed_dims",
+    "use_attention",
+    "use_ffn",
+    "layer_norm_first",
+    "activation_fn",
+    "conv_pos",
+    "conv_pos_groups",
+    "conv_pos_batch_norm",
+    "post_extract_proj",
+    "frame_padding",
+    "crop_seq_to_multiple",
+    "normalize",
+    "sample_rate",
+    "feature_norm_removed_channels",
+    "feature_norm_channel_scale",
+    "teacher_params",
 ]
 _TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout_input", "feature_grad_mult"]
 
@@ -38,7 +56,8 @@ _TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout
 @dataclass
 class DPHuBERTDistillConfig(AudioPretrainingConfig):
     teacher_path: str = field(
-        default=MISSING, metadata={"help": "native fairseq HuBERT / wav2vec2 checkpoint of the frozen teacher"}
+        default=MISSING,
+        metadata={"help": "native fairseq HuBERT / wav2vec2 checkpoint of the frozen teacher"},
     )
     student_path: Optional[str] = field(
         default=None,
@@ -81,8 +100,8 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             if cfg.student_path:
                 check_checkpoint_file(cfg.student_path)
         except CheckpointError as err:
-            key = "task.student_path" if cfg.student_path and str(err).startswith(cfg.student_path) else "task.teacher_path"
-            raise CheckpointError(f"{key}: {err}") from None
+            is_student = bool(cfg.student_path) and str(err).startswith(cfg.student_path)
+            raise CheckpointError(f"task.{'student_path' if is_student else 'teacher_path'}: {err}") from None
         task = cls(cfg)
         task._load_teacher()  # fail on a bad teacher before any data or model is built
         return task
@@ -119,7 +138,9 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         return self._teacher_config
 
     @torch.no_grad()
-    def teacher_hidden_states(self, net_input: Dict[str, torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    def teacher_hidden_states(
+        self, net_input: Dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> List[torch.Tensor]:
         """The teacher's ``[h_0, ..., h_L]`` for a batch, on the batch's device, in ``dtype``."""
         source = net_input["source"]
         teacher = self.teacher
@@ -145,44 +166,41 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         if from_checkpoint:
             return DPHuBERTModel(as_config(cfg))
         if cfg._name != "dphubert":
-            raise ValueError(f"model._name: the dphubert_distill task trains a 'dphubert' model, not {cfg._name!r}")
+            raise ValueError(
+                f"model._name: the dphubert_distill task trains a 'dphubert' model, not {cfg._name!r}"
+            )
         if self.cfg.student_path:
             if list(cfg.prune_units):
                 raise ValueError(
                     "model.prune_units: stage 2 (task.student_path set) distils without pruning; set it to []"
                 )
-            student, extra_state = load_model_and_extra_state(self.cfg.student_path)
-            self.initial_projections = extra_state.get("distill_projections")
-            if student.gates():
+            source, extra_state = load_model_and_extra_state(self.cfg.student_path)
+            if source.gates():
                 raise CheckpointError(
                     f"task.student_path: {self.cfg.student_path} still has gates; export it first (dphubert-export)"
                 )
+            self.initial_projections = extra_state.get("distill_projections")
+            student_cfg = as_config(source.cfg)
+            if student_cfg.encoder_embed_dim != self.teacher_config.encoder_embed_dim:
+                raise ValueError(
+                    f"task.student_path: the student's dimension {student_cfg.encoder_embed_dim} differs from "
+                    f"the teacher's {self.teacher_config.encoder_embed_dim}"
+                )
         else:
-            student = student_from_teacher(self.teacher, prune_units=list(cfg.prune_units))
-        student_cfg = as_config(student.cfg)
-        if student_cfg.encoder_embed_dim != self.teacher_config.encoder_embed_dim:
-            raise ValueError(
-                f"task.student_path: the student's dimension {student_cfg.encoder_embed_dim} differs from the "
-                f"teacher's {self.teacher_config.encoder_embed_dim}"
-            )
-        if not student_cfg.teacher_params:
-            student_cfg.teacher_params = config_params(self.teacher_config)
+            source = self.teacher
+            student_cfg = as_config(self.teacher_config)
+        student_cfg.teacher_params = student_cfg.teacher_params or config_params(self.teacher_config)
         for key in _TRAINING_KEYS:
             setattr(student_cfg, key, getattr(cfg, key))
         student_cfg.prune_units = list(cfg.prune_units)
-        model = DPHuBERTModel(student_cfg)
-        model.load_state_dict(student.state_dict(), strict=False)
-        missing = set(model.state_dict()) - set(student.state_dict())
-        if any(not k.endswith("log_alpha") for k in missing):
-            raise RuntimeError(f"student weights missing for {sorted(missing)[:5]}")
+        model = load_weights(DPHuBERTModel(student_cfg), source)
         with open_dict(cfg):
             for key in _ARCHITECTURE_KEYS:
                 value = getattr(student_cfg, key)
-                cfg[key] = list(value) if isinstance(value, list) else (str(value) if key in ("extractor_mode", "activation_fn", "frame_padding") else value)
+                cfg[key] = list(value) if isinstance(value, list) else value
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
             criterion.set_num_updates(update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-
