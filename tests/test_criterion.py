@@ -1,0 +1,67 @@
+"""The distillation criterion in-process: loss values at known points, prediction-head mode, logging."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
+from dphubert_fairseq.criterions.distill_loss import parse_layer_groups
+from dphubert_fairseq.models.dphubert import DPHuBERTConfig
+from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+
+@pytest.fixture(scope="module")
+def task(tiny_teachers, tmp_path_factory):
+    cfg = DPHuBERTDistillConfig(
+        data=str(tmp_path_factory.mktemp("none")), teacher_path=tiny_teachers["hubert_base"], tpu=False, seed=1
+    )
+    return DPHuBERTDistillTask.setup_task(OmegaConf.structured(cfg))
+
+
+def build(task, prune_units=(), **criterion_kw):
+    model = task.build_model(OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=list(prune_units))))
+    criterion = DPHuBERTDistillCriterion(DPHuBERTDistillCriterionConfig(**criterion_kw), task)
+    return model, criterion
+
+
+def sample(batch=2, length=12000):
+    torch.manual_seed(0)
+    return {"net_input": {"source": torch.randn(batch, length), "padding_mask": None}}
+
+
+def test_a_copy_of_the_teacher_has_the_minimal_loss(task):
+    model, criterion = build(task, distill_layers="0;1,2,3", lagrangian=False)
+    model.eval()
+    loss, sample_size, log = criterion(model, sample())
+    assert sample_size == 1
+    # identical states through identity projections: L1 0, cosine 1
+    assert loss.item() == pytest.approx(-1.0, abs=1e-5)
+    assert log["distill_loss"] == pytest.approx(-1.0, abs=1e-5)
+    assert log["eval_sparsity"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_prediction_heads_and_lagrangian_logging(task):
+    model, criterion = build(
+        task, prune_units=("head", "interm"), distill_layers="1;3", prediction_heads=True, target_sparsity=0.4,
+        sparsity_warmup_updates=10,
+    )
+    assert len(criterion.projections.proj) == 2 and criterion.projections.targets == [1, 3]
+    criterion.set_num_updates(5)
+    model.train()
+    loss, _, log = criterion(model, sample())
+    loss.backward()
+    assert log["target_sparsity"] == pytest.approx(0.2)
+    for key in ("expected_sparsity", "lambda1", "lambda2", "expected_params", "distill_loss"):
+        assert key in log
+    assert all(p.grad is not None for p in criterion.projections.parameters())
+    assert criterion.lagrangian.lambda1.grad is not None
+    assert any(g.log_alpha.grad is not None for g in model.gates().values())
+
+
+def test_bad_criterion_settings(task):
+    with pytest.raises(ValueError, match="criterion.distill_layers: layer 4 does not exist .the teacher has 3 layers"):
+        build(task, distill_layers="0;4,8,12")
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_layer_groups("0;four")
+    with pytest.raises(ValueError, match="target_sparsity must be in"):
+        build(task, target_sparsity=1.5)
