@@ -41,7 +41,11 @@ setup(
     packages=find_packages(include=["dphubert_fairseq", "dphubert_fairseq.*"]),
     python_requires=">=3.8",
     install_requires=REQUIRES,
-    extras_require={"tested": TESTED, "test": ["pytest>=7", "editdistance"]},
+    extras_require={
+        "tested": TESTED,
+        "test": ["pytest>=7", "editdistance"],  # editdistance: WER in fairseq's CTC validation
+        "quickstart": ["matplotlib", "scikit-learn"],  # figures; k-means of MFCC features
+    },
     entry_points={"console_scripts": ["dphubert-export=dphubert_fairseq.export:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

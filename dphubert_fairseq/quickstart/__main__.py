@@ -1,0 +1,291 @@
+"""``python -m dphubert_fairseq.quickstart [--out OUT] [--size default|tiny]``: the whole pipeline on an
+embedded default, with a report. Every output lands in OUT (default ./dphubert_quickstart)."""
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from ..param_count import parse_conv_layers
+from . import report as reporting
+from .kmeans_labels import LABEL_RATE, write_kmeans_labels
+from .runs import console_script, records, run_logged
+from .speech import SAMPLE_RATE, gather_speech, generated_audio, read_speech_clips, write_manifests
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Size:
+    """How big the quickstart is. 'default' takes a few minutes on 2 CPU cores; 'tiny' is for the tests."""
+
+    seconds_of_audio: float
+    synthesised: bool
+    layers: int
+    dim: int
+    heads: int
+    ffn: int
+    conv: str
+    teacher_updates: int
+    stage1_updates: int
+    stage2_updates: int
+    target_sparsity: float
+    max_tokens: int
+    sparsity_warmup_fraction: float = 2 / 3  # of stage 1; at this scale a faster ramp overshoots the target
+    lrs: Dict[str, float] = field(default_factory=lambda: {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1})
+
+
+SIZES = {
+    "default": Size(
+        300,
+        True,
+        12,
+        64,
+        4,
+        256,
+        "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
+        200,
+        300,
+        100,
+        0.75,
+        160000,
+    ),
+    "tiny": Size(
+        20, False, 12, 32, 4, 64, "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", 4, 16, 4, 0.5, 64000
+    ),
+}
+
+
+def cpu_overrides(size: Size) -> List[str]:
+    return [
+        "common.fp16=false",
+        "common.cpu=true",
+        "distributed_training.distributed_world_size=1",
+        "distributed_training.nprocs_per_node=1",
+        "dataset.num_workers=0",
+        "dataset.required_batch_size_multiple=1",
+        f"dataset.max_tokens={size.max_tokens}",
+        "task.min_sample_size=16000",
+        "task.max_sample_size=64000",
+    ]
+
+
+def fairseq_hubert_configs() -> str:
+    import fairseq
+
+    return os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert", "config", "pretrain")
+
+
+class Quickstart:
+    def __init__(self, out: str, size: Size) -> None:
+        self.out = os.path.abspath(out)
+        self.size = size
+        self.started = time.time()
+        self.phase = 0
+        os.makedirs(self.out, exist_ok=True)
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+
+    def begin(self, what: str) -> None:
+        self.phase += 1
+        self.say(f"[{self.phase}/7 {time.time() - self.started:5.0f}s] {what}")
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def hydra_train(self, config_dir: str, config: str, overrides: List[str], log: str) -> str:
+        cmd = console_script("fairseq-hydra-train", "fairseq_cli.hydra_train")
+        cmd += ["--config-dir", config_dir, "--config-name", config, *overrides]
+        return run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
+
+    def export(self, checkpoint: str, out: str, log: str) -> None:
+        cmd = console_script("dphubert-export", "dphubert_fairseq.export") + [checkpoint, out]
+        output = run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
+        self.say("    " + output.strip().splitlines()[0])
+
+    def schedule(self, total: int, warmup: int) -> List[str]:
+        out = []
+        for group, lr in self.size.lrs.items():
+            prefix = f"optimizer.groups.{group}"
+            out += [
+                f"{prefix}.lr_float={lr}",
+                f"{prefix}.lr_scheduler.warmup_updates={warmup}",
+                f"{prefix}.lr_scheduler.total_num_update={total}",
+            ]
+        return out
+
+    def run(self) -> Dict:
+        size, data = self.size, self.path("data")
+        self.begin("speech: gathering and writing manifests")
+        utterances, description = gather_speech(
+            size.seconds_of_audio, log=self.say, synthesised=size.synthesised
+        )
+        n_train, n_valid = write_manifests(utterances, data)
+        seconds = sum(len(u) for u in utterances) / SAMPLE_RATE
+        self.say(f"    {description}: {n_train} train + {n_valid} valid utterances, {seconds:.0f} s")
+
+        self.begin("labels: k-means of MFCC features (HuBERT's first iteration)")
+        write_kmeans_labels(data)
+
+        self.begin(
+            f"teacher: pretraining a {size.layers}-layer HuBERT with stock fairseq (hubert_pretraining)"
+        )
+        teacher_dir = self.path("teacher")
+        self.hydra_train(
+            fairseq_hubert_configs(),
+            "hubert_base_librispeech",
+            [
+                f"task.data={data}",
+                f"task.label_dir={data}",
+                "task.labels=[km]",
+                f"model.label_rate={LABEL_RATE}",
+                *cpu_overrides(size),
+                "common.tensorboard_logdir=null",
+                "common.log_interval=25",
+                f"optimization.max_update={size.teacher_updates}",
+                "lr_scheduler.warmup_updates=20",
+                f"checkpoint.save_dir={teacher_dir}",
+                f"hydra.run.dir={teacher_dir}/hydra",
+                f"+model.encoder_layers={size.layers}",
+                f"+model.encoder_embed_dim={size.dim}",
+                f"+model.encoder_ffn_embed_dim={size.ffn}",
+                f"+model.encoder_attention_heads={size.heads}",
+                "+model.conv_pos=32",
+                "+model.conv_pos_groups=8",
+                f'model.conv_feature_layers="{size.conv}"',
+                "model.final_dim=32",
+                "dataset.validate_interval=1000",
+            ],
+            "teacher.log",
+        )
+        teacher = os.path.join(teacher_dir, "checkpoint_last.pt")
+
+        self.begin(
+            f"stage 1: distillation + pruning to sparsity {size.target_sparsity} "
+            "(fairseq-hydra-train --config-dir configs --config-name dphubert)"
+        )
+        card = [f"task.data={data}", f"task.teacher_path={teacher}"]
+        stage1 = self.hydra_train(
+            os.path.join(REPO, "configs"),
+            "dphubert",
+            card
+            + [
+                f"checkpoint.save_dir={self.path('stage1')}",
+                *cpu_overrides(size),
+                f"optimization.max_update={size.stage1_updates}",
+                f"criterion.target_sparsity={size.target_sparsity}",
+                f"criterion.sparsity_warmup_updates={max(1, int(size.stage1_updates * size.sparsity_warmup_fraction))}",
+                f"common.log_interval={max(1, size.stage1_updates // 30)}",
+                f"dataset.validate_interval_updates={size.stage1_updates}",
+                f"checkpoint.save_interval_updates={size.stage1_updates}",
+                *self.schedule(size.stage1_updates, max(1, size.stage1_updates // 60)),
+            ],
+            "stage1.log",
+        )
+
+        self.begin("export of stage 1 (dphubert-export)")
+        pruned1 = self.path("stage1_pruned.pt")
+        self.export(self.path("stage1", "checkpoint_last.pt"), pruned1, "export1.log")
+
+        self.begin("stage 2: distilling the pruned model (--config-name dphubert_final), then export")
+        stage2 = self.hydra_train(
+            os.path.join(REPO, "configs"),
+            "dphubert_final",
+            card
+            + [
+                f"task.student_path={pruned1}",
+                f"checkpoint.save_dir={self.path('stage2')}",
+                *cpu_overrides(size),
+                f"optimization.max_update={size.stage2_updates}",
+                f"optimization.lr=[{size.lrs['default'] / 2}]",
+                f"lr_scheduler.warmup_updates={max(1, size.stage2_updates // 10)}",
+                f"lr_scheduler.total_num_update={size.stage2_updates}",
+                f"common.log_interval={max(1, size.stage2_updates // 10)}",
+                f"dataset.validate_interval_updates={size.stage2_updates}",
+                f"checkpoint.save_interval_updates={size.stage2_updates}",
+            ],
+            "stage2.log",
+        )
+        final = self.path("dphubert.pt")
+        self.export(self.path("stage2", "checkpoint_last.pt"), final, "export2.log")
+
+        self.begin("report")
+        result = self.report(teacher, final, stage1, stage2, description, n_train, n_valid, seconds)
+        return result
+
+    def report(
+        self, teacher_path, final_path, stage1, stage2, description, n_train, n_valid, seconds
+    ) -> Dict:
+        from .. import count_params, load_model, load_teacher, teacher_hidden_states
+        from ..export import summarize
+        from ..teacher import config_from_fairseq
+
+        teacher, student = load_teacher(teacher_path), load_model(final_path)
+        teacher_cfg = config_from_fairseq(teacher)
+        original = {
+            "params": count_params(teacher),
+            "heads": list(teacher_cfg.encoder_attention_heads),
+            "ffn_dims": list(teacher_cfg.encoder_ffn_embed_dims),
+            "conv_channels": [c for c, _, _ in parse_conv_layers(teacher_cfg.conv_feature_layers)],
+        }
+        # time both models on the same audio: 10 s of the real speech (or of the generated audio)
+        clips = read_speech_clips() or generated_audio(10.0)
+        audio = torch.from_numpy(np.concatenate(clips)[: SAMPLE_RATE * 10]).unsqueeze(0)
+        timing = {
+            "audio_seconds": audio.size(1) / SAMPLE_RATE,
+            "threads": torch.get_num_threads(),
+            "teacher_seconds": reporting.forward_seconds(teacher, audio, teacher_hidden_states),
+            "student_seconds": reporting.forward_seconds(student, audio, teacher_hidden_states),
+        }
+        valid2 = records(stage2, "valid")
+        curve = [
+            {
+                "update": int(r["num_updates"]),
+                "expected_sparsity": float(r["expected_sparsity"]),
+                "target_sparsity": float(r["target_sparsity"]),
+                "distill_loss": float(r["distill_loss"]),
+            }
+            for r in records(stage1, "train_inner")
+        ]
+        result = {
+            "data": {
+                "description": description,
+                "train_utterances": n_train,
+                "valid_utterances": n_valid,
+                "seconds": seconds,
+            },
+            "teacher": original,
+            "student": summarize(student),
+            "target_sparsity": self.size.target_sparsity,
+            "final_distill_loss": float(valid2[-1]["valid_distill_loss"]) if valid2 else float("nan"),
+            "timing": timing,
+            "wall_seconds": time.time() - self.started,
+            "outputs": {"model": final_path, "teacher": teacher_path},
+        }
+        written = reporting.write(result, curve, self.out)
+        self.say(reporting.terminal(result))
+        self.say("wrote " + ", ".join(os.path.relpath(p, os.getcwd()) for p in written))
+        return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dphubert_fairseq.quickstart", description=__doc__)
+    parser.add_argument("--out", default="dphubert_quickstart", help="folder for every output (created)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="'tiny' is for tests")
+    args = parser.parse_args(argv)
+    try:
+        Quickstart(args.out, SIZES[args.size]).run()
+    except RuntimeError as err:
+        print(f"quickstart failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: set everything up (examples/setup_env.sh, each step skipped when done),
+# then run the whole DPHuBERT pipeline on real speech with a small teacher, and write a report.
+# Usage: bash examples/quickstart.sh [OUT]   (default ./dphubert_quickstart; every output lands there)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=${1:-dphubert_quickstart}
+python=$(bash "$repo/examples/setup_env.sh" | tail -n 1)
+exec "$python" -m dphubert_fairseq.quickstart --out "$out"

@@ -1,0 +1,76 @@
+"""The quickstart, at a smaller size: every phase, every output, in one folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.quickstart import speech
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conftest fixture skips without data)
+    out = tmp_path / "qs"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "dphubert_fairseq.quickstart", "--out", str(out), "--size", "tiny"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for phase in range(1, 8):
+        assert f"[{phase}/7" in done.stdout
+    assert "[train_inner]" in done.stdout  # fairseq's progress is shown
+    for name in (
+        "report.md",
+        "report.json",
+        "architecture.png",
+        "training.png",
+        "dphubert.pt",
+        "stage1_pruned.pt",
+        "teacher/checkpoint_last.pt",
+        "data/train.tsv",
+        "data/train.km",
+        "logs/stage1.log",
+    ):
+        assert (out / name).exists(), name
+    for png in ("architecture.png", "training.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    student = dp.load_model(str(out / "dphubert.pt"))
+    assert report["student"]["params"] == dp.count_params(student) < report["teacher"]["params"]
+    assert len(report["student"]["heads"]) == len(report["teacher"]["heads"]) == 12
+    assert report["timing"]["teacher_seconds"] > 0 and report["timing"]["student_seconds"] > 0
+    assert len(report["stage1_curve"]) > 0 and "distill_loss" in report["stage1_curve"][0]
+    assert "teacher" in (out / "report.md").read_text() and "sparsity" in done.stdout
+    assert sorted(os.listdir(tmp_path)) == ["qs"]  # nothing outside the output folder
+
+
+def test_fallback_to_generated_audio(monkeypatch):
+    lines = []
+    monkeypatch.setattr(speech, "LIBRIVOX", "/nonexistent")
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)
+    utterances, description = speech.gather_speech(12.0, log=lines.append)
+    assert "generated in code" in description
+    assert any("pocketsphinx-testdata is not installed" in line for line in lines)
+    assert any("espeak-ng is not installed" in line for line in lines)
+    assert sum(len(u) for u in utterances) >= 12.0 * speech.SAMPLE_RATE
+    assert all(np.isfinite(u).all() and 1.0 <= len(u) / speech.SAMPLE_RATE <= 4.0 for u in utterances)
+
+
+def test_espeak_sentences_in_several_voices():
+    import shutil
+
+    import pytest
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    clips = speech.synthesise_sentences(voices=["en-us", "en-gb"], sentences=speech.SENTENCES[:2])
+    assert len(clips) == 4 and all(len(c) > speech.SAMPLE_RATE for c in clips)
