@@ -2,25 +2,20 @@
 and runs of fairseq-hydra-train / dphubert-export as a user types them."""
 
 import glob
-import json
 import os
-import re
 import subprocess
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
 
+from dphubert_fairseq.quickstart.runs import console_script, records
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
-FAIRSEQ_HUBERT_CONFIGS = None  # resolved lazily from the installed fairseq
 
 
-def bin_or_module(script: str, module: str) -> List[str]:
-    """The console script next to this interpreter (as a user runs it), else ``python -m module``."""
-    candidate = os.path.join(os.path.dirname(sys.executable), script)
-    return [candidate] if os.path.exists(candidate) else [sys.executable, "-m", module]
+bin_or_module = console_script  # the console script next to this interpreter, else python -m
 
 
 def run(cmd: Sequence[str], cwd: str = REPO, env: Optional[Dict[str, str]] = None, timeout: int = 600):
@@ -148,12 +143,7 @@ def hydra_train(config: str, overrides: Sequence[str], env=None, timeout: int = 
     )
 
 
-_LOG = re.compile(r"\]\[(train_inner|valid|train)\]\[INFO\] - (\{.*\})")
-
-
-def logged(stdout: str, kind: str) -> List[Dict[str, str]]:
-    """The JSON records fairseq logged under ``kind`` ('train_inner', 'valid', 'train')."""
-    return [json.loads(m.group(2)) for m in _LOG.finditer(stdout) if m.group(1) == kind]
+logged = records  # fairseq's JSON log records of one kind ('train_inner', 'valid', 'train')
 
 
 def export(checkpoint: str, out: str, json_path: Optional[str] = None):
