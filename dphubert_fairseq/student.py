@@ -26,6 +26,7 @@ _RENAMES = [
         r"feature_extractor.blocks.\1.norm.\2",
     ),
     (re.compile(r"^encoder\.layers\.(\d+)\.(fc1|fc2)\.(weight|bias)$"), r"encoder.layers.\1.ffn.\2.\3"),
+    (re.compile(r"^mask_emb$"), "masking.mask_emb"),
 ]
 
 

@@ -146,3 +146,13 @@ def direct_count(modules, exclude: Optional[str] = None) -> int:
     return sum(
         p.numel() for m in modules for n, p in m.named_parameters() if exclude is None or exclude not in n
     )
+
+
+def counted_student_params(model) -> int:
+    """Direct sum over a dphubert model's parameters, less what the count leaves out by convention: gate
+    logits (training only) and the mask embedding (used only by fine-tuning masking)."""
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not n.endswith("log_alpha") and not n.startswith("masking.")
+    )

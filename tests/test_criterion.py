@@ -13,13 +13,18 @@ from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
 @pytest.fixture(scope="module")
 def task(tiny_teachers, tmp_path_factory):
     cfg = DPHuBERTDistillConfig(
-        data=str(tmp_path_factory.mktemp("none")), teacher_path=tiny_teachers["hubert_base"], tpu=False, seed=1
+        data=str(tmp_path_factory.mktemp("none")),
+        teacher_path=tiny_teachers["hubert_base"],
+        tpu=False,
+        seed=1,
     )
     return DPHuBERTDistillTask.setup_task(OmegaConf.structured(cfg))
 
 
 def build(task, prune_units=(), **criterion_kw):
-    model = task.build_model(OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=list(prune_units))))
+    model = task.build_model(
+        OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=list(prune_units)))
+    )
     criterion = DPHuBERTDistillCriterion(DPHuBERTDistillCriterionConfig(**criterion_kw), task)
     return model, criterion
 
@@ -42,7 +47,11 @@ def test_a_copy_of_the_teacher_has_the_minimal_loss(task):
 
 def test_prediction_heads_and_lagrangian_logging(task):
     model, criterion = build(
-        task, prune_units=("head", "interm"), distill_layers="1;3", prediction_heads=True, target_sparsity=0.4,
+        task,
+        prune_units=("head", "interm"),
+        distill_layers="1;3",
+        prediction_heads=True,
+        target_sparsity=0.4,
         sparsity_warmup_updates=10,
     )
     assert len(criterion.projections.proj) == 2 and criterion.projections.targets == [1, 3]
@@ -59,7 +68,9 @@ def test_prediction_heads_and_lagrangian_logging(task):
 
 
 def test_bad_criterion_settings(task):
-    with pytest.raises(ValueError, match="criterion.distill_layers: layer 4 does not exist .the teacher has 3 layers"):
+    with pytest.raises(
+        ValueError, match="criterion.distill_layers: layer 4 does not exist .the teacher has 3 layers"
+    ):
         build(task, distill_layers="0;4,8,12")
     with pytest.raises(ValueError, match="cannot read"):
         parse_layer_groups("0;four")

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import padded_batch
+from fairseq_teachers import counted_student_params
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.models.dphubert import as_config
@@ -76,7 +77,7 @@ def test_prune_is_exact_for_base_shaped_extractor(tiny_teachers, unequal_batch, 
     assert cfg.feature_norm_removed_channels > 0 and cfg.feature_norm_channel_scale
 
     # sizes: what the masks imply, what the modules hold, what count_params says
-    direct = sum(p.numel() for p in pruned.parameters())
+    direct = counted_student_params(pruned)
     assert dp.count_params(pruned) == direct == implied_count(model)
     assert dp.count_params(pruned) < dp.count_params(model)
     assert model.training is False  # prune leaves the caller's mode alone
@@ -114,7 +115,7 @@ def test_prune_base_sized_hubert(teacher_dir, speech):
     pruned = dp.prune(model)
     source, mask = padded_batch([speech[0][:32000], speech[1][:24000]])
     assert max_hidden_state_deviation(model, pruned, source) <= 1e-4
-    assert dp.count_params(pruned) == sum(p.numel() for p in pruned.parameters()) == implied_count(model)
+    assert dp.count_params(pruned) == counted_student_params(pruned) == implied_count(model)
 
 
 @pytest.mark.parametrize("shape", ["hubert_large", "wav2vec2_large"])

@@ -345,8 +345,11 @@ def test_exported_model_finetunes_with_stock_ctc(stage1, workdir, data, recipe):
     assert "valid_wer" in P.logged(out.stdout, "valid")[-1]
     state = torch.load(os.path.join(out_dir, "checkpoint_last.pt"))
     assert state["cfg"]["model"]["_name"] == recipe
-    # the fine-tuned encoder is the dphubert model (its FFN blocks are named ffn.fc1, fairseq's are fc1)
+    # the fine-tuned encoder is the dphubert model (its FFN blocks are named ffn.fc1, fairseq's are fc1) ...
     assert any(k.startswith("w2v_encoder.w2v_model.encoder.layers.0.ffn.fc1.") for k in state["model"])
+    # ... fine-tuned with the recipe's time masking: the mask embedding was trained
+    exported = torch.load(pruned)["model"]["masking.mask_emb"]
+    assert not torch.equal(state["model"]["w2v_encoder.w2v_model.masking.mask_emb"], exported)
 
 
 def test_legacy_fairseq_train_route(workdir, data, teacher):

@@ -14,6 +14,7 @@ import torch.nn as nn
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
+from fairseq.models.wav2vec.wav2vec2 import MASKING_DISTRIBUTION_CHOICES
 from fairseq.modules import GradMultiply
 from omegaconf import OmegaConf
 
@@ -22,6 +23,7 @@ from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
 from .hard_concrete import HardConcrete
 from .prunable_conv import ConvFeatureExtractor
+from .time_masking import TimeChannelMasking
 
 PRUNABLE_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
 EXTRACTOR_MODES = ChoiceEnum(["default", "layer_norm"])
@@ -104,6 +106,36 @@ class DPHuBERTConfig(FairseqDataclass):
     teacher_params: int = field(
         default=0,
         metadata={"help": "set when the student is made: counted parameters of its teacher (for reports)"},
+    )
+    # --- fine-tuning only (stock wav2vec_ctc / hubert_ctc set these; distillation keeps them off) ---
+    mask_prob: float = field(
+        default=0.0, metadata={"help": "probability of starting a masked span of frames"}
+    )
+    mask_length: int = field(default=10, metadata={"help": "length of a masked span of frames"})
+    mask_selection: MASKING_DISTRIBUTION_CHOICES = field(
+        default="static", metadata={"help": "how span lengths are drawn (fairseq's compute_mask_indices)"}
+    )
+    mask_other: float = field(default=0.0, metadata={"help": "secondary span-length argument"})
+    no_mask_overlap: bool = field(default=False, metadata={"help": "masked spans may not overlap"})
+    mask_min_space: int = field(
+        default=1, metadata={"help": "frames between spans when they may not overlap"}
+    )
+    mask_channel_prob: float = field(
+        default=0.0, metadata={"help": "probability of starting a masked span of channels"}
+    )
+    mask_channel_length: int = field(default=10, metadata={"help": "length of a masked span of channels"})
+    mask_channel_selection: MASKING_DISTRIBUTION_CHOICES = field(
+        default="static", metadata={"help": "how channel span lengths are drawn"}
+    )
+    mask_channel_other: float = field(
+        default=0.0, metadata={"help": "secondary channel span-length argument"}
+    )
+    no_mask_channel_overlap: bool = field(default=False, metadata={"help": "channel spans may not overlap"})
+    mask_channel_min_space: int = field(
+        default=1, metadata={"help": "channels between non-overlapping spans"}
+    )
+    encoder_layerdrop: float = field(
+        default=0.0, metadata={"help": "probability of skipping a layer in training"}
     )
     # --- pruning ---
     prune_units: List[str] = field(
@@ -212,6 +244,7 @@ class DPHuBERTModel(BaseFairseqModel):
             nn.Linear(self.layer_norm.out_features, cfg.encoder_embed_dim) if cfg.post_extract_proj else None
         )
         self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.masking = TimeChannelMasking(cfg, cfg.encoder_embed_dim)
         self.encoder = PrunableTransformerEncoder(cfg, units)
 
     @classmethod
@@ -234,9 +267,12 @@ class DPHuBERTModel(BaseFairseqModel):
             return hubert_frame_padding(padding_mask, num_frames)
         return wav2vec2_frame_padding(padding_mask, num_frames, self.feature_extractor.output_lengths)
 
-    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    def forward(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False
+    ) -> Dict[str, object]:
         """Returns ``hidden_states`` ``[h_0, ..., h_L]`` (each ``(B, T, D)``), ``x`` (the encoder's output,
-        ``(B, T, D)``) and ``padding_mask`` (``(B, T)`` or None)."""
+        ``(B, T, D)``) and ``padding_mask`` (``(B, T)`` or None). ``mask``: apply fine-tuning masking (training
+        only, with ``mask_prob`` / ``mask_channel_prob`` set); h_0 is the input before masking."""
         if self.cfg.feature_grad_mult > 0:
             features = self.feature_extractor(source)
             if self.cfg.feature_grad_mult != 1.0:
@@ -253,7 +289,7 @@ class DPHuBERTModel(BaseFairseqModel):
         if self.post_extract_proj is not None:
             features = self.post_extract_proj(features)
         h0 = self.dropout_input(features)
-        layer_outputs, final = self.encoder(h0, padding_mask)
+        layer_outputs, final = self.encoder(self.masking(h0, padding_mask) if mask else h0, padding_mask)
         return {"hidden_states": [h0] + layer_outputs, "x": final, "padding_mask": padding_mask}
 
     def hidden_states(
@@ -268,8 +304,8 @@ class DPHuBERTModel(BaseFairseqModel):
     ) -> "ExtractedFeatures":
         """The encoder's output for fine-tuning with stock fairseq: ``x`` ``(B, T, D)`` and the frame
         ``padding_mask``, readable both as HubertModel's tuple and as Wav2Vec2Model's dict (see
-        ``ExtractedFeatures``). ``mask`` is accepted and ignored: the model does no time masking."""
-        out = self.forward(source, padding_mask)
+        ``ExtractedFeatures``). ``mask`` applies the fine-tuning masking (see ``TimeChannelMasking``)."""
+        out = self.forward(source, padding_mask, mask=mask)
         return ExtractedFeatures(out["x"], out["padding_mask"], out["hidden_states"])
 
     def remove_pretraining_modules(self, *unused, **unused_kw) -> None:

@@ -54,6 +54,7 @@ class PrunableTransformerEncoder(nn.Module):
             layers.append(PrunableEncoderLayer(self_attn, ffn, embed_dim, cfg.dropout, cfg.layer_norm_first))
         self.layers = nn.ModuleList(layers)
         self.layer_norm = LayerNorm(embed_dim)
+        self.layerdrop = cfg.encoder_layerdrop
 
     def forward(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
@@ -66,7 +67,8 @@ class PrunableTransformerEncoder(nn.Module):
         x = F.dropout(x, p=self.dropout, training=self.training)
         outputs = []
         for layer in self.layers:
-            x = layer(x, padding_mask)
-            outputs.append(x)
+            if not (self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop):
+                x = layer(x, padding_mask)
+            outputs.append(x)  # a dropped layer passes its input on: the list keeps one entry per layer
         final = self.layer_norm(x) if self.layer_norm_first else x
         return outputs, final
