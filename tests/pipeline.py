@@ -19,7 +19,12 @@ bin_or_module = console_script  # the console script next to this interpreter, e
 
 
 def run(cmd: Sequence[str], cwd: str = REPO, env: Optional[Dict[str, str]] = None, timeout: int = 600):
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the checkout under test comes first, whatever checkout the environment's editable install points at
+    full_env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+    )
     full_env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     full_env.update(env or {})
     return subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -337,6 +337,8 @@ def test_exported_model_finetunes_with_stock_ctc(stage1, workdir, data, recipe):
         "common.log_interval=1",
         "checkpoint.save_interval_updates=4",
         *[e.format(data=data) for e in extra],
+        # the recipes' channel spans (64) are sized for D=768; fairseq's span sampler fails on this D=32 model
+        "model.mask_channel_length=8",
     ]
     out = P.run(cmd, cwd=str(workdir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

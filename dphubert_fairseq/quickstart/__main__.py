@@ -105,7 +105,8 @@ class Quickstart:
         return run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
 
     def export(self, checkpoint: str, out: str, log: str) -> None:
-        cmd = console_script("dphubert-export", "dphubert_fairseq.export") + [checkpoint, out]
+        # python -m from the repository root: this checkout's exporter, like the training runs' user_dir
+        cmd = [sys.executable, "-m", "dphubert_fairseq.export", checkpoint, out]
         output = run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
         self.say("    " + output.strip().splitlines()[0])
 
