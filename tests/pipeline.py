@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import soundfile as sf
 
-from dphubert_fairseq.quickstart.runs import console_script, records
+from dphubert_fairseq.quickstart.runs import composite_schedule, console_script, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
@@ -124,15 +124,7 @@ CPU_OVERRIDES = [
 def schedule_overrides(config: str, total: int, warmup: int, lrs: Dict[str, float]) -> List[str]:
     """Shorten the learning-rate schedule(s) of a config: warm-up, then linear decay to 0 at ``total``."""
     if config == "dphubert":
-        out = []
-        for group, lr in lrs.items():
-            prefix = f"optimizer.groups.{group}"
-            out += [
-                f"{prefix}.lr_float={lr}",
-                f"{prefix}.lr_scheduler.warmup_updates={warmup}",
-                f"{prefix}.lr_scheduler.total_num_update={total}",
-            ]
-        return out
+        return composite_schedule(lrs, total, warmup)
     return [
         f"lr_scheduler.warmup_updates={warmup}",
         f"lr_scheduler.total_num_update={total}",

@@ -14,7 +14,7 @@ import torch
 from ..param_count import parse_conv_layers
 from . import report as reporting
 from .kmeans_labels import LABEL_RATE, write_kmeans_labels
-from .runs import console_script, records, run_logged
+from .runs import composite_schedule, console_script, records, run_length, run_logged
 from .speech import SAMPLE_RATE, gather_speech, generated_audio, read_speech_clips, write_manifests
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,17 +110,6 @@ class Quickstart:
         output = run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
         self.say("    " + output.strip().splitlines()[0])
 
-    def schedule(self, total: int, warmup: int) -> List[str]:
-        out = []
-        for group, lr in self.size.lrs.items():
-            prefix = f"optimizer.groups.{group}"
-            out += [
-                f"{prefix}.lr_float={lr}",
-                f"{prefix}.lr_scheduler.warmup_updates={warmup}",
-                f"{prefix}.lr_scheduler.total_num_update={total}",
-            ]
-        return out
-
     def run(self) -> Dict:
         size, data = self.size, self.path("data")
         self.begin("speech: gathering and writing manifests")
@@ -179,13 +168,10 @@ class Quickstart:
             + [
                 f"checkpoint.save_dir={self.path('stage1')}",
                 *cpu_overrides(size),
-                f"optimization.max_update={size.stage1_updates}",
+                *run_length(size.stage1_updates, size.stage1_updates // 30),
                 f"criterion.target_sparsity={size.target_sparsity}",
                 f"criterion.sparsity_warmup_updates={max(1, int(size.stage1_updates * size.sparsity_warmup_fraction))}",
-                f"common.log_interval={max(1, size.stage1_updates // 30)}",
-                f"dataset.validate_interval_updates={size.stage1_updates}",
-                f"checkpoint.save_interval_updates={size.stage1_updates}",
-                *self.schedule(size.stage1_updates, max(1, size.stage1_updates // 60)),
+                *composite_schedule(size.lrs, size.stage1_updates, max(1, size.stage1_updates // 60)),
             ],
             "stage1.log",
         )
@@ -203,13 +189,10 @@ class Quickstart:
                 f"task.student_path={pruned1}",
                 f"checkpoint.save_dir={self.path('stage2')}",
                 *cpu_overrides(size),
-                f"optimization.max_update={size.stage2_updates}",
+                *run_length(size.stage2_updates, size.stage2_updates // 10),
                 f"optimization.lr=[{size.lrs['default'] / 2}]",
                 f"lr_scheduler.warmup_updates={max(1, size.stage2_updates // 10)}",
                 f"lr_scheduler.total_num_update={size.stage2_updates}",
-                f"common.log_interval={max(1, size.stage2_updates // 10)}",
-                f"dataset.validate_interval_updates={size.stage2_updates}",
-                f"checkpoint.save_interval_updates={size.stage2_updates}",
             ],
             "stage2.log",
         )

@@ -46,6 +46,31 @@ def run_logged(
     return "".join(lines)
 
 
+def composite_schedule(lrs: Dict[str, float], total: int, warmup: int) -> List[str]:
+    """Overrides of ``configs/dphubert.yaml``'s three optimizer groups: each group's learning rate, then one
+    shape for all, linear warm-up over ``warmup`` updates and linear decay to 0 at ``total``."""
+    out = []
+    for group, lr in lrs.items():
+        prefix = f"optimizer.groups.{group}"
+        out += [
+            f"{prefix}.lr_float={lr}",
+            f"{prefix}.lr_scheduler.warmup_updates={warmup}",
+            f"{prefix}.lr_scheduler.total_num_update={total}",
+        ]
+    return out
+
+
+def run_length(updates: int, log_every: int) -> List[str]:
+    """Overrides for a run of ``updates`` updates, logging every ``log_every``, validating and saving once at
+    the end."""
+    return [
+        f"optimization.max_update={updates}",
+        f"common.log_interval={max(1, log_every)}",
+        f"dataset.validate_interval_updates={updates}",
+        f"checkpoint.save_interval_updates={updates}",
+    ]
+
+
 def records(output: str, kind: str) -> List[Dict[str, str]]:
     """fairseq's JSON log records of one kind ('train_inner', 'valid', 'train')."""
     return [json.loads(m.group(2)) for m in _RECORD.finditer(output) if m.group(1) == kind]
