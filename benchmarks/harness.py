@@ -1,0 +1,290 @@
+"""What the benchmarks share: fairseq configs composed as ``fairseq-hydra-train`` composes them, trainers built
+as ``fairseq_cli.train`` builds them, a fixed batch of audio, and meters for time and peak memory.
+
+Benchmarks are scripts, not tests: each prints a table and writes JSON, and every ratio is taken within one
+invocation on one machine. Measurements that must not share a process (peak memory) run in worker
+subprocesses of the same invocation.
+"""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # this checkout's plugin, whatever the environment's editable install points to
+
+SAMPLE_RATE = 16000
+LABEL_RATE = 50
+
+
+# ----- model shapes -----
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A HuBERT encoder shape, given to fairseq's ``hubert`` model as overrides."""
+
+    layers: int
+    dim: int
+    ffn: int
+    heads: int
+    conv: str
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+
+    def hubert_overrides(self) -> List[str]:
+        return [
+            f"+model.encoder_layers={self.layers}",
+            f"+model.encoder_embed_dim={self.dim}",
+            f"+model.encoder_ffn_embed_dim={self.ffn}",
+            f"+model.encoder_attention_heads={self.heads}",
+            f"+model.conv_pos={self.conv_pos}",
+            f"+model.conv_pos_groups={self.conv_pos_groups}",
+            f'model.conv_feature_layers="{self.conv}"',
+        ]
+
+
+SHAPES: Dict[str, Shape] = {
+    # HuBERT Base (fairseq's hubert_base_librispeech.yaml)
+    "base": Shape(12, 768, 3072, 12, "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"),
+    # a quarter-width Base for CPU: same depth, heads of 64, CNN of 128 channels
+    "small": Shape(12, 192, 768, 3, "[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2", 64, 8),
+}
+
+
+# ----- configs and trainers, as fairseq-hydra-train builds them -----
+
+
+def fairseq_hubert_config_dir() -> str:
+    import fairseq
+
+    return os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert", "config", "pretrain")
+
+
+def compose(config_dir: str, config_name: str, overrides: Sequence[str]):
+    """The config ``fairseq-hydra-train --config-dir DIR --config-name NAME OVERRIDES`` would run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import dphubert_fairseq  # noqa: F401  (registers the plugin for add_defaults)
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+
+    hydra_init(config_name)
+    # version_base 1.1: fairseq-hydra-train's semantics (the yaml is matched with the schema of its name)
+    with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base="1.1"):
+        cfg = hydra_compose(config_name, overrides=list(overrides))
+    add_defaults(cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def build_trainer(cfg, load_data: bool = True):
+    """(trainer, task) as ``fairseq_cli.train.main`` builds them, with the training split loaded."""
+    from fairseq import tasks
+    from fairseq.trainer import Trainer
+
+    task = tasks.setup_task(cfg.task)
+    if load_data:
+        task.load_dataset(cfg.dataset.train_subset, combine=False, epoch=1)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return Trainer(cfg, task, model, criterion), task
+
+
+def device_overrides(device: str, precision: str) -> List[str]:
+    """One process, the given device and precision ('fp32', 'fp16' or 'bf16')."""
+    out = [
+        "distributed_training.distributed_world_size=1",
+        "distributed_training.nprocs_per_node=1",
+        "dataset.num_workers=0",
+        "dataset.required_batch_size_multiple=1",
+        "common.log_interval=1000000",
+        "common.fp16=" + str(precision == "fp16").lower(),
+        "common.bf16=" + str(precision == "bf16").lower(),
+        "checkpoint.save_dir=" + tempfile.mkdtemp(prefix="dphubert-bench-ckpt-"),
+    ]
+    if device == "cpu":
+        out.append("common.cpu=true")
+    return out
+
+
+def batch_overrides(batch: int, seconds: float) -> List[str]:
+    samples = int(seconds * SAMPLE_RATE)
+    return [
+        f"dataset.max_tokens={batch * samples}",
+        f"dataset.batch_size={batch}",
+        f"task.max_sample_size={samples}",
+        f"task.min_sample_size={samples}",
+    ]
+
+
+# ----- data -----
+
+
+def write_audio(folder: str, count: int, seconds: float, seed: int = 0) -> str:
+    """``count`` clips of exactly ``seconds`` (noise shaped like speech levels; content does not change cost),
+    listed in ``train.tsv`` / ``valid.tsv``, with random 50 Hz labels ``*.km`` and ``dict.km.txt`` for stock
+    HuBERT. Returns ``folder``."""
+    rng = np.random.default_rng(seed)
+    samples = int(seconds * SAMPLE_RATE)
+    frames = samples * LABEL_RATE // SAMPLE_RATE
+    os.makedirs(os.path.join(folder, "wav"), exist_ok=True)
+    lines = []
+    for i in range(count):
+        name = f"wav/{i}.wav"
+        sf.write(os.path.join(folder, name), (0.1 * rng.standard_normal(samples)).astype("float32"), SAMPLE_RATE)
+        lines.append(f"{name}\t{samples}\n")
+    labels = [" ".join(str(v) for v in rng.integers(0, 100, frames)) + "\n" for _ in range(count)]
+    for split in ("train", "valid"):
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+            f.write(folder + "\n")
+            f.writelines(lines)
+        with open(os.path.join(folder, f"{split}.km"), "w") as f:
+            f.writelines(labels)
+    with open(os.path.join(folder, "dict.km.txt"), "w") as f:
+        f.writelines(f"{i} 1\n" for i in range(100))
+    return folder
+
+
+def first_batch(task, split: str, batch: int):
+    dataset = task.dataset(split)
+    return dataset.collater([dataset[i] for i in range(batch)])
+
+
+# ----- teachers -----
+
+
+def stock_hubert_overrides(data: str, shape: Shape) -> List[str]:
+    """Overrides of fairseq's own ``hubert_base_librispeech.yaml`` for this data and shape."""
+    return [
+        f"task.data={data}",
+        f"task.label_dir={data}",
+        "task.labels=[km]",
+        f"model.label_rate={LABEL_RATE}",
+        "common.tensorboard_logdir=null",
+        "hydra.run.dir=" + tempfile.mkdtemp(prefix="dphubert-bench-hydra-"),
+        *shape.hubert_overrides(),
+    ]
+
+
+def save_random_teacher(path: str, data: str, shape: Shape, seed: int = 1) -> str:
+    """A HuBERT of ``shape`` with random weights, built from fairseq's own recipe and written by its
+    trainer exactly as a pretraining run writes ``checkpoint_last.pt``."""
+    torch.manual_seed(seed)
+    cfg = compose(
+        fairseq_hubert_config_dir(),
+        "hubert_base_librispeech",
+        stock_hubert_overrides(data, shape) + device_overrides("cpu", "fp32"),
+    )
+    trainer, _ = build_trainer(cfg, load_data=False)
+    trainer.consolidate_optimizer()
+    trainer.save_checkpoint(path, {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}, "val_loss": 1.0})
+    return path
+
+
+# ----- meters -----
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], device: str, warmup: int, repeat: int) -> Dict[str, float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls: median, mean and min of ``repeat``."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "mean": statistics.fmean(times), "min": min(times)}
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak memory of what runs between ``start()`` and ``peak_bytes()``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (every live tensor: weights, optimizer state, activations).
+    CPU: the process's resident-set high-water mark (reset through ``/proc/self/clear_refs``) less its
+    resident size before any model was built (``floor``), so that it too counts every tensor the run holds
+    and not the libraries. Needs one process per measurement (freed heap stays resident).
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.floor = 0 if device == "cuda" else _proc_status_kib("VmRSS") * 1024
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_bytes(self) -> int:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return _proc_status_kib("VmHWM") * 1024 - self.floor
+
+
+# ----- workers and output -----
+
+
+def run_worker(script: str, args: Sequence[str]) -> Dict:
+    """Run ``script --worker ...`` in a fresh Python; it prints one JSON line last."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(script)} worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def machine() -> Dict[str, object]:
+    info: Dict[str, object] = {"torch": torch.__version__, "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return info
+
+
+def write_json(path: Optional[str], result: Dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
