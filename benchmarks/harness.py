@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -24,6 +25,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # this checkout's plugin, whatever the environment's editable install points to
+
+# hydra's notices about fairseq's config conventions (version_base 1.1, schema matched by name)
+warnings.filterwarnings("ignore", module="hydra")
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")
+warnings.filterwarnings("ignore", message="(?s).*version_base")
 
 SAMPLE_RATE = 16000
 LABEL_RATE = 50
@@ -146,7 +152,9 @@ def write_audio(folder: str, count: int, seconds: float, seed: int = 0) -> str:
     lines = []
     for i in range(count):
         name = f"wav/{i}.wav"
-        sf.write(os.path.join(folder, name), (0.1 * rng.standard_normal(samples)).astype("float32"), SAMPLE_RATE)
+        sf.write(
+            os.path.join(folder, name), (0.1 * rng.standard_normal(samples)).astype("float32"), SAMPLE_RATE
+        )
         lines.append(f"{name}\t{samples}\n")
     labels = [" ".join(str(v) for v in rng.integers(0, 100, frames)) + "\n" for _ in range(count)]
     for split in ("train", "valid"):
@@ -253,13 +261,13 @@ class PeakMemory:
 
 
 def run_worker(script: str, args: Sequence[str]) -> Dict:
-    """Run ``script --worker ...`` in a fresh Python; it prints one JSON line last."""
+    """Run ``script ARGS`` (a worker) in a fresh Python; it prints one JSON line last."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env, cwd=REPO
-    )
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
-        raise RuntimeError(f"{os.path.basename(script)} worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{os.path.basename(script)} worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -25,10 +25,14 @@ from dphubert_fairseq.quickstart.speech import gather_speech, write_manifests
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.json")
+    )
     parser.add_argument("--updates", type=int, default=400, help="stage-1 updates")
     parser.add_argument("--target", type=float, default=0.75, help="target sparsity")
-    parser.add_argument("--work", default=None, help="folder for data, teacher and checkpoints (default: temp)")
+    parser.add_argument(
+        "--work", default=None, help="folder for data, teacher and checkpoints (default: temp)"
+    )
     args = parser.parse_args()
 
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="dphubert-structure-"))
@@ -58,12 +62,27 @@ def main() -> int:
         f"criterion.sparsity_warmup_updates={args.updates * 2 // 3}",
         *composite_schedule(lrs, args.updates, max(1, args.updates // 60)),
     ]
-    command = [sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "configs", "--config-name", "dphubert"]
+    command = [
+        sys.executable,
+        "-m",
+        "fairseq_cli.hydra_train",
+        "--config-dir",
+        "configs",
+        "--config-name",
+        "dphubert",
+    ]
     output = run_logged(command + overrides, os.path.join(work, "stage1.log"), cwd=REPO, show=print)
     summary_path = os.path.join(work, "pruned.json")
     run_logged(
-        [sys.executable, "-m", "dphubert_fairseq.export", f"{work}/stage1/checkpoint_last.pt", f"{work}/pruned.pt",
-         "--json", summary_path],
+        [
+            sys.executable,
+            "-m",
+            "dphubert_fairseq.export",
+            f"{work}/stage1/checkpoint_last.pt",
+            f"{work}/pruned.pt",
+            "--json",
+            summary_path,
+        ],
         os.path.join(work, "export.log"),
         cwd=REPO,
         show=print,
@@ -74,7 +93,9 @@ def main() -> int:
     with open(summary_path) as f:
         summary = json.load(f)
     valid = records(output, "valid")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     from omegaconf import OmegaConf
 
     result = {
@@ -92,7 +113,9 @@ def main() -> int:
         "model_config": OmegaConf.to_container(OmegaConf.structured(pruned.cfg), enum_to_str=True),
     }
     write_json(args.out, result)
-    print(f"sparsity {summary['sparsity']:.4f} ({summary['params']:,} of {summary['teacher_params']:,} params)")
+    print(
+        f"sparsity {summary['sparsity']:.4f} ({summary['params']:,} of {summary['teacher_params']:,} params)"
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """Export a training checkpoint as a pruned fairseq checkpoint.
 
-    python -m dphubert_fairseq.export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json]
-    dphubert-export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json]
+    python -m dphubert_fairseq.export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
+    dphubert-export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
 
 Reads a checkpoint written by fairseq's trainer for the ``dphubert_distill`` task (stage 1 or 2), folds the
 eval-mode gates into the weights (``prune``), writes the result with ``save_model`` (the distillation
@@ -20,7 +20,7 @@ from .checkpoint_io import atomic_write_text, save_model
 from .errors import CheckpointError
 from .models.dphubert import DPHuBERTModel, as_config
 from .param_count import parse_conv_layers
-from .pruning import prune
+from .pruning import eval_mask_params, prune
 from .teacher import checkpoint_model_name
 
 logger = logging.getLogger("dphubert_fairseq.export")
@@ -68,6 +68,12 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
         att = "-" if not summary["use_attention"][i] else str(h)
         ffn = "-" if not summary["use_ffn"][i] else str(f)
         lines.append(f"{i + 1:>5}  {att:>5}  {ffn:>9}")
+    if summary.get("rounding"):
+        r = summary["rounding"]
+        lines.append(
+            f"heads rounded up to multiples of {r['heads']}, FFN units of {r['ffn']}: "
+            f"{r['extra_params']:,} more parameters than without rounding"
+        )
     if summary["exact"] is not None:
         if summary["exact"]:
             lines.append(
@@ -81,10 +87,24 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
     return "\n".join(lines)
 
 
-def export(checkpoint: str, out: str, json_path: Optional[str] = None) -> Dict[str, Any]:
+def export(
+    checkpoint: str, out: str, json_path: Optional[str] = None, round_heads: int = 1, round_ffn: int = 1
+) -> Dict[str, Any]:
     model, state = model_from_training_checkpoint(checkpoint)
-    pruned = prune(model) if model.gates() else model
+    rounding = round_heads != 1 or round_ffn != 1
+    if rounding and not model.gates():
+        raise ValueError(
+            f"{checkpoint}: has no gates (a stage-2 checkpoint?); --round-heads / --round-ffn apply when "
+            "exporting stage 1, so that stage 2 trains the rounded structure"
+        )
+    pruned = prune(model, round_heads=round_heads, round_ffn=round_ffn) if model.gates() else model
     summary = summarize(pruned)
+    if rounding:
+        summary["rounding"] = {
+            "heads": round_heads,
+            "ffn": round_ffn,
+            "extra_params": summary["params"] - eval_mask_params(model),
+        }
     history = state.get("optimizer_history") or [{}]
     summary["num_updates"] = history[-1].get("num_updates")
     summary["source"] = os.path.abspath(checkpoint)
@@ -113,10 +133,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (stage 1 or stage 2)")
     parser.add_argument("out", help="where to write the pruned fairseq checkpoint (.pt)")
     parser.add_argument("--json", dest="json_path", help="also write the summary as JSON here")
+    parser.add_argument(
+        "--round-heads",
+        type=int,
+        default=1,
+        help="keep a multiple of this many heads per layer (rounded up with zeroed heads; output unchanged)",
+    )
+    parser.add_argument(
+        "--round-ffn",
+        type=int,
+        default=1,
+        help="keep a multiple of this many FFN units per layer (rounded up likewise), e.g. 64 or 128",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = export(args.checkpoint, args.out, args.json_path)
+        summary = export(args.checkpoint, args.out, args.json_path, args.round_heads, args.round_ffn)
     except (CheckpointError, ValueError) as err:
         print(f"dphubert-export: error: {err}", file=sys.stderr)
         return 2

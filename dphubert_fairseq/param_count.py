@@ -17,6 +17,7 @@ projection column standing for the removed channels (``D`` parameters).
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 Number = Union[int, float, torch.Tensor]
@@ -111,6 +112,28 @@ def static_sizes(cfg) -> UnitSizes:
     )
 
 
+def _per_layer_vectors(*columns: Sequence[Number]) -> List[Union[np.ndarray, torch.Tensor]]:
+    """Per-layer size lists as vectors, so that the per-layer formulas run once for all layers: float32
+    tensors when any value is a tensor (expected sizes: a handful of kernels, not a dozen per layer), int64
+    arrays otherwise (exact)."""
+    reference = next((v for column in columns for v in column if torch.is_tensor(v)), None)
+    if reference is None:
+        return [np.asarray(column, dtype=np.int64) for column in columns]
+    out = []
+    for column in columns:
+        if all(torch.is_tensor(v) for v in column):
+            out.append(torch.stack([v.float() for v in column]))
+        elif not any(torch.is_tensor(v) for v in column):
+            out.append(torch.tensor([float(v) for v in column], device=reference.device))
+        else:
+            out.append(
+                torch.stack(
+                    [torch.as_tensor(v, dtype=torch.float32, device=reference.device) for v in column]
+                )
+            )
+    return out
+
+
 def total_params(cfg, sizes: UnitSizes) -> Number:
     """Counted parameters of a ``DPHuBERTConfig`` architecture whose prunable structures have ``sizes``."""
     conv_layers = parse_conv_layers(cfg.conv_feature_layers)
@@ -133,17 +156,17 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
         n = n + layer_norm_params(in_channels)
     n = n + pos_conv_params(embed_dim, cfg.conv_pos, cfg.conv_pos_groups, cfg.conv_pos_batch_norm)
     block_norm = layer_norm_params(embed_dim)
-    for heads, ffn_dim, keep_att, keep_ffn in zip(
+    heads, ffn_dims, keep_att, keep_ffn = _per_layer_vectors(
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep
-    ):
-        attention = attention_params(embed_dim, cfg.attention_head_dim, heads)
-        ffn = ffn_params(embed_dim, ffn_dim)
-        if cfg.layer_norm_first:
-            attention, ffn = attention + block_norm, ffn + block_norm
-        else:
-            n = n + 2 * block_norm
-        n = n + keep_att * attention + keep_ffn * ffn
-    return n + layer_norm_params(embed_dim)
+    )
+    attention = attention_params(embed_dim, cfg.attention_head_dim, heads)
+    ffn = ffn_params(embed_dim, ffn_dims)
+    if cfg.layer_norm_first:
+        attention, ffn = attention + block_norm, ffn + block_norm
+    else:
+        n = n + 2 * block_norm * len(heads)
+    n = n + (keep_att * attention + keep_ffn * ffn).sum() + layer_norm_params(embed_dim)
+    return n if torch.is_tensor(n) else int(n)
 
 
 def config_params(cfg) -> int:

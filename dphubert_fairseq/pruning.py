@@ -11,12 +11,19 @@ a zero mask are index-selected away. Two places need more care than a plain inde
 - a block whose units are all removed still adds its output bias (times its layer gate): it is kept as a
   0-unit block holding only that bias.
 
+Kept head counts and FFN sizes can be rounded up to multiples (``round_heads`` / ``round_ffn``) for hardware
+that prefers them: the extra units are the removed ones whose gates came closest to opening, kept with a mask of
+0, so their output columns fold to zero and the output is unchanged; they cost parameters, not accuracy, and
+can learn in stage 2 (their input rows keep their trained weights).
+
 One place cannot be exact: in the 'layer_norm' extractor (Large models) each conv block normalises over all
 its channels *before* the gate, so removing channels changes the statistics for every kept channel. ``prune``
 measures the resulting deviation on a probe input and reports it.
 """
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -48,6 +55,43 @@ def _mask(gate: Optional[HardConcrete], n: int, like: torch.Tensor) -> torch.Ten
 
 def _kept(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask, as_tuple=False).squeeze(-1)
+
+
+def round_up(count: int, multiple: int, limit: Optional[int] = None) -> int:
+    """``count`` rounded up to a multiple of ``multiple`` (0 stays 0), at most ``limit``."""
+    if multiple < 1:
+        raise ValueError(f"a rounding multiple must be >= 1, got {multiple}")
+    rounded = math.ceil(count / multiple) * multiple
+    return rounded if limit is None else min(rounded, limit)
+
+
+def rounded_config(
+    cfg,
+    heads_multiple: int,
+    ffn_multiple: int,
+    max_heads: Optional[int] = None,
+    max_ffn: Optional[int] = None,
+) -> DPHuBERTConfig:
+    """The architecture ``cfg`` with every head count and FFN size rounded up, at most the teacher's
+    ``max_heads`` / ``max_ffn``: the sizes ``prune`` with ``round_heads`` / ``round_ffn`` gives."""
+    cfg = as_config(cfg)
+    return dataclasses.replace(
+        cfg,
+        encoder_attention_heads=[round_up(h, heads_multiple, max_heads) for h in cfg.encoder_attention_heads],
+        encoder_ffn_embed_dims=[round_up(f, ffn_multiple, max_ffn) for f in cfg.encoder_ffn_embed_dims],
+    )
+
+
+def _units_to_keep(mask: torch.Tensor, gate: Optional[HardConcrete], multiple: int) -> torch.Tensor:
+    """Indices of the units with a non-zero mask, plus (rounding) the removed units with the largest gate
+    logits until the count is a multiple of ``multiple``; sorted."""
+    units = _kept(mask)
+    extra = round_up(units.numel(), multiple, mask.numel()) - units.numel()
+    if extra > 0 and units.numel() > 0:
+        removed = torch.nonzero(mask == 0, as_tuple=False).squeeze(-1)
+        order = torch.argsort(gate.log_alpha.detach()[removed], descending=True)
+        units = torch.sort(torch.cat([units, removed[order[:extra]]])).values
+    return units
 
 
 def _fold_feature_extractor(
@@ -120,17 +164,19 @@ def _fold_block(
     unit_width: int,
     layer_gate: Optional[HardConcrete],
     state: Dict[str, torch.Tensor],
+    multiple: int = 1,
 ) -> Tuple[int, int]:
     """A gated block ``in_projs -> units -> out_proj`` (attention: q/k/v, heads of ``head_dim`` rows, out_proj;
     FFN: fc1, units of 1 row, fc2). Kept units' rows of the input projections are selected, the unit and layer
-    mask values folded into out_proj's columns (and the layer mask into its bias).
+    mask values folded into out_proj's columns (and the layer mask into its bias). The kept count is rounded up
+    to ``multiple`` with removed units, whose columns fold to zero.
     Returns (kept units, 1) or (0, 0) when the layer gate removes the block."""
     like = out_proj.bias
     layer_mask = _mask(layer_gate, 1, like)[0]
     if layer_mask == 0:
         return 0, 0
     unit_mask = _mask(unit_gate, num_units, like)
-    units = _kept(unit_mask)
+    units = _units_to_keep(unit_mask, unit_gate, multiple)
     rows = (units.unsqueeze(1) * unit_width + torch.arange(unit_width, device=units.device)).reshape(-1)
     for name, proj in in_projs.items():
         state[prefix + name + ".weight"] = proj.weight[rows]
@@ -141,7 +187,9 @@ def _fold_block(
     return units.numel(), 1
 
 
-def _fold_attention(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+def _fold_attention(
+    model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor], multiple: int = 1
+) -> Tuple[int, int]:
     """Layer i's attention block. Returns (heads, use_attention)."""
     attn = model.encoder.layers[i].self_attn
     if attn is None:
@@ -157,10 +205,13 @@ def _fold_attention(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]
         attn.head_dim,
         attn.layer_gate,
         state,
+        multiple,
     )
 
 
-def _fold_ffn(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+def _fold_ffn(
+    model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor], multiple: int = 1
+) -> Tuple[int, int]:
     """Layer i's FFN block. Returns (units, use_ffn)."""
     ffn = model.encoder.layers[i].ffn
     if ffn is None:
@@ -175,6 +226,7 @@ def _fold_ffn(model: DPHuBERTModel, i: int, state: Dict[str, torch.Tensor]) -> T
         1,
         ffn.layer_gate,
         state,
+        multiple,
     )
 
 
@@ -194,13 +246,23 @@ def max_hidden_state_deviation(a: DPHuBERTModel, b: DPHuBERTModel, source: torch
 
 
 @torch.no_grad()
-def prune(model: DPHuBERTModel, verify: bool = True, probe: Optional[torch.Tensor] = None) -> DPHuBERTModel:
+def prune(
+    model: DPHuBERTModel,
+    verify: bool = True,
+    probe: Optional[torch.Tensor] = None,
+    round_heads: int = 1,
+    round_ffn: int = 1,
+) -> DPHuBERTModel:
     """A new, smaller ``dphubert`` model that computes what ``model`` computes in eval mode, gates folded in.
 
     The result has no gates, carries its sizes in its config and a ``pruning_report`` (``PruningReport``).
     With ``verify`` both models are run on ``probe`` (default: two fixed seconds of noise) to measure the
-    deviation.
+    deviation. ``round_heads`` / ``round_ffn``: keep head counts / FFN sizes that are multiples of these
+    (rounded up, output unchanged; see the module's docstring).
     """
+    for name, value in (("round_heads", round_heads), ("round_ffn", round_ffn)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     was_training = model.training
     model.eval()
     try:
@@ -219,8 +281,8 @@ def prune(model: DPHuBERTModel, verify: bool = True, probe: Optional[torch.Tenso
                 if k.startswith((f"encoder.layers.{i}.self_attn.", f"encoder.layers.{i}.ffn."))
             ]:
                 del state[key]
-            h, use_a = _fold_attention(model, i, state)
-            f, use_f = _fold_ffn(model, i, state)
+            h, use_a = _fold_attention(model, i, state, round_heads)
+            f, use_f = _fold_ffn(model, i, state, round_ffn)
             heads.append(h)
             ffn_dims.append(f)
             use_attention.append(use_a)

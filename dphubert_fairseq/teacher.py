@@ -128,15 +128,21 @@ def load_teacher(path: str) -> nn.Module:
 
 
 def teacher_hidden_states(
-    teacher: nn.Module, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    teacher: nn.Module,
+    source: torch.Tensor,
+    padding_mask: Optional[torch.Tensor] = None,
+    num_layers: Optional[int] = None,
 ) -> List[torch.Tensor]:
     """``[h_0, ..., h_L]`` of a fairseq HubertModel / Wav2Vec2Model (or a dphubert model), each ``(B, T, D)``.
 
     Runs fairseq's own modules: the front end as ``forward`` does (conv features, LayerNorm, frame padding
     mask, projection, input dropout: that is h_0), then ``encoder`` whose per-layer results are h_1..h_L.
+    ``num_layers``: stop after that many transformer layers (``[h_0, ..., h_num_layers]``), as fairseq's
+    encoder does for its ``layer`` argument; the distillation never needs layers above its last target.
     """
     if isinstance(teacher, DPHuBERTModel):
-        return teacher.hidden_states(source, padding_mask)
+        states = teacher.hidden_states(source, padding_mask)
+        return states if num_layers is None else states[: num_layers + 1]
     if not isinstance(teacher, (HubertModel, Wav2Vec2Model)):
         raise TypeError(f"unsupported teacher {type(teacher).__name__}; {_SUPPORTED_TEXT}")
     features = teacher.feature_extractor(source).transpose(1, 2)
@@ -155,8 +161,16 @@ def teacher_hidden_states(
     if teacher.post_extract_proj is not None:
         features = teacher.post_extract_proj(features)
     h0 = teacher.dropout_input(features)
+    total = len(teacher.encoder.layers)
+    num_layers = total if num_layers is None else min(num_layers, total)
+    if num_layers == 0:
+        return [h0]
     # the encoder zeroes padded frames of its input in place; h_0 is the tensor before that
-    _, layer_results = teacher.encoder(h0.clone() if padding_mask is not None else h0, padding_mask)
-    if len(layer_results) != len(teacher.encoder.layers):
+    _, layer_results = teacher.encoder(
+        h0.clone() if padding_mask is not None else h0,
+        padding_mask,
+        layer=None if num_layers == total else num_layers - 1,
+    )
+    if len(layer_results) != num_layers:
         raise RuntimeError("teacher layers were dropped (layerdrop): run the teacher in eval mode")
     return [h0] + [result[0].transpose(0, 1) for result in layer_results]

@@ -143,8 +143,8 @@ def hydra_train(config: str, overrides: Sequence[str], env=None, timeout: int = 
 logged = records  # fairseq's JSON log records of one kind ('train_inner', 'valid', 'train')
 
 
-def export(checkpoint: str, out: str, json_path: Optional[str] = None):
-    cmd = bin_or_module("dphubert-export", "dphubert_fairseq.export") + [checkpoint, out]
+def export(checkpoint: str, out: str, json_path: Optional[str] = None, extra: Sequence[str] = ()):
+    cmd = bin_or_module("dphubert-export", "dphubert_fairseq.export") + [checkpoint, out, *extra]
     if json_path:
         cmd += ["--json", json_path]
     return run(cmd)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from dphubert_fairseq.models.hard_concrete import BETA, LEFT, RIGHT, HardConcrete
+from dphubert_fairseq.models.hard_concrete import BETA, LEFT, RIGHT, GateSet, HardConcrete, sample
 
 
 def test_init_and_expected_l0():
@@ -44,3 +44,45 @@ def test_arithmetic_stays_float32_in_half_precision():
     assert gate().dtype == torch.float32
     assert gate.l0_norm().dtype == torch.float32
     assert gate.log_alpha.dtype == torch.float32  # the gate refuses to be cast down
+
+
+def test_gate_set_counts_and_draws_like_the_gates_one_by_one():
+    torch.manual_seed(0)
+    gates = [HardConcrete(n, init_drop_rate=r) for n, r in ((3, 0.01), (1, 0.01), (7, 0.5))]
+    with torch.no_grad():
+        for g in gates:
+            g.log_alpha.normal_(0.0, 2.0)
+    gate_set = GateSet(gates)
+    expected = gate_set.expected_open()
+    one_by_one = torch.stack([g.l0_norm() for g in gates])
+    assert torch.allclose(expected, one_by_one)
+    (grads,) = torch.autograd.grad((expected * torch.tensor([1.0, 2.0, 3.0])).sum(), [gates[2].log_alpha])
+    assert torch.allclose(grads, 3.0 * torch.autograd.grad(gates[2].l0_norm(), [gates[2].log_alpha])[0])
+
+    for g in gates:
+        g.train()
+    torch.manual_seed(1)
+    with gate_set.drawn():
+        drawn = [g() for g in gates]
+        assert all(torch.equal(g(), d) for g, d in zip(gates, drawn))  # one sample per forward pass
+    torch.manual_seed(1)
+    together = sample(torch.cat([g.log_alpha for g in gates]))
+    assert torch.equal(torch.cat(drawn), together)
+    assert all(g.drawn is None for g in gates)  # cleared: outside a forward pass, gates sample on their own
+    assert drawn[2].requires_grad
+
+
+def test_a_training_forward_draws_each_gate_once(tiny_teachers):
+    import dphubert_fairseq as dp
+
+    model = dp.student_from_teacher(tiny_teachers["hubert_base"]).train()
+    seen = []
+    for gate in model.gates().values():
+        gate.register_forward_hook(lambda module, args, out: seen.append((module, out)))
+    model(torch.randn(1, 8000))
+    assert {id(m) for m, _ in seen} == {id(g) for g in model.gates().values()}
+    assert all(out is m.drawn or m.drawn is None for m, out in seen)
+    # the expected size, counted for all gates at once, reaches every gate's logits
+    expected = model.expected_params()
+    expected.backward()
+    assert all(g.log_alpha.grad is not None for g in model.gates().values())

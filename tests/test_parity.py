@@ -40,6 +40,18 @@ def test_teacher_hidden_states_match_fairseq_extract_features(tiny_teachers, une
     assert torch.allclose(ours[-1][~frame_mask], x[~frame_mask], atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_large"])
+def test_teacher_stops_after_the_last_layer_asked_for(tiny_teachers, unequal_batch, shape):
+    teacher = dp.load_teacher(tiny_teachers[shape])
+    source, mask = padded_batch(unequal_batch, normalize=shape.endswith("large"))
+    with torch.no_grad():
+        full = dp.teacher_hidden_states(teacher, source, mask)
+        for n in (0, 1, 2):
+            part = dp.teacher_hidden_states(teacher, source, mask, num_layers=n)
+            assert len(part) == n + 1
+            assert all(torch.equal(a, b) for a, b in zip(part, full))
+
+
 def test_student_of_base_sized_hubert_reproduces_teacher(teacher_dir, speech):
     import fairseq_teachers
 

@@ -11,6 +11,7 @@ from fairseq import checkpoint_utils
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.export import model_from_training_checkpoint
+from dphubert_fairseq.pruning import max_hidden_state_deviation
 
 sys.path.insert(0, os.path.dirname(__file__))
 import pipeline as P  # noqa: E402
@@ -146,6 +147,41 @@ def test_export_stage2_export(stage1, workdir, data, teacher):
             assert torch.equal(a, b)
     assert dp.count_params(exported) == summary["params"]
     assert cfg.task._name == "audio_pretraining"
+
+
+def test_export_rounds_kept_units_up_exactly(stage1, workdir):
+    """--round-heads / --round-ffn: multiples kept, output unchanged, the cost in parameters reported."""
+    save_dir, _ = stage1
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    plain, rounded = str(workdir / "plain.pt"), str(workdir / "rounded.pt")
+    assert P.export(checkpoint, plain).returncode == 0
+    out = P.export(
+        checkpoint, rounded, str(workdir / "rounded.json"), ["--round-heads", "3", "--round-ffn", "16"]
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.load(open(workdir / "rounded.json"))
+    a, b = dp.load_model(plain).eval(), dp.load_model(rounded).eval()
+    for h0, h1, f0, f1 in zip(
+        a.cfg.encoder_attention_heads,
+        b.cfg.encoder_attention_heads,
+        a.cfg.encoder_ffn_embed_dims,
+        b.cfg.encoder_ffn_embed_dims,
+    ):
+        assert (
+            h1 in (0, 3, 4) and h0 <= h1 and (h0 > 0) == (h1 > 0)
+        )  # multiples of 3, at most the teacher's 4
+        assert f1 % 16 == 0 and f0 <= f1 <= 64 and (f0 > 0) == (f1 > 0)
+    assert b.cfg.encoder_ffn_embed_dims != a.cfg.encoder_ffn_embed_dims
+    assert summary["rounding"]["extra_params"] == b.num_params() - a.num_params() > 0
+    assert "more parameters than without rounding" in out.stdout
+    source = torch.randn(2, 24000)
+    with torch.no_grad():
+        assert max_hidden_state_deviation(a, b, source) <= 1e-5
+
+    out = P.export(checkpoint, str(workdir / "bad.pt"), extra=["--round-ffn", "0"])
+    assert out.returncode == 2 and "round_ffn must be >= 1" in out.stderr
+    out = P.export(rounded, str(workdir / "again.pt"), extra=["--round-heads", "2"])  # nothing left to prune
+    assert out.returncode == 2 and "has no gates" in out.stderr and not os.path.exists(workdir / "again.pt")
 
 
 def test_stage2_starts_from_the_stage1_projections(stage1, workdir, teacher, data):

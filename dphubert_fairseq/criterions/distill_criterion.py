@@ -94,7 +94,9 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         net_input = sample["net_input"]
         out = model(**net_input)
         student_states: List[torch.Tensor] = out["hidden_states"]
-        teacher_states = self.task.teacher_hidden_states(net_input, dtype=student_states[0].dtype)
+        teacher_states = self.task.teacher_hidden_states(
+            net_input, dtype=student_states[0].dtype, num_layers=max(self.projections.targets)
+        )
         padding = out["padding_mask"]
         valid = None if padding is None else ~padding
         predictions = self.projections(student_states)
@@ -110,10 +112,12 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             for pred, layer in zip(predictions, self.projections.targets)
         ) / len(predictions)
         loss = distill
-        log: Dict[str, float] = {
-            "loss": loss.detach().item(),
-            "distill_loss": distill.detach().item(),
-            "ntokens": int(valid.sum())
+        # logged values stay tensors: an .item() here would make the host wait for the GPU before it can
+        # queue the backward pass; fairseq's metrics convert them when it aggregates the logs
+        log: Dict[str, object] = {
+            "loss": loss.detach(),
+            "distill_loss": distill.detach(),
+            "ntokens": valid.sum().detach()
             if valid is not None
             else student_states[0].shape[0] * student_states[0].shape[1],
             "nsentences": student_states[0].size(0),
@@ -126,12 +130,12 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             target = self.current_target()
             loss = loss + self.lagrangian(sparsity, target)
             log.update(
-                loss=loss.detach().item(),
-                expected_sparsity=sparsity.item(),
+                loss=loss.detach(),
+                expected_sparsity=sparsity.detach(),
                 target_sparsity=target,
-                lambda1=self.lagrangian.lambda1.item(),
-                lambda2=self.lagrangian.lambda2.item(),
-                expected_params=expected.item(),
+                lambda1=self.lagrangian.lambda1.detach().clone(),  # a copy: the optimizer steps them in place
+                lambda2=self.lagrangian.lambda2.detach().clone(),
+                expected_params=expected.detach(),
             )
         if not model.training:
             self._log_eval_masks(model, log)

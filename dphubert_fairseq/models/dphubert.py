@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from ..param_count import UnitSizes, config_params, parse_conv_layers, static_sizes, total_params
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
-from .hard_concrete import HardConcrete
+from .hard_concrete import GateSet, HardConcrete
 from .prunable_conv import ConvFeatureExtractor
 from .time_masking import TimeChannelMasking
 
@@ -246,6 +246,7 @@ class DPHuBERTModel(BaseFairseqModel):
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.masking = TimeChannelMasking(cfg, cfg.encoder_embed_dim)
         self.encoder = PrunableTransformerEncoder(cfg, units)
+        self.gate_set = GateSet(list(self.gates().values()))
 
     @classmethod
     def build_model(cls, cfg: DPHuBERTConfig, task=None) -> "DPHuBERTModel":
@@ -273,6 +274,12 @@ class DPHuBERTModel(BaseFairseqModel):
         """Returns ``hidden_states`` ``[h_0, ..., h_L]`` (each ``(B, T, D)``), ``x`` (the encoder's output,
         ``(B, T, D)``) and ``padding_mask`` (``(B, T)`` or None). ``mask``: apply fine-tuning masking (training
         only, with ``mask_prob`` / ``mask_channel_prob`` set); h_0 is the input before masking."""
+        with self.gate_set.drawn():  # one sample for all gates, drawn in one vectorised pass
+            return self._forward(source, padding_mask, mask)
+
+    def _forward(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor], mask: bool
+    ) -> Dict[str, object]:
         if self.cfg.feature_grad_mult > 0:
             features = self.feature_extractor(source)
             if self.cfg.feature_grad_mult != 1.0:
@@ -327,19 +334,21 @@ class DPHuBERTModel(BaseFairseqModel):
             raise ValueError(f"mode must be 'static', 'expected' or 'eval', got {mode!r}")
         if mode == "static":
             return static_sizes(self.cfg)
+        if mode == "expected" and len(self.gate_set):
+            expected = dict(zip(self.gate_set.gates, self.gate_set.expected_open().unbind()))
 
         def size(gate: Optional[HardConcrete], static: int):
             if gate is None:
                 return static
             if mode == "expected":
-                return gate.l0_norm()
+                return expected[gate]
             return int((gate.deterministic_mask() > 0).sum())
 
         def keep(gate: Optional[HardConcrete], present: bool):
             if not present or gate is None:
                 return int(present)
             if mode == "expected":
-                return gate.prob_open()[0]
+                return expected[gate]  # one gate: the expected count is the keep probability
             return int(gate.deterministic_mask()[0] > 0)
 
         heads, ffn_dims, att_keep, ffn_keep = [], [], [], []

@@ -21,7 +21,8 @@ class PrunableSelfAttention(nn.Module):
     """Self-attention with ``num_heads`` heads of ``head_dim``, run by ``scaled_dot_product_attention``.
 
     ``(B, T, D)`` and key padding mask ``(B, T)`` (True = padding) ``-> (B, T, D)``. The head gate multiplies
-    each head's context before ``out_proj``; the layer gate multiplies the block's output. With 0 heads the
+    each head's context before ``out_proj``, computed as a scale of out_proj's columns (no extra pass over, or
+    saved copy of, the context); the layer gate multiplies the block's output. With 0 heads the
     block outputs ``out_proj.bias`` (what the removed heads left behind).
     State-dict names follow fairseq's ``MultiheadAttention`` (q_proj, k_proj, v_proj, out_proj).
     """
@@ -68,9 +69,10 @@ class PrunableSelfAttention(nn.Module):
             ctx = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
             )  # (B, H, T, head_dim)
+            weight = self.out_proj.weight
             if self.head_gate is not None:
-                ctx = ctx * self.head_gate().to(ctx.dtype).view(1, -1, 1, 1)
-            out = self.out_proj(ctx.transpose(1, 2).reshape(batch, time, -1))
+                weight = weight * self.head_gate().to(weight.dtype).repeat_interleave(self.head_dim)
+            out = F.linear(ctx.transpose(1, 2).reshape(batch, time, -1), weight, self.out_proj.bias)
         if self.layer_gate is not None:
             out = out * self.layer_gate().to(out.dtype)
         return out

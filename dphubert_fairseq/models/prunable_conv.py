@@ -12,9 +12,12 @@ from .hard_concrete import INIT_DROP_RATE, HardConcrete
 
 
 class ConvBlock(nn.Module):
-    """conv -> [GroupNorm | LayerNorm over channels] -> GELU -> [channel gate].
+    """conv -> [GroupNorm | LayerNorm over channels] -> GELU, with a gate on its output channels.
 
-    ``(B, C_in, T_in) -> (B, C_out, T_out)`` with ``T_out = floor((T_in - kernel) / stride) + 1``.
+    ``(B, C_in, T_in) -> (B, C_out, T_out)`` with ``T_out = floor((T_in - kernel) / stride) + 1``. The block
+    does not apply its own gate: ``ConvFeatureExtractor`` hands it to the next block, which scales its conv
+    weight's input channels by it (the same product without another pass over, and another saved copy of, the
+    largest activations of the model).
     """
 
     def __init__(
@@ -45,16 +48,17 @@ class ConvBlock(nn.Module):
     def out_channels(self) -> int:
         return self.conv.out_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+    def forward(self, x: torch.Tensor, in_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``in_scale`` ``(C_in,)``: the previous block's gate values, applied to this block's input."""
+        weight = self.conv.weight
+        if in_scale is not None:
+            weight = weight * in_scale.to(weight.dtype).view(1, -1, 1)
+        x = F.conv1d(x, weight, self.conv.bias, stride=self.stride)
         if self.norm_kind == "layer":
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)
         elif self.norm_kind == "group":
             x = self.norm(x)
-        x = F.gelu(x)
-        if self.gate is not None:
-            x = x * self.gate().to(x.dtype).unsqueeze(-1)
-        return x
+        return F.gelu(x)
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -100,6 +104,10 @@ class ConvFeatureExtractor(nn.Module):
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         x = source.unsqueeze(1)
+        scale: Optional[torch.Tensor] = None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, scale)
+            scale = block.gate() if block.gate is not None else None
+        if scale is not None:  # the last block's gate has no conv after it
+            x = x * scale.to(x.dtype).unsqueeze(-1)
         return x

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from fairseq import utils
 
 from .hard_concrete import INIT_DROP_RATE, HardConcrete
@@ -11,6 +12,8 @@ from .prunable_attention import linear
 class PrunableFeedForward(nn.Module):
     """fc1 -> activation -> activation dropout -> [unit gate] -> fc2 -> [layer gate]. ``(B, T, D) -> (B, T, D)``.
 
+    The unit gate scales fc2's columns rather than the ``(B, T, F)`` activations: the same product, computed on
+    a ``(D, F)`` weight, with one activation-sized tensor less to keep for the backward pass.
     With 0 units the block outputs ``fc2.bias``.
     """
 
@@ -36,9 +39,10 @@ class PrunableFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.activation_dropout(self.activation_fn(self.fc1(x)))
+        weight = self.fc2.weight
         if self.unit_gate is not None:
-            h = h * self.unit_gate().to(h.dtype)
-        out = self.fc2(h)
+            weight = weight * self.unit_gate().to(weight.dtype)
+        out = F.linear(h, weight, self.fc2.bias)
         if self.layer_gate is not None:
             out = out * self.layer_gate().to(out.dtype)
         return out

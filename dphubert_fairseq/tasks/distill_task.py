@@ -137,18 +137,21 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             self._load_teacher()
         return self._teacher_config
 
+    # no_grad rather than inference_mode: the teacher's states are loss targets, and inference tensors cannot
+    # be saved for the backward pass (L1 saves its target); cloning them would cost more than it saves
     @torch.no_grad()
     def teacher_hidden_states(
-        self, net_input: Dict[str, torch.Tensor], dtype: torch.dtype
+        self, net_input: Dict[str, torch.Tensor], dtype: torch.dtype, num_layers: Optional[int] = None
     ) -> List[torch.Tensor]:
-        """The teacher's ``[h_0, ..., h_L]`` for a batch, on the batch's device, in ``dtype``."""
+        """The teacher's ``[h_0, ..., h_num_layers]`` (default: all layers) for a batch, on the batch's device,
+        in ``dtype`` (the student's: half precision when the student trains in fp16 / bf16)."""
         source = net_input["source"]
         teacher = self.teacher
         reference = next(teacher.parameters())
         if reference.device != source.device or reference.dtype != dtype:
             teacher.to(device=source.device, dtype=dtype)
         teacher.eval()
-        return teacher_hidden_states(teacher, source.to(dtype), net_input.get("padding_mask"))
+        return teacher_hidden_states(teacher, source.to(dtype), net_input.get("padding_mask"), num_layers)
 
     # ----- data -----
 

@@ -1,0 +1,176 @@
+"""Inference: the exported model against its teacher on the same audio, next to their parameter and MAC ratios.
+
+    python benchmarks/inference.py                               # CPU, batch 1 x 10 s, 1 and 2 threads
+    python benchmarks/inference.py --device cuda                 # GPU, batch 8 x 10 s, fp16
+    python benchmarks/inference.py --teacher T.pt --model M.pt   # your own teacher and exported model
+
+Without ``--model`` the exported architecture is the one ``benchmarks/make_structure.py`` produced by an actual
+stage-1 run at target sparsity 0.75 on a HuBERT Base-shaped teacher (``benchmarks/structures/``, with how it was
+made), with random weights; the teacher is a HuBERT Base built from fairseq's own recipe. The rows
+``rounded hXfY`` are the same structure exported with ``--round-heads X --round-ffn Y`` (kept heads and FFN
+units rounded up to multiples; the extra units are zero, so the output is unchanged). Times are the median of
+``--repeat`` forward passes under ``torch.inference_mode``, teacher and students interleaved; MACs are counted
+analytically (``dphubert_fairseq/macs.py``).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from harness import REPO, SHAPES, machine, save_random_teacher, synchronize, table, write_audio, write_json
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.macs import count_macs
+from dphubert_fairseq.models.dphubert import DPHuBERTModel, as_config
+from dphubert_fairseq.pruning import rounded_config
+from dphubert_fairseq.teacher import config_from_fairseq
+
+STRUCTURE = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.json")
+
+
+def audio(batch: int, seconds: float) -> torch.Tensor:
+    from dphubert_fairseq.quickstart.speech import SAMPLE_RATE, generated_audio, read_speech_clips
+
+    clips = read_speech_clips() or generated_audio(seconds * batch)
+    speech = np.concatenate(clips)
+    samples = int(seconds * SAMPLE_RATE)
+    speech = np.tile(speech, 1 + batch * samples // len(speech))[: batch * samples]
+    return torch.from_numpy(speech.reshape(batch, samples).copy())
+
+
+def interleaved_times(models: Dict[str, torch.nn.Module], source, device, warmup, repeat) -> Dict[str, float]:
+    """Median seconds per forward of each model, the models taking turns so that drift hits all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for i in range(warmup + repeat):
+            for name, model in models.items():
+                synchronize(device)
+                start = time.perf_counter()
+                dp.teacher_hidden_states(model, source)
+                synchronize(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--teacher", help="a native fairseq HuBERT / wav2vec2 checkpoint (default: random Base)"
+    )
+    parser.add_argument("--model", help="an exported dphubert checkpoint (default: the recorded structure)")
+    parser.add_argument("--structure", default=STRUCTURE, help="structure JSON from make_structure.py")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts")
+    parser.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--rounding", nargs="*", default=["2:64", "4:128"], help="HEADS:FFN multiples to compare"
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--json", default="benchmarks/results/inference.json")
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    batch = args.batch or (8 if gpu else 1)
+
+    if args.teacher:
+        teacher = dp.load_teacher(args.teacher)
+    else:
+        work = tempfile.mkdtemp(prefix="dphubert-bench-")
+        labels = write_audio(os.path.join(work, "labels"), 1, 2.0)
+        teacher = dp.load_teacher(
+            save_random_teacher(os.path.join(work, "teacher.pt"), labels, SHAPES["base"])
+        )
+    teacher_cfg = config_from_fairseq(teacher)
+    provenance = None
+    if args.model:
+        exported = dp.load_model(args.model)
+        provenance = {"model": os.path.abspath(args.model)}
+    else:
+        with open(args.structure) as f:
+            recorded = json.load(f)
+        exported = DPHuBERTModel(as_config(recorded["model_config"]))
+        provenance = recorded["produced_by"]
+    models = {"teacher": teacher.eval(), "exported": exported.eval()}
+    for spec in args.rounding:
+        heads, ffn = (int(v) for v in spec.split(":"))
+        cfg = rounded_config(
+            exported.cfg,
+            heads,
+            ffn,
+            max(teacher_cfg.encoder_attention_heads),
+            max(teacher_cfg.encoder_ffn_embed_dims),
+        )
+        models[f"rounded h{heads}f{ffn}"] = DPHuBERTModel(cfg).eval()
+
+    source = audio(batch, args.seconds)
+    dtype = torch.float16 if gpu else torch.float32
+    for model in models.values():
+        model.to(device=args.device, dtype=dtype)
+    source = source.to(device=args.device, dtype=dtype)
+
+    teacher_params = dp.count_params(teacher)
+    teacher_macs = count_macs(teacher_cfg, source.size(1)).total
+    info = {}
+    for name, model in models.items():
+        cfg = teacher_cfg if name == "teacher" else model.cfg
+        info[name] = {
+            "params": dp.count_params(model),
+            "macs_per_item": count_macs(cfg, source.size(1)).as_dict(),
+        }
+        info[name]["param_ratio"] = info[name]["params"] / teacher_params
+        info[name]["macs_ratio"] = info[name]["macs_per_item"]["total"] / teacher_macs
+
+    settings = [None] if gpu else args.threads
+    timing = {}
+    for threads in settings:
+        if threads:
+            torch.set_num_threads(threads)
+        key = "gpu" if gpu else f"{threads} thread{'s' if threads > 1 else ''}"
+        timing[key] = interleaved_times(models, source, args.device, args.warmup, args.repeat)
+
+    header = ["model", "params", "param ratio", "GMACs", "MACs ratio"]
+    for key in timing:
+        header += [f"ms ({key})", "time ratio", "time/MACs"]
+    rows = []
+    for name in models:
+        row = [
+            name,
+            f"{info[name]['params']:,}",
+            f"{info[name]['param_ratio']:.3f}",
+            f"{batch * info[name]['macs_per_item']['total'] / 1e9:.1f}",
+            f"{info[name]['macs_ratio']:.3f}",
+        ]
+        for key, times in timing.items():
+            ratio = times[name] / times["teacher"]
+            row += [f"{1000 * times[name]:.0f}", f"{ratio:.3f}", f"{ratio / info[name]['macs_ratio']:.2f}"]
+        rows.append(row)
+    where = "GPU fp16" if gpu else "CPU fp32"
+    print(f"\n{where}, batch {batch} x {args.seconds:g} s, median of {args.repeat}")
+    print(table(rows, header))
+    print("time/MACs: the time ratio over the MACs ratio (1.00 = the speed-up the MAC count promises)")
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "batch": batch,
+            "seconds": args.seconds,
+            "structure": provenance,
+            "models": info,
+            "seconds_per_forward": timing,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

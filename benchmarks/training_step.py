@@ -1,0 +1,265 @@
+"""Training cost: a stage-1 update against a stock fairseq HuBERT pretraining update of the same model on the same
+batch, both through fairseq's own ``Trainer.train_step``; and how the stage-1 update grows with audio length.
+
+    python benchmarks/training_step.py                       # CPU: 'small' shape, fp32, 4 x 4 s
+    python benchmarks/training_step.py --seconds 2 4 8 16    # scaling with the length of each item
+    python benchmarks/training_step.py --device cuda --shape base --precision bf16 --batch 16 --seconds 10
+
+Stage 1 is ``configs/dphubert.yaml`` (teacher forward + student forward/backward + gates + Lagrangian, three
+optimizer groups); stock is fairseq's ``hubert_base_librispeech.yaml`` (its masking, layerdrop 0.05 and CNN
+gradient scale 0.1 as shipped). The teacher is the same model the stock run trains (random weights). Each
+measurement runs in its own process: the update time (median of ``--repeat`` after ``--warmup``), the peak
+memory (see ``harness.PeakMemory``) and the number of aten operations one update dispatches (a proxy for
+kernel launches on a GPU). ``floor`` is (stock update + no-grad teacher forward) / stock update: what the
+ratio would be if distillation cost nothing beyond running the teacher.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Dict, List
+
+import torch
+
+from harness import (
+    REPO,
+    SHAPES,
+    PeakMemory,
+    batch_overrides,
+    build_trainer,
+    compose,
+    device_overrides,
+    fairseq_hubert_config_dir,
+    first_batch,
+    machine,
+    run_worker,
+    save_random_teacher,
+    stock_hubert_overrides,
+    table,
+    time_calls,
+    write_audio,
+    write_json,
+)
+
+
+def count_ops(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.calls
+
+
+def worker(args) -> Dict:
+    """One measurement in this process: 'stock' or 'dphubert' updates on the fixed batch."""
+    memory = PeakMemory(args.device)
+    torch.manual_seed(0)
+    shape = SHAPES[args.shape]
+    common = device_overrides(args.device, args.precision) + batch_overrides(args.batch, args.item_seconds)
+    if args.worker == "stock":
+        cfg = compose(
+            fairseq_hubert_config_dir(),
+            "hubert_base_librispeech",
+            stock_hubert_overrides(args.data, shape) + common,
+        )
+    else:
+        cfg = compose(
+            os.path.join(REPO, "configs"),
+            "dphubert",
+            [
+                f"task.data={args.data}",
+                f"task.teacher_path={args.teacher}",
+                "task.check_audio_files=false",
+                "hydra.run.dir=" + tempfile.mkdtemp(prefix="dphubert-bench-hydra-"),
+            ]
+            + common,
+        )
+    trainer, task = build_trainer(cfg)
+    sample = first_batch(task, "train", args.batch)
+    if sample["net_input"]["source"].shape != (args.batch, int(args.item_seconds * 16000)):
+        raise RuntimeError(f"unexpected batch {tuple(sample['net_input']['source'].shape)}")
+    step = lambda: trainer.train_step([sample])  # noqa: E731
+    memory.start()
+    seconds = time_calls(step, args.device, args.warmup, args.repeat)
+    result = {
+        "update_seconds": seconds,
+        "peak_memory_bytes": memory.peak_bytes(),
+        "ops_per_update": count_ops(step),
+    }
+    if args.worker == "dphubert":
+        prepared = trainer._prepare_sample(sample)[0]
+        dtype = (
+            torch.bfloat16
+            if args.precision == "bf16"
+            else torch.float16
+            if args.precision == "fp16"
+            else torch.float32
+        )
+        forward = lambda: task.teacher_hidden_states(prepared["net_input"], dtype)  # noqa: E731
+        result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="default: small on CPU, base on CUDA"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="default: fp32 on CPU, bf16 on CUDA",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="items per batch (default: 4 on CPU, 16 on CUDA)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        nargs="+",
+        default=None,
+        help="seconds per item (default: 4 on CPU, 10 on CUDA)",
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    parser.add_argument("--json", default="benchmarks/results/training_step.json")
+    parser.add_argument("--worker", choices=["stock", "dphubert"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", help=argparse.SUPPRESS)
+    parser.add_argument("--item-seconds", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("base" if gpu else "small")
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.batch = args.batch or (16 if gpu else 4)
+    args.seconds = args.seconds or [10.0 if gpu else 4.0]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        import json
+
+        print(json.dumps(worker(args)))
+        return 0
+
+    work = tempfile.mkdtemp(prefix="dphubert-bench-")
+    teacher = save_random_teacher(
+        os.path.join(work, "teacher.pt"),
+        write_audio(os.path.join(work, "labels"), 1, 2.0),
+        SHAPES[args.shape],
+    )
+    shared = [
+        "--device",
+        args.device,
+        "--shape",
+        args.shape,
+        "--precision",
+        args.precision,
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        str(args.warmup),
+        "--repeat",
+        str(args.repeat),
+        "--teacher",
+        teacher,
+    ]
+    if args.threads:
+        shared += ["--threads", str(args.threads)]
+    rows: List[Dict] = []
+    for seconds in args.seconds:
+        data = write_audio(os.path.join(work, f"data_{seconds:g}s"), args.batch, seconds)
+        measured = {
+            kind: run_worker(
+                __file__, shared + ["--worker", kind, "--data", data, "--item-seconds", str(seconds)]
+            )
+            for kind in ("stock", "dphubert")
+        }
+        stock, ours = measured["stock"], measured["dphubert"]
+        rows.append(
+            {
+                "seconds_per_item": seconds,
+                "stock": stock,
+                "dphubert": ours,
+                "time_ratio": ours["update_seconds"]["median"] / stock["update_seconds"]["median"],
+                "memory_ratio": ours["peak_memory_bytes"] / stock["peak_memory_bytes"],
+                "floor": 1 + ours["teacher_forward_seconds"]["median"] / stock["update_seconds"]["median"],
+                "ops_ratio": ours["ops_per_update"] / stock["ops_per_update"],
+            }
+        )
+        print(f"measured {args.batch} x {seconds:g} s", flush=True)
+
+    header = [
+        "s/item",
+        "stock ms",
+        "stage-1 ms",
+        "teacher fwd ms",
+        "time ratio",
+        "floor",
+        "stock MiB",
+        "stage-1 MiB",
+        "mem ratio",
+        "stock ops",
+        "stage-1 ops",
+    ]
+    ms = lambda r, k: f"{1000 * r[k]['update_seconds']['median']:.0f}"  # noqa: E731
+    mib = lambda r, k: f"{r[k]['peak_memory_bytes'] / 2**20:.0f}"  # noqa: E731
+    body = [
+        [
+            f"{r['seconds_per_item']:g}",
+            ms(r, "stock"),
+            ms(r, "dphubert"),
+            f"{1000 * r['dphubert']['teacher_forward_seconds']['median']:.0f}",
+            f"{r['time_ratio']:.2f}",
+            f"{r['floor']:.2f}",
+            mib(r, "stock"),
+            mib(r, "dphubert"),
+            f"{r['memory_ratio']:.2f}",
+            r["stock"]["ops_per_update"],
+            r["dphubert"]["ops_per_update"],
+        ]
+        for r in rows
+    ]
+    print(
+        f"\n{args.shape} shape, {args.precision}, {args.device}, batch {args.batch}, threads {torch.get_num_threads()}"
+    )
+    print(table(body, header))
+    if len(rows) > 1:
+        base = rows[0]
+        print("\nstage-1 update time relative to the shortest items (per second of audio):")
+        print(
+            table(
+                [
+                    [
+                        f"{r['seconds_per_item']:g}",
+                        f"{r['dphubert']['update_seconds']['median'] / base['dphubert']['update_seconds']['median']:.2f}",
+                        f"{(r['dphubert']['update_seconds']['median'] / r['seconds_per_item']) / (base['dphubert']['update_seconds']['median'] / base['seconds_per_item']):.2f}",
+                    ]
+                    for r in rows
+                ],
+                ["s/item", "time x", "time per audio second x"],
+            )
+        )
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items() if v is not None},
+            "rows": rows,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
