@@ -81,12 +81,12 @@ def fairseq_hubert_config_dir() -> str:
 
 def compose(config_dir: str, config_name: str, overrides: Sequence[str]):
     """The config ``fairseq-hydra-train --config-dir DIR --config-name NAME OVERRIDES`` would run."""
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     import dphubert_fairseq  # noqa: F401  (registers the plugin for add_defaults)
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
 
     hydra_init(config_name)
     # version_base 1.1: fairseq-hydra-train's semantics (the yaml is matched with the schema of its name)

@@ -24,7 +24,6 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-
 from harness import REPO, SHAPES, machine, save_random_teacher, synchronize, table, write_audio, write_json
 
 import dphubert_fairseq as dp

@@ -19,7 +19,7 @@ import tempfile
 
 from harness import REPO, SHAPES, save_random_teacher, write_audio, write_json
 
-from dphubert_fairseq.quickstart.runs import composite_schedule, records, run_length, run_logged
+from dphubert_fairseq.quickstart.runs import composite_schedule, cpu_run, records, run_length, run_logged
 from dphubert_fairseq.quickstart.speech import gather_speech, write_manifests
 
 
@@ -48,15 +48,7 @@ def main() -> int:
         f"task.data={data}",
         f"task.teacher_path={teacher}",
         f"checkpoint.save_dir={work}/stage1",
-        "common.fp16=false",
-        "common.cpu=true",
-        "distributed_training.distributed_world_size=1",
-        "distributed_training.nprocs_per_node=1",
-        "dataset.num_workers=0",
-        "dataset.required_batch_size_multiple=1",
-        "dataset.max_tokens=32000",
-        "task.min_sample_size=16000",
-        "task.max_sample_size=16000",
+        *cpu_run(32000, 16000, 16000),
         *run_length(args.updates, 20),
         f"criterion.target_sparsity={args.target}",
         f"criterion.sparsity_warmup_updates={args.updates * 2 // 3}",

@@ -21,7 +21,6 @@ import tempfile
 from typing import Dict, List
 
 import torch
-
 from harness import (
     REPO,
     SHAPES,
@@ -235,21 +234,14 @@ def main() -> int:
     )
     print(table(body, header))
     if len(rows) > 1:
-        base = rows[0]
-        print("\nstage-1 update time relative to the shortest items (per second of audio):")
-        print(
-            table(
-                [
-                    [
-                        f"{r['seconds_per_item']:g}",
-                        f"{r['dphubert']['update_seconds']['median'] / base['dphubert']['update_seconds']['median']:.2f}",
-                        f"{(r['dphubert']['update_seconds']['median'] / r['seconds_per_item']) / (base['dphubert']['update_seconds']['median'] / base['seconds_per_item']):.2f}",
-                    ]
-                    for r in rows
-                ],
-                ["s/item", "time x", "time per audio second x"],
-            )
-        )
+        print("\nstage-1 update time against the shortest items: per update, and per second of audio")
+        first = rows[0]["dphubert"]["update_seconds"]["median"]
+        growth = []
+        for r in rows:
+            times = r["dphubert"]["update_seconds"]["median"] / first
+            length = r["seconds_per_item"] / rows[0]["seconds_per_item"]
+            growth.append([f"{r['seconds_per_item']:g}", f"{times:.2f}", f"{times / length:.2f}"])
+        print(table(growth, ["s/item", "time x", "time per audio second x"]))
     write_json(
         args.json,
         {

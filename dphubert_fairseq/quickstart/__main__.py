@@ -14,7 +14,7 @@ import torch
 from ..param_count import parse_conv_layers
 from . import report as reporting
 from .kmeans_labels import LABEL_RATE, write_kmeans_labels
-from .runs import composite_schedule, console_script, records, run_length, run_logged
+from .runs import composite_schedule, console_script, cpu_run, records, run_length, run_logged
 from .speech import SAMPLE_RATE, gather_speech, generated_audio, read_speech_clips, write_manifests
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,17 +62,7 @@ SIZES = {
 
 
 def cpu_overrides(size: Size) -> List[str]:
-    return [
-        "common.fp16=false",
-        "common.cpu=true",
-        "distributed_training.distributed_world_size=1",
-        "distributed_training.nprocs_per_node=1",
-        "dataset.num_workers=0",
-        "dataset.required_batch_size_multiple=1",
-        f"dataset.max_tokens={size.max_tokens}",
-        "task.min_sample_size=16000",
-        "task.max_sample_size=64000",
-    ]
+    return cpu_run(size.max_tokens, 16000, 64000)
 
 
 def fairseq_hubert_configs() -> str:

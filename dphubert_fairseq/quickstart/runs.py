@@ -60,6 +60,22 @@ def composite_schedule(lrs: Dict[str, float], total: int, warmup: int) -> List[s
     return out
 
 
+def cpu_run(max_tokens: int, min_sample_size: int, max_sample_size: int) -> List[str]:
+    """Overrides for one CPU process in fp32, batches of ``max_tokens`` samples, utterances cropped to
+    ``max_sample_size`` samples and those shorter than ``min_sample_size`` skipped."""
+    return [
+        "common.fp16=false",
+        "common.cpu=true",
+        "distributed_training.distributed_world_size=1",
+        "distributed_training.nprocs_per_node=1",
+        "dataset.num_workers=0",
+        "dataset.required_batch_size_multiple=1",
+        f"dataset.max_tokens={max_tokens}",
+        f"task.min_sample_size={min_sample_size}",
+        f"task.max_sample_size={max_sample_size}",
+    ]
+
+
 def run_length(updates: int, log_every: int) -> List[str]:
     """Overrides for a run of ``updates`` updates, logging every ``log_every``, validating and saving once at
     the end."""
