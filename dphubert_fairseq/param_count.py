@@ -112,19 +112,22 @@ def static_sizes(cfg) -> UnitSizes:
     )
 
 
-def _per_layer_vectors(*columns: Sequence[Number]) -> List[Union[np.ndarray, torch.Tensor]]:
-    """Per-layer size lists as vectors, so that the per-layer formulas run once for all layers: float32
-    tensors when any value is a tensor (expected sizes: a handful of kernels, not a dozen per layer), int64
-    arrays otherwise (exact)."""
+def _per_layer_vectors(*columns: Sequence[Number]) -> List[Union[np.ndarray, torch.Tensor, int]]:
+    """Per-layer size lists as vectors, so that the per-layer formulas run once for all layers.
+
+    Without tensors: int64 arrays (exact). With tensors (expected sizes): a float32 tensor per column that
+    holds any, and a column of one repeated Python number stays that number, broadcasting for free: building
+    it on the GPU would be a host-to-device copy, which waits for the GPU, in every training step.
+    """
     reference = next((v for column in columns for v in column if torch.is_tensor(v)), None)
     if reference is None:
         return [np.asarray(column, dtype=np.int64) for column in columns]
-    out = []
+    out: List[Union[torch.Tensor, int]] = []
     for column in columns:
         if all(torch.is_tensor(v) for v in column):
             out.append(torch.stack([v.float() for v in column]))
-        elif not any(torch.is_tensor(v) for v in column):
-            out.append(torch.tensor([float(v) for v in column], device=reference.device))
+        elif not any(torch.is_tensor(v) for v in column) and len(set(column)) == 1:
+            out.append(column[0])
         else:
             out.append(
                 torch.stack(
@@ -164,7 +167,7 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
     if cfg.layer_norm_first:
         attention, ffn = attention + block_norm, ffn + block_norm
     else:
-        n = n + 2 * block_norm * len(heads)
+        n = n + 2 * block_norm * len(sizes.heads)
     n = n + (keep_att * attention + keep_ffn * ffn).sum() + layer_norm_params(embed_dim)
     return n if torch.is_tensor(n) else int(n)
 

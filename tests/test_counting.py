@@ -66,3 +66,22 @@ def test_count_of_static_config_matches_model(tiny_teachers):
     from dphubert_fairseq.param_count import static_sizes
 
     assert total_params(model.cfg, static_sizes(model.cfg)) == counted_student_params(model)
+
+
+@pytest.mark.parametrize("units", [("interm",), ("head", "ffnlayer"), ("conv", "head", "interm", "attlayer")])
+def test_expected_params_agrees_with_the_count_of_a_sampled_structure(tiny_teachers, units):
+    """With every gate pushed fully open or shut, the expected count is the count of the kept structure, for
+    any mix of gated and ungated per-layer sizes (the vectorised arithmetic's broadcasting paths)."""
+    import dataclasses
+
+    from dphubert_fairseq.param_count import total_params
+
+    model = dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=units)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in model.gates().values():
+            gate.log_alpha.copy_(torch.where(torch.rand(gate.n, generator=g) < 0.6, 40.0, -40.0))
+            gate.log_alpha[0] = 40.0  # keep one unit of each, so the closed-form count is plain
+    sizes = model.unit_sizes("eval")
+    cfg = dataclasses.replace(model.cfg)
+    assert model.expected_params().item() == pytest.approx(int(total_params(cfg, sizes)), rel=1e-6)
