@@ -94,6 +94,19 @@ class Quickstart:
         cmd += ["--config-dir", config_dir, "--config-name", config, *overrides]
         return run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
 
+    def distil(
+        self, config: str, name: str, card: List[str], updates: int, log_every: int, schedule: List[str]
+    ) -> str:
+        """One run of ``configs/<config>.yaml`` at the quickstart's size, into ``OUT/<name>``; its output."""
+        overrides = [
+            *card,
+            f"checkpoint.save_dir={self.path(name)}",
+            *cpu_overrides(self.size),
+            *run_length(updates, log_every),
+            *schedule,
+        ]
+        return self.hydra_train(os.path.join(REPO, "configs"), config, overrides, f"{name}.log")
+
     def export(self, checkpoint: str, out: str, log: str) -> None:
         # python -m from the repository root: this checkout's exporter, like the training runs' user_dir
         cmd = [sys.executable, "-m", "dphubert_fairseq.export", checkpoint, out]
@@ -151,19 +164,17 @@ class Quickstart:
             "(fairseq-hydra-train --config-dir configs --config-name dphubert)"
         )
         card = [f"task.data={data}", f"task.teacher_path={teacher}"]
-        stage1 = self.hydra_train(
-            os.path.join(REPO, "configs"),
+        stage1 = self.distil(
             "dphubert",
-            card
-            + [
-                f"checkpoint.save_dir={self.path('stage1')}",
-                *cpu_overrides(size),
-                *run_length(size.stage1_updates, size.stage1_updates // 30),
+            "stage1",
+            card,
+            size.stage1_updates,
+            size.stage1_updates // 30,
+            [
                 f"criterion.target_sparsity={size.target_sparsity}",
                 f"criterion.sparsity_warmup_updates={max(1, int(size.stage1_updates * size.sparsity_warmup_fraction))}",
                 *composite_schedule(size.lrs, size.stage1_updates, max(1, size.stage1_updates // 60)),
             ],
-            "stage1.log",
         )
 
         self.begin("export of stage 1 (dphubert-export)")
@@ -171,20 +182,17 @@ class Quickstart:
         self.export(self.path("stage1", "checkpoint_last.pt"), pruned1, "export1.log")
 
         self.begin("stage 2: distilling the pruned model (--config-name dphubert_final), then export")
-        stage2 = self.hydra_train(
-            os.path.join(REPO, "configs"),
+        stage2 = self.distil(
             "dphubert_final",
-            card
-            + [
-                f"task.student_path={pruned1}",
-                f"checkpoint.save_dir={self.path('stage2')}",
-                *cpu_overrides(size),
-                *run_length(size.stage2_updates, size.stage2_updates // 10),
+            "stage2",
+            card + [f"task.student_path={pruned1}"],
+            size.stage2_updates,
+            size.stage2_updates // 10,
+            [
                 f"optimization.lr=[{size.lrs['default'] / 2}]",
                 f"lr_scheduler.warmup_updates={max(1, size.stage2_updates // 10)}",
                 f"lr_scheduler.total_num_update={size.stage2_updates}",
             ],
-            "stage2.log",
         )
         final = self.path("dphubert.pt")
         self.export(self.path("stage2", "checkpoint_last.pt"), final, "export2.log")
