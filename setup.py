@@ -14,6 +14,7 @@ REQUIRES = [
     "soundfile",
     "numpy",
     "omegaconf>=2.1",
+    "tensorboardX",  # fairseq writes the training curves (common.tensorboard_logdir) through it
     "ve-fairseq==0.12.3; python_version >= '3.11'",
     "fairseq>=0.12.2; python_version < '3.11'",
 ]

@@ -2,7 +2,7 @@
 # The benchmarks on a lent GPU machine, as one prepared run (../shared/gpu/README.md). From the project root,
 # on this machine first:  echo /.whl/ >> .git/info/exclude && ../shared/gpu/fetch_wheels.sh .whl
 # then run this script there with .whl carried along; tables and JSON land in $OUT (default benchmarks/results).
-# About 6 minutes on an H100: a Base-shaped stage-1 update against stock HuBERT pretraining (bf16, 16 x 10 s),
+# About 6 minutes on an H100: a Base-shaped stage-1 update against stock HuBERT pretraining (AMP, 16 x 10 s),
 # the length scaling (8 items of 2 to 16 s), and inference (8 x 10 s, fp16).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}

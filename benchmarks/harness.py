@@ -112,7 +112,7 @@ def build_trainer(cfg, load_data: bool = True):
 
 
 def device_overrides(device: str, precision: str) -> List[str]:
-    """One process, the given device and precision ('fp32', 'fp16' or 'bf16')."""
+    """One process, the given device and precision ('fp32', 'amp', 'fp16' or 'bf16')."""
     out = [
         "distributed_training.distributed_world_size=1",
         "distributed_training.nprocs_per_node=1",
@@ -121,6 +121,7 @@ def device_overrides(device: str, precision: str) -> List[str]:
         "common.log_interval=1000000",
         "common.fp16=" + str(precision == "fp16").lower(),
         "common.bf16=" + str(precision == "bf16").lower(),
+        "common.amp=" + str(precision == "amp").lower(),
         "checkpoint.save_dir=" + tempfile.mkdtemp(prefix="dphubert-bench-ckpt-"),
     ]
     if device == "cpu":

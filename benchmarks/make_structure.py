@@ -52,7 +52,7 @@ def main() -> int:
         *run_length(args.updates, 20),
         f"criterion.target_sparsity={args.target}",
         f"criterion.sparsity_warmup_updates={args.updates * 2 // 3}",
-        *composite_schedule(lrs, args.updates, max(1, args.updates // 60)),
+        *composite_schedule(lrs, max(1, args.updates // 60)),
     ]
     command = [
         sys.executable,

@@ -24,6 +24,8 @@ from .pruning import eval_mask_params, prune
 from .teacher import checkpoint_model_name
 
 logger = logging.getLogger("dphubert_fairseq.export")
+#: An export further than this from its stage-1 target sparsity says so in its summary.
+TARGET_TOLERANCE = 0.01
 
 
 def model_from_training_checkpoint(path: str):
@@ -62,6 +64,17 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
     lines = [f"parameters: {summary['params']:,}"]
     if summary["teacher_params"]:
         lines[0] += f" of {summary['teacher_params']:,} (sparsity {summary['sparsity']:.4f})"
+        target = summary.get("target_sparsity")
+        if target is not None:
+            lines[0] += (
+                f"; target {target:.4f}, {round((1 - target) * summary['teacher_params']):,} parameters"
+            )
+            gap = summary["sparsity"] - target
+            if abs(gap) > TARGET_TOLERANCE:
+                lines.append(
+                    f"note: the export is {abs(gap):.4f} {'sparser' if gap > 0 else 'denser'} than the target: "
+                    "the run ended before its size settled (see criterion.target_projection_start)"
+                )
     lines.append("conv channels: " + " ".join(str(c) for c in summary["conv_channels"]))
     lines.append("layer  heads  ffn units")
     for i, (h, f) in enumerate(zip(summary["heads"], summary["ffn_dims"])):
@@ -113,6 +126,8 @@ def export(
         k[len("projections.") :]: v for k, v in criterion_state.items() if k.startswith("projections.")
     }
     criterion_cfg = state["cfg"].get("criterion") or {}
+    if model.gates() and criterion_cfg.get("lagrangian") and "target_sparsity" in criterion_cfg:
+        summary["target_sparsity"] = float(criterion_cfg["target_sparsity"])
     extra_state = {
         "distill_projections": projections,
         "distill_layers": criterion_cfg.get("distill_layers"),

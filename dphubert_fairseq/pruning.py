@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -329,14 +329,30 @@ def prune(
         model.train(was_training)
 
 
-def eval_mask_params(model: DPHuBERTModel) -> int:
-    """Parameters ``prune(model)`` will have: kept units of the eval masks, plus the exact-fold extras."""
+def eval_mask_params(
+    model: DPHuBERTModel, sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
+) -> Union[int, torch.Tensor]:
+    """Parameters ``prune(model)`` will have: kept units of the eval masks, plus the exact-fold extras.
+
+    An int read off the masks; with ``sync_free`` a float32 tensor computed from the same counts without
+    reading anything back to the host (for the training log and ``target_projection``). ``logit_shift``
+    (implies ``sync_free``): the count if every gate logit were shifted by it."""
+    if sync_free or logit_shift is not None:
+        return total_params(eval_count_config(model), model.unit_sizes("eval_counts", logit_shift))
     sizes = model.unit_sizes("eval")
-    norm = model.layer_norm
-    removed = norm.removed_channels + model.feature_extractor.out_channels - sizes.conv_channels[-1]
-    cfg = as_config(model.cfg)
-    cfg.feature_norm_channel_scale = (
-        norm.channel_scale is not None or model.feature_extractor.blocks[-1].gate is not None
+    cfg = eval_count_config(model)
+    cfg.feature_norm_removed_channels = (
+        model.layer_norm.removed_channels + model.feature_extractor.out_channels - sizes.conv_channels[-1]
     )
-    cfg.feature_norm_removed_channels = removed
     return int(total_params(cfg, sizes))
+
+
+def eval_count_config(model: DPHuBERTModel) -> DPHuBERTConfig:
+    """The model's config with the exact-fold extras an export of it will have: the feature LayerNorm's channel
+    scale when the last conv layer is gated, and the removed-channels column, counted whenever the last conv
+    layer is gated (``D`` parameters more than the export has while no channel is removed)."""
+    last_gated = model.feature_extractor.blocks[-1].gate is not None
+    cfg = as_config(model.cfg)
+    cfg.feature_norm_channel_scale = model.layer_norm.channel_scale is not None or last_gated
+    cfg.feature_norm_removed_channels = model.layer_norm.removed_channels + int(last_gated)
+    return cfg

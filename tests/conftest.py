@@ -17,6 +17,9 @@ def pytest_configure(config):
     for line in (
         "ignore::UserWarning:hydra",
         "ignore:.*version_base parameter is not specified.*",
+        "ignore:(?s).*selects Hydra 1.1 compatibility behavior",
+        "ignore:.*torch.cuda.amp.GradScaler.*:FutureWarning",  # fairseq's AMPOptimizer
+        "ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available",
         "ignore:(?s).*is validated against ConfigStore schema:UserWarning",
         "ignore:.*The strict flag in the compose API is deprecated.*",
         "ignore:.*Usage of deprecated keyword in package header.*",

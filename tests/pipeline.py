@@ -4,6 +4,7 @@ and runs of fairseq-hydra-train / dphubert-export as a user types them."""
 import glob
 import os
 import subprocess
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -12,6 +13,10 @@ import soundfile as sf
 from dphubert_fairseq.quickstart.runs import composite_schedule, console_script, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from benchmarks.harness import compose  # noqa: E402,F401  (configs composed as fairseq-hydra-train does)
+
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 
 
@@ -121,15 +126,15 @@ CPU_OVERRIDES = [
 ]
 
 
-def schedule_overrides(config: str, total: int, warmup: int, lrs: Dict[str, float]) -> List[str]:
-    """Shorten the learning-rate schedule(s) of a config: warm-up, then linear decay to 0 at ``total``."""
+def schedule_overrides(
+    config: str, warmup: int, lrs: Dict[str, float], total: Optional[int] = None
+) -> List[str]:
+    """Learning rate(s) and warm-up of a config; the linear decay ends at optimization.max_update, or at
+    ``total`` for a run stopped early on purpose."""
     if config == "dphubert":
-        return composite_schedule(lrs, total, warmup)
-    return [
-        f"lr_scheduler.warmup_updates={warmup}",
-        f"lr_scheduler.total_num_update={total}",
-        f"optimization.lr=[{lrs['default']}]",
-    ]
+        return composite_schedule(lrs, warmup, total)
+    out = [f"lr_scheduler.warmup_updates={warmup}", f"optimization.lr=[{lrs['default']}]"]
+    return out + ([f"lr_scheduler.total_num_update={total}"] if total is not None else [])
 
 
 def hydra_train(config: str, overrides: Sequence[str], env=None, timeout: int = 600):
@@ -161,3 +166,26 @@ def write_letter_labels(folder: str, text: str = "A TINY LABELLED SET") -> None:
     symbols = sorted(set(letters.split()))
     with open(os.path.join(folder, "dict.ltr.txt"), "w") as f:
         f.writelines(f"{s} 1\n" for s in symbols)
+
+
+def tensorboard_scalars(folder: str) -> Dict[str, Dict[str, List[float]]]:
+    """``{run: {tag: values}}`` of the TensorBoard event files under ``folder`` (one sub-folder per run,
+    e.g. ``train_inner``, ``valid``), read record by record (TFRecord framing, tensorboardX's protobufs)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*", "events.out.tfevents.*"))):
+        run_tags = out.setdefault(os.path.basename(os.path.dirname(path)), {})
+        with open(path, "rb") as f:
+            while True:
+                header = f.read(12)  # uint64 length, uint32 masked crc of the length
+                if len(header) < 12:
+                    break
+                (length,) = struct.unpack("<Q", header[:8])
+                event = event_pb2.Event.FromString(f.read(length))
+                f.read(4)  # crc of the data
+                for value in event.summary.value:
+                    run_tags.setdefault(value.tag, []).append(value.simple_value)
+    return out

@@ -85,3 +85,56 @@ def test_expected_params_agrees_with_the_count_of_a_sampled_structure(tiny_teach
     sizes = model.unit_sizes("eval")
     cfg = dataclasses.replace(model.cfg)
     assert model.expected_params().item() == pytest.approx(int(total_params(cfg, sizes)), rel=1e-6)
+
+
+# The reference implementation divides by 94,371,456 for HuBERT Base: its own model format has a per-channel
+# scale after the CNN (512 entries) that a fairseq HuBERT does not have. We divide by what the teacher has.
+REFERENCE_BASE_DENOMINATOR = 94_371_456
+
+
+def test_denominator_is_what_the_fairseq_teacher_has(tmp_path):
+    _, _, teacher, _ = build("hubert", str(tmp_path), size="base")
+    last_conv_channels = teacher.feature_extractor.conv_layers[-1][0].out_channels
+    assert dp.count_params(teacher) == direct_count(counted_modules(teacher)) == BASE_COUNT
+    assert REFERENCE_BASE_DENOMINATOR - BASE_COUNT == last_conv_channels == 512
+    # the difference moves a 0.75 target by 1e-6 of the teacher: 96 parameters of a 23.6M student
+    assert round(0.25 * REFERENCE_BASE_DENOMINATOR) - round(0.25 * BASE_COUNT) == 128
+
+
+def test_a_removed_pre_ln_block_takes_its_layer_norm_along(tiny_teachers, unequal_batch):
+    """Pre-LN (Large) layers: a block closed by its whole-layer gate is removed with its LayerNorm, which has
+    nothing left to normalise for; the count, the expected count and the exported modules agree on it. (The
+    reference keeps and counts both LayerNorms: 2 D parameters more per removed block.)"""
+    from conftest import padded_batch
+
+    from dphubert_fairseq.param_count import attention_params, ffn_params, layer_norm_params
+
+    model = dp.student_from_teacher(
+        tiny_teachers["hubert_large"], prune_units=("head", "interm", "attlayer", "ffnlayer")
+    )
+    with torch.no_grad():
+        for gate in model.gates().values():
+            gate.log_alpha.fill_(40.0)
+        model.encoder.layers[0].self_attn.layer_gate.log_alpha.fill_(-40.0)
+        model.encoder.layers[1].ffn.layer_gate.log_alpha.fill_(-40.0)
+    full = dp.count_params(model)
+    dim = model.cfg.encoder_embed_dim
+    pruned = dp.prune(model)
+    assert pruned.pruning_report.exact
+    layers = pruned.encoder.layers
+    assert layers[0].self_attn is None and layers[0].self_attn_layer_norm is None
+    assert layers[1].ffn is None and layers[1].final_layer_norm is None
+    assert layers[0].final_layer_norm is not None and layers[1].self_attn_layer_norm is not None
+    assert dp.count_params(pruned) == counted_student_params(pruned)
+    assert model.expected_params().item() == pytest.approx(dp.count_params(pruned), rel=1e-6)
+    cfg = model.cfg
+    removed = (
+        attention_params(dim, cfg.attention_head_dim, cfg.encoder_attention_heads[0])
+        + ffn_params(dim, cfg.encoder_ffn_embed_dims[1])
+        + 2 * layer_norm_params(dim)
+    )
+    assert full - dp.count_params(pruned) == removed
+    source, mask = padded_batch(unequal_batch, normalize=True)
+    model.eval()
+    for a, b in zip(model.hidden_states(source, mask), pruned.hidden_states(source, mask)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

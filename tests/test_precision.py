@@ -62,3 +62,82 @@ def test_lagrangian_is_maximised_over_the_multipliers():
         opt.step()
     # ascent on lambda1 * gap makes lambda1 negative, on lambda2 * gap^2 makes lambda2 positive
     assert lagrangian.lambda1.item() < 0 < lagrangian.lambda2.item()
+
+
+def _amp_and_plain_updates(cfg, make_params):
+    """One AMP step (fairseq's AMPOptimizer with a loss scale of 1024) and one fp32 step on equal copies of the
+    parameters; returns their updates and the AMP optimizer."""
+    from fairseq import optim
+    from fairseq.optim.amp_optimizer import AMPOptimizer
+
+    updates = []
+    for amp in (True, False):
+        params = make_params()
+        start = [p.detach().clone() for p in params]
+        if amp:
+            opt = AMPOptimizer.build_optimizer(cfg, params)
+            opt._grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # CUDA's scaler is off on CPU
+        else:
+            opt = optim.build_optimizer(cfg.optimizer, params)
+        opt.zero_grad()
+        scales = torch.logspace(-7, -2, 6)
+        loss = sum((p * scales[i % 6]).sum() for i, p in enumerate(params))
+        opt.backward(loss)
+        opt.clip_grad_norm(10.0)
+        opt.step()
+        updates.append([p.detach() - s for p, s in zip(params, start)])
+        if amp:
+            amp_opt = opt
+    return updates, amp_opt
+
+
+def test_amp_unscales_gradients_once_with_the_recipes_composite_optimizer():
+    """fairseq's AMPOptimizer unscaled every gradient twice (clip and step named different objects to the
+    GradScaler) and failed on the composite optimizer; the plugin's fix makes an AMP step an fp32 step."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pipeline as P
+
+    cfg = P.compose(
+        os.path.join(P.REPO, "configs"),
+        "dphubert",
+        ["task.data=D", "task.teacher_path=T", "checkpoint.save_dir=O", "optimization.max_update=10"],
+    )
+
+    def make_params():
+        params = []
+        for group in ("default", "gates", "lagrangian"):
+            for _ in range(2):
+                p = torch.nn.Parameter(torch.ones(3))
+                p.param_group = group
+                params.append(p)
+        return params
+
+    (amp, plain), opt = _amp_and_plain_updates(cfg, make_params)
+    assert any(u.abs().max() > 0 for u in plain)
+    for a, b in zip(amp, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    state = opt.state_dict()  # checkpoints save it
+    assert set(state) == {"default", "gates", "lagrangian"}
+    opt.load_state_dict(state)
+
+
+def test_amp_step_equals_the_fp32_step_with_stage2s_plain_adam():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pipeline as P
+
+    cfg = P.compose(
+        os.path.join(P.REPO, "configs"),
+        "dphubert_final",
+        ["task.data=D", "task.teacher_path=T", "checkpoint.save_dir=O", "task.student_path=S"],
+    )
+    (amp, plain), _ = _amp_and_plain_updates(
+        cfg, lambda: [torch.nn.Parameter(torch.ones(3)) for _ in range(6)]
+    )
+    for a, b in zip(amp, plain):  # without the fix the smallest gradients' updates shrank ~250-fold
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)

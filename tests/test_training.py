@@ -57,7 +57,7 @@ def stage1(workdir, data, teacher):
             f"dataset.validate_interval_updates={STAGE1_UPDATES}",
             f"checkpoint.save_interval_updates={STAGE1_UPDATES}",
         ]
-        + P.schedule_overrides("dphubert", STAGE1_UPDATES, 5, LRS),
+        + P.schedule_overrides("dphubert", 5, LRS),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return save_dir, out.stdout
@@ -95,7 +95,12 @@ def test_stage1_reaches_the_target_sparsity(stage1):
         "valid_kept_conv_channels",
     ):
         assert key in valid
-    assert abs(float(valid["valid_eval_sparsity"]) - 0.5) <= 0.03
+    assert abs(float(valid["valid_eval_sparsity"]) - 0.5) <= 0.02
+    # the final phase (target_projection_start 0.9) holds the eval-mask size on the target; before it, the
+    # training log's sync-free eval sparsity agrees with the validation's mask-based one
+    assert abs(float(train[-1]["eval_sparsity"]) - 0.5) <= 0.02 and "projection_offset" in train[-1]
+    assert "projection_offset" not in train[len(train) * 8 // 10]
+    assert float(train[-1]["eval_sparsity"]) == pytest.approx(float(valid["valid_eval_sparsity"]), abs=2e-3)
     assert os.path.exists(os.path.join(save_dir, "checkpoint_last.pt"))
     # the teacher never went into the checkpoint
     state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"))
@@ -109,6 +114,29 @@ def test_stage1_reaches_the_target_sparsity(stage1):
     }
 
 
+def test_stage1_writes_tensorboard_curves(stage1):
+    save_dir, _ = stage1
+    runs = P.tensorboard_scalars(os.path.join(save_dir, "tensorboard"))
+    assert {"train_inner", "train", "valid"} <= set(runs)
+    for tag in (
+        "loss",
+        "distill_loss",
+        "expected_sparsity",
+        "eval_sparsity",
+        "target_sparsity",
+        "lambda1",
+        "lambda2",
+        "expected_params",
+        "lr_default",
+        "lr_gates",
+        "lr_lagrangian",
+    ):
+        assert len(runs["train_inner"][tag]) == STAGE1_UPDATES // 10, tag
+    assert runs["train_inner"]["target_sparsity"][-1] == pytest.approx(0.5)
+    for tag in ("loss", "distill_loss", "expected_sparsity", "eval_sparsity", "eval_params", "lambda1"):
+        assert len(runs["valid"][tag]) == 1, tag
+
+
 def test_export_stage2_export(stage1, workdir, data, teacher):
     save_dir, _ = stage1
     pruned1 = str(workdir / "stage1_pruned.pt")
@@ -120,7 +148,9 @@ def test_export_stage2_export(stage1, workdir, data, teacher):
     for key in ("params", "teacher_params", "sparsity", "conv_channels", "heads", "ffn_dims"):
         assert key in summary
     assert len(summary["heads"]) == len(summary["ffn_dims"]) == 12 and len(summary["conv_channels"]) == 7
-    assert abs(summary["sparsity"] - 0.5) <= 0.03
+    # the export lands on the target after a run of a few hundred updates, and says what it was asked
+    assert abs(summary["sparsity"] - 0.5) <= 0.02 and summary["target_sparsity"] == 0.5
+    assert "target 0.5000" in out.stdout and "note:" not in out.stdout
     assert summary["params"] == dp.count_params(dp.load_model(pruned1))
 
     stage2_dir = str(workdir / "stage2")
@@ -130,7 +160,7 @@ def test_export_stage2_export(stage1, workdir, data, teacher):
         + [f"task.student_path={pruned1}"]
         + P.CPU_OVERRIDES
         + ["dataset.max_tokens=48000", "optimization.max_update=6", "common.log_interval=1"]
-        + P.schedule_overrides("dphubert_final", 6, 2, {"default": 1e-4}),
+        + P.schedule_overrides("dphubert_final", 2, {"default": 1e-4}),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "expected_sparsity" not in P.logged(out.stdout, "train_inner")[0]  # no Lagrangian in stage 2
@@ -215,7 +245,8 @@ RESUME_ARGS = [
     "criterion.sparsity_warmup_updates=4",
     "checkpoint.save_interval_updates=6",
     "dataset.validate_interval_updates=1000",
-] + P.schedule_overrides("dphubert", 12, 2, LRS)
+    "+criterion.max_update=12",  # the first run stops at 6 on purpose: the landing phase still starts at 11
+] + P.schedule_overrides("dphubert", 2, LRS, total=12)
 
 
 def test_resume_continues_exactly(workdir, data, teacher):
@@ -258,6 +289,7 @@ def test_resume_continues_exactly(workdir, data, teacher):
         for key in keys:
             assert record[key] == expected[update][key], (update, key)
     assert float(got["12"]["lambda1"]) != 0.0
+    assert "projection_offset" in got["12"] and "projection_offset" not in got["10"]
 
 
 def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
@@ -281,10 +313,11 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
             "distributed_training.ddp_backend=legacy_ddp",
             "dataset.max_tokens=24000",
             "optimization.max_update=4",
+            "criterion.sparsity_warmup_updates=0",
             "common.log_interval=1",
             "checkpoint.save_interval_updates=4",
         ]
-        + P.schedule_overrides("dphubert", 4, 1, LRS)
+        + P.schedule_overrides("dphubert", 1, LRS)
     )
     cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train")
     cmd += ["--config-dir", "configs", "--config-name", "dphubert"]
@@ -316,7 +349,8 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
             "dphubert",
             card(data, teacher, str(workdir / "single"))
             + P.CPU_OVERRIDES
-            + ["dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"],
+            + ["dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"]
+            + ["criterion.sparsity_warmup_updates=0"],
         ).stdout,
         "train_inner",
     )

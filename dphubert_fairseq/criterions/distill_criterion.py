@@ -2,16 +2,19 @@
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+from omegaconf.errors import OmegaConfBaseException
 
 from ..pruning import eval_mask_params
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
+from .target_projection import project_to_target
 
 
 @dataclass
@@ -44,6 +47,22 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
     )
     sparsity_warmup_updates: int = field(
         default=5000, metadata={"help": "updates over which the target ramps linearly from 0"}
+    )
+    target_projection_start: float = field(
+        default=0.9,
+        metadata={
+            "help": "fraction of optimization.max_update after which every update ends by shifting all gate "
+            "logits by one common offset so that the eval-mask size (what the export keeps) is the target; "
+            "the run then lands on the target whatever its length (1.0: the Lagrangian alone, as the "
+            "reference). See criterions/target_projection.py"
+        },
+    )
+    max_update: Optional[int] = field(
+        default=II("optimization.max_update"),
+        metadata={
+            "help": "the run's length, taken from optimization.max_update: a target ramp that does not end "
+            "before it is refused"
+        },
     )
 
 
@@ -80,12 +99,41 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                     "criterion.distill_layers / prediction_heads differ from the stage-1 run whose projections "
                     "task.student_path carries; use the same settings"
                 ) from None
+        total = _run_length(cfg)
+        if cfg.lagrangian and total and cfg.sparsity_warmup_updates > total:
+            raise ValueError(
+                f"criterion.sparsity_warmup_updates={cfg.sparsity_warmup_updates} is beyond "
+                f"optimization.max_update={total}: the target would never be reached; the recipe ramps over "
+                f"the first tenth of the run (here {total // 10})"
+            )
+        if not 0.0 <= cfg.target_projection_start <= 1.0:
+            raise ValueError(
+                f"criterion.target_projection_start must be in [0, 1], got {cfg.target_projection_start}"
+            )
         self.lagrangian = SparsityLagrangian() if cfg.lagrangian else None
+        self.projection_from = (
+            math.ceil(cfg.target_projection_start * total)
+            if cfg.lagrangian and total and cfg.target_projection_start < 1.0
+            else None
+        )
+        self.projection_offset: Optional[torch.Tensor] = None
         self.teacher_params = _teacher_params(task)
         self.num_updates = 0
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
+
+    def after_optimizer_step(self, model, update_num: int) -> None:
+        """Called by the task after each optimizer step: in the final phase, project the gates onto the
+        target size (``target_projection``)."""
+        if self.projection_from is None or update_num + 1 < self.projection_from:
+            return
+        if target_sparsity(self.cfg.target_sparsity, self.cfg.sparsity_warmup_updates, update_num) < (
+            self.cfg.target_sparsity
+        ):
+            return  # still ramping: nothing to land on yet
+        target_params = (1.0 - self.cfg.target_sparsity) * self.teacher_params
+        self.projection_offset = project_to_target(unwrap(model), target_params)
 
     def current_target(self) -> float:
         return target_sparsity(self.cfg.target_sparsity, self.cfg.sparsity_warmup_updates, self.num_updates)
@@ -137,6 +185,11 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                 lambda2=self.lagrangian.lambda2.detach().clone(),
                 expected_params=expected.detach(),
             )
+            if self.projection_offset is not None:
+                log["projection_offset"] = self.projection_offset.detach().clone()
+            if model.training:  # what an export would keep now (validation logs it from the masks themselves)
+                eval_params = eval_mask_params(unwrap(model), sync_free=True)
+                log["eval_sparsity"] = 1.0 - eval_params / self.teacher_params
         if not model.training:
             self._log_eval_masks(model, log)
         return loss, 1, log
@@ -178,6 +231,18 @@ def unwrap(model):
     while not hasattr(model, "unit_sizes") and hasattr(model, "module"):
         model = model.module
     return model
+
+
+def _run_length(cfg) -> Optional[int]:
+    """``optimization.max_update`` as the criterion's config sees it; None where it cannot be resolved (a
+    config built outside a full fairseq config) or is 0 (no limit)."""
+    try:
+        value = cfg.max_update
+    except OmegaConfBaseException:  # an interpolation without the rest of the config
+        return None
+    if isinstance(value, str) or not value:
+        return None
+    return int(value)
 
 
 def _teacher_params(task) -> int:

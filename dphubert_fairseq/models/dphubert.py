@@ -324,31 +324,34 @@ class DPHuBERTModel(BaseFairseqModel):
         """Every gate of the model, by its module path."""
         return {name: m for name, m in self.named_modules() if isinstance(m, HardConcrete)}
 
-    def unit_sizes(self, mode: str = "expected") -> UnitSizes:
+    def unit_sizes(self, mode: str = "expected", logit_shift: Optional[torch.Tensor] = None) -> UnitSizes:
         """Size of each prunable structure.
 
-        ``mode``: 'static' (the config's sizes), 'expected' (expected open gates, differentiable tensors) or
-        'eval' (gates open in the deterministic eval masks).
+        ``mode``: 'static' (the config's sizes), 'expected' (expected open gates, differentiable tensors),
+        'eval' (gates open in the deterministic eval masks, ints) or 'eval_counts' (the same counts as float32
+        tensors, computed from the expected counts without a host sync, for training logs).
+        ``logit_shift`` (with 'expected' / 'eval_counts'): the sizes if every gate logit were shifted by it.
         """
-        if mode not in ("static", "expected", "eval"):
-            raise ValueError(f"mode must be 'static', 'expected' or 'eval', got {mode!r}")
+        if mode not in ("static", "expected", "eval", "eval_counts"):
+            raise ValueError(f"mode must be 'static', 'expected', 'eval' or 'eval_counts', got {mode!r}")
         if mode == "static":
             return static_sizes(self.cfg)
-        if mode == "expected" and len(self.gate_set):
-            expected = dict(zip(self.gate_set.gates, self.gate_set.expected_open().unbind()))
+        if mode in ("expected", "eval_counts") and len(self.gate_set):
+            count = self.gate_set.expected_open if mode == "expected" else self.gate_set.eval_open
+            counts = dict(zip(self.gate_set.gates, count(logit_shift).unbind()))
 
         def size(gate: Optional[HardConcrete], static: int):
             if gate is None:
                 return static
-            if mode == "expected":
-                return expected[gate]
+            if mode != "eval":
+                return counts[gate]
             return int((gate.deterministic_mask() > 0).sum())
 
         def keep(gate: Optional[HardConcrete], present: bool):
             if not present or gate is None:
                 return int(present)
-            if mode == "expected":
-                return expected[gate]  # one gate: the expected count is the keep probability
+            if mode != "eval":
+                return counts[gate]  # one gate: the expected count is the keep probability
             return int(gate.deterministic_mask()[0] > 0)
 
         heads, ffn_dims, att_keep, ffn_keep = [], [], [], []

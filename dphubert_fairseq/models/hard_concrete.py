@@ -100,12 +100,14 @@ class GateSet:
     def __init__(self, gates: Sequence[HardConcrete]) -> None:
         self.gates = tuple(gates)
         self._segments: Dict[torch.device, torch.Tensor] = {}
+        self._sizes: Dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.gates)
 
-    def _log_alpha(self) -> torch.Tensor:
-        return torch.cat([g.log_alpha.float() for g in self.gates])
+    def _log_alpha(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        log_alpha = torch.cat([g.log_alpha.float() for g in self.gates])
+        return log_alpha if shift is None else log_alpha + shift
 
     def _segment_ids(self, device: torch.device) -> torch.Tensor:
         if device not in self._segments:
@@ -113,11 +115,25 @@ class GateSet:
             self._segments[device] = torch.repeat_interleave(torch.arange(len(self.gates)), sizes).to(device)
         return self._segments[device]
 
-    def expected_open(self) -> torch.Tensor:
-        """Expected number of open gates of each gate vector, ``(len(self),)`` float32, differentiable."""
-        probs = prob_open(self._log_alpha())
+    def expected_open(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Expected number of open gates of each gate vector, ``(len(self),)`` float32, differentiable.
+        ``shift``: a scalar added to every logit first (what-if counts for ``target_projection``)."""
+        probs = prob_open(self._log_alpha(shift))
         ids = self._segment_ids(probs.device)
         return torch.zeros(len(self.gates), device=probs.device).index_add(0, ids, probs)
+
+    def eval_open(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Number of gates open in each gate vector's deterministic (eval) mask, ``(len(self),)`` float32:
+        ``n - round(n - L0)``, the count ``HardConcrete.deterministic_mask`` keeps, computed without reading
+        any value back to the host. ``shift`` as in ``expected_open``."""
+        with torch.no_grad():
+            expected = self.expected_open(shift)
+            if expected.device not in self._sizes:
+                self._sizes[expected.device] = torch.tensor([float(g.n) for g in self.gates]).to(
+                    expected.device
+                )
+            n = self._sizes[expected.device]
+            return n - torch.round(n - expected)
 
     @contextmanager
     def drawn(self) -> Iterator[None]:

@@ -173,7 +173,7 @@ class Quickstart:
             [
                 f"criterion.target_sparsity={size.target_sparsity}",
                 f"criterion.sparsity_warmup_updates={max(1, int(size.stage1_updates * size.sparsity_warmup_fraction))}",
-                *composite_schedule(size.lrs, size.stage1_updates, max(1, size.stage1_updates // 60)),
+                *composite_schedule(size.lrs, max(1, size.stage1_updates // 60)),
             ],
         )
 
@@ -191,7 +191,6 @@ class Quickstart:
             [
                 f"optimization.lr=[{size.lrs['default'] / 2}]",
                 f"lr_scheduler.warmup_updates={max(1, size.stage2_updates // 10)}",
-                f"lr_scheduler.total_num_update={size.stage2_updates}",
             ],
         )
         final = self.path("dphubert.pt")
@@ -230,6 +229,7 @@ class Quickstart:
             {
                 "update": int(r["num_updates"]),
                 "expected_sparsity": float(r["expected_sparsity"]),
+                "eval_sparsity": float(r["eval_sparsity"]),
                 "target_sparsity": float(r["target_sparsity"]),
                 "distill_loss": float(r["distill_loss"]),
             }

@@ -20,6 +20,11 @@ def forward_seconds(model: torch.nn.Module, source: torch.Tensor, hidden_states,
     return sorted(times)[len(times) // 2]
 
 
+def target_params(report: Dict[str, Any]) -> int:
+    """The parameter count the target sparsity asks for."""
+    return round((1.0 - report["target_sparsity"]) * report["teacher"]["params"])
+
+
 def markdown(report: Dict[str, Any]) -> str:
     s = report["student"]
     lines = [
@@ -35,8 +40,9 @@ def markdown(report: Dict[str, Any]) -> str:
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms | "
         f"{report['timing']['student_seconds'] * 1000:.1f} ms |",
         "",
-        f"Sparsity reached {s['sparsity']:.3f} (target {report['target_sparsity']:.2f}). Final distillation loss "
-        f"(stage 2, validation) {report['final_distill_loss']:.4f}. Wall time of the whole run: "
+        f"Target sparsity {report['target_sparsity']:.3f} (about {target_params(report):,} parameters); "
+        f"reached {s['sparsity']:.3f}: the exported model has {s['params']:,} parameters. Final distillation "
+        f"loss (stage 2, validation) {report['final_distill_loss']:.4f}. Wall time of the whole run: "
         f"{report['wall_seconds']:.0f} s.",
         "",
         "| layer | heads kept | FFN units kept |",
@@ -63,7 +69,8 @@ def terminal(report: Dict[str, Any]) -> str:
     s, t = report["student"], report["teacher"]
     lines = [
         f"teacher {t['params']:,} parameters -> student {s['params']:,} "
-        f"(sparsity {s['sparsity']:.3f}, target {report['target_sparsity']:.2f})",
+        f"(target sparsity {report['target_sparsity']:.3f}, about {target_params(report):,} parameters; "
+        f"reached {s['sparsity']:.3f})",
         f"forward on {report['timing']['audio_seconds']:.0f} s of audio: teacher "
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms, "
         f"student {report['timing']['student_seconds'] * 1000:.1f} ms",
@@ -79,8 +86,8 @@ def terminal(report: Dict[str, Any]) -> str:
 
 
 def figures(report: Dict[str, Any], curve: List[Dict[str, float]], folder: str) -> List[str]:
-    """architecture.png (kept vs original per layer) and training.png (expected sparsity vs target, and the
-    distillation loss, over the stage-1 updates)."""
+    """architecture.png (kept vs original per layer) and training.png (expected and eval-mask sparsity vs
+    target, and the distillation loss, over the stage-1 updates)."""
     import logging
 
     import matplotlib
@@ -113,6 +120,12 @@ def figures(report: Dict[str, Any], curve: List[Dict[str, float]], folder: str) 
     fig, left = plt.subplots(figsize=(8, 4.5))
     updates = [c["update"] for c in curve]
     left.plot(updates, [c["expected_sparsity"] for c in curve], label="expected sparsity", color="#3b75af")
+    left.plot(
+        updates,
+        [c["eval_sparsity"] for c in curve],
+        label="eval-mask sparsity (what an export keeps)",
+        color="#55a868",
+    )
     left.plot(
         updates, [c["target_sparsity"] for c in curve], "--", label="target", color="#3b75af", alpha=0.6
     )

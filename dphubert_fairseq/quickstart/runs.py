@@ -46,17 +46,14 @@ def run_logged(
     return "".join(lines)
 
 
-def composite_schedule(lrs: Dict[str, float], total: int, warmup: int) -> List[str]:
-    """Overrides of ``configs/dphubert.yaml``'s three optimizer groups: each group's learning rate, then one
-    shape for all, linear warm-up over ``warmup`` updates and linear decay to 0 at ``total``."""
-    out = []
-    for group, lr in lrs.items():
-        prefix = f"optimizer.groups.{group}"
-        out += [
-            f"{prefix}.lr_float={lr}",
-            f"{prefix}.lr_scheduler.warmup_updates={warmup}",
-            f"{prefix}.lr_scheduler.total_num_update={total}",
-        ]
+def composite_schedule(lrs: Dict[str, float], warmup: int, total: Optional[int] = None) -> List[str]:
+    """Overrides of ``configs/dphubert.yaml``'s three optimizer groups: each group's learning rate and the one
+    warm-up key the groups share. Their decay ends at ``optimization.max_update``, or at ``total`` (for a run
+    stopped early on purpose, e.g. to test resuming)."""
+    out = [f"optimizer.groups.{group}.lr_float={lr}" for group, lr in lrs.items()]
+    out.append(f"optimizer.groups.default.lr_scheduler.warmup_updates={warmup}")
+    if total is not None:
+        out += [f"optimizer.groups.{group}.lr_scheduler.total_num_update={total}" for group in lrs]
     return out
 
 
@@ -65,6 +62,7 @@ def cpu_run(max_tokens: int, min_sample_size: int, max_sample_size: int) -> List
     ``max_sample_size`` samples and those shorter than ``min_sample_size`` skipped."""
     return [
         "common.fp16=false",
+        "common.amp=false",
         "common.cpu=true",
         "distributed_training.distributed_world_size=1",
         "distributed_training.nprocs_per_node=1",

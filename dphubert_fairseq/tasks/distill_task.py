@@ -8,11 +8,13 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
 from omegaconf import MISSING, open_dict
 
 from ..checkpoint_io import load_model_and_extra_state
+from ..data.length_filter import drop_long_utterances
 from ..data.manifest_check import check_manifest
 from ..errors import CheckpointError
 from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
@@ -51,6 +53,16 @@ _ARCHITECTURE_KEYS = [
     "teacher_params",
 ]
 _TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout_input", "feature_grad_mult"]
+LONG_UTTERANCES = ChoiceEnum(["drop", "crop"])
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether the current code runs inside ``torch.autocast`` for ``device``'s type (fairseq's ``common.amp``
+    wraps each training step in CUDA autocast)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 takes no device type and answers for CUDA
+        return device.type == "cuda" and torch.is_autocast_enabled()
 
 
 @dataclass
@@ -64,6 +76,14 @@ class DPHuBERTDistillConfig(AudioPretrainingConfig):
         metadata={
             "help": "stage 2: the exported stage-1 model (dphubert-export output) to distil further without "
             "pruning; unset for stage 1, where the student is a gated copy of the teacher"
+        },
+    )
+    long_utterances: LONG_UTTERANCES = field(
+        default="drop",
+        metadata={
+            "help": "utterances longer than task.max_sample_size: 'drop' leaves them out (the reference recipe; "
+            "the log says how many and how much audio), 'crop' keeps them and trains on a random "
+            "max_sample_size window of each (fairseq's audio_pretraining behaviour)"
         },
     )
     check_audio_files: bool = field(
@@ -88,6 +108,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         self._teacher_config: Optional[DPHuBERTConfig] = None
         #: distillation projections carried over from the stage-1 export (stage 2), for the criterion
         self.initial_projections: Optional[Dict[str, torch.Tensor]] = None
+        self._criterion: Optional[nn.Module] = None
 
     @classmethod
     def setup_task(cls, cfg: DPHuBERTDistillConfig, **kwargs) -> "DPHuBERTDistillTask":
@@ -143,15 +164,23 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
     def teacher_hidden_states(
         self, net_input: Dict[str, torch.Tensor], dtype: torch.dtype, num_layers: Optional[int] = None
     ) -> List[torch.Tensor]:
-        """The teacher's ``[h_0, ..., h_num_layers]`` (default: all layers) for a batch, on the batch's device,
-        in ``dtype`` (the student's: half precision when the student trains in fp16 / bf16)."""
+        """The teacher's ``[h_0, ..., h_num_layers]`` (default: all layers) for a batch, on the batch's device.
+
+        Under automatic mixed precision (``common.amp``: the step runs inside autocast) the teacher keeps float32
+        weights, autocast runs its matmuls in half precision, and the states come back as float32, as in the
+        reference. Otherwise the teacher runs in ``dtype``, the student's (fp16 / bf16 under ``common.fp16`` /
+        ``common.bf16``, whose trainer casts the student's weights), and so do the states."""
         source = net_input["source"]
+        amp = autocast_enabled(source.device)
+        if amp:
+            dtype = torch.float32
         teacher = self.teacher
         reference = next(teacher.parameters())
         if reference.device != source.device or reference.dtype != dtype:
             teacher.to(device=source.device, dtype=dtype)
         teacher.eval()
-        return teacher_hidden_states(teacher, source.to(dtype), net_input.get("padding_mask"), num_layers)
+        states = teacher_hidden_states(teacher, source.to(dtype), net_input.get("padding_mask"), num_layers)
+        return [h.float() for h in states] if amp else states
 
     # ----- data -----
 
@@ -160,6 +189,23 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         count = check_manifest(manifest, int(self.cfg.sample_rate), read_headers=self.cfg.check_audio_files)
         logger.info("%s: %d utterances checked", manifest, count)
         super().load_dataset(split, task_cfg, **kwargs)
+        if self.cfg.long_utterances == "drop" and self.cfg.max_sample_size:
+            left_out = drop_long_utterances(self.datasets[split], int(self.cfg.max_sample_size))
+            logger.info(
+                "%s: left out %d utterances longer than task.max_sample_size=%d samples (%.1f s of audio); "
+                "%d remain",
+                manifest,
+                left_out.count,
+                self.cfg.max_sample_size,
+                left_out.seconds(int(self.cfg.sample_rate)),
+                len(self.datasets[split]),
+            )
+            if len(self.datasets[split]) == 0:
+                raise ValueError(
+                    f"{manifest}: no utterance is between task.min_sample_size={self.cfg.min_sample_size} and "
+                    f"task.max_sample_size={self.cfg.max_sample_size} samples; change them, or set "
+                    "task.long_utterances=crop"
+                )
 
     # ----- model -----
 
@@ -206,4 +252,10 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
             criterion.set_num_updates(update_num)
+        self._criterion = criterion  # for optimizer_step, which fairseq calls without it
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def optimizer_step(self, optimizer, model, update_num) -> None:
+        super().optimizer_step(optimizer, model, update_num)
+        if hasattr(self._criterion, "after_optimizer_step"):
+            self._criterion.after_optimizer_step(model, update_num)
