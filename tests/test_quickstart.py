@@ -49,6 +49,18 @@ def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conft
     assert len(report["student"]["heads"]) == len(report["teacher"]["heads"]) == 12
     assert report["timing"]["teacher_seconds"] > 0 and report["timing"]["student_seconds"] > 0
     assert len(report["stage1_curve"]) > 0 and "distill_loss" in report["stage1_curve"][0]
+    assert "eval_sparsity" in report["stage1_curve"][-1]
+    # the export lands on the target, and the report says so with the parameter counts
+    assert abs(report["student"]["sparsity"] - report["target_sparsity"]) <= 0.02
+    target_params = round((1 - report["target_sparsity"]) * report["teacher"]["params"])
+    assert (
+        f"Target sparsity {report['target_sparsity']:.4f} (about {target_params:,} parameters)"
+        in (out / "report.md").read_text()
+    )
+    assert (
+        f"the exported model has {report['student']['params']:,} parameters"
+        in (out / "report.md").read_text()
+    )
     assert "teacher" in (out / "report.md").read_text() and "sparsity" in done.stdout
     assert sorted(os.listdir(tmp_path)) == ["qs"]  # nothing outside the output folder
 

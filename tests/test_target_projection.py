@@ -146,3 +146,20 @@ def test_export_summary_states_the_target_and_a_miss():
     assert "note: the export is 0.0527 sparser than the target" in text
     summary.update(params=170_000, sparsity=1 - 170_000 / 682_817)
     assert "note:" not in format_summary(summary)
+
+
+def test_a_base_shaped_student_lands_within_a_thousandth(tmp_path):
+    """The recipe's shape (HuBERT Base, conv / head / FFN gates): the projection puts the eval-mask size
+    within 0.001 of the target, from gate logits spread as after training, too dense or too sparse."""
+    from fairseq_teachers import build
+
+    _, _, teacher, _ = build("hubert", str(tmp_path), size="base")
+    model = dp.student_from_teacher(teacher, prune_units=UNITS)
+    full = dp.count_params(model)
+    g = torch.Generator().manual_seed(0)
+    for centre in (-3.0, 3.0):
+        with torch.no_grad():
+            for gate in model.gates().values():
+                gate.log_alpha.copy_(centre + 2.0 * torch.randn(gate.n, generator=g))
+        project_to_target(model, 0.25 * full)
+        assert abs(1.0 - eval_mask_params(model) / full - 0.75) < 1e-3

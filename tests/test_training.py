@@ -17,6 +17,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pipeline as P  # noqa: E402
 
 STAGE1_UPDATES = 300
+#: what stage 1 logs every interval, to the console and to TensorBoard
+STAGE1_SCALARS = (
+    "loss",
+    "distill_loss",
+    "expected_sparsity",
+    "eval_sparsity",
+    "target_sparsity",
+    "lambda1",
+    "lambda2",
+    "expected_params",
+    "lr_default",
+    "lr_gates",
+    "lr_lagrangian",
+)
 LRS = {"default": 2e-4, "gates": 0.1, "lagrangian": 0.1}
 
 
@@ -68,18 +82,7 @@ def test_stage1_reaches_the_target_sparsity(stage1):
     train = P.logged(stdout, "train_inner")
     assert len(train) == STAGE1_UPDATES // 10
     for record in train:  # logged every interval
-        for key in (
-            "loss",
-            "distill_loss",
-            "expected_sparsity",
-            "target_sparsity",
-            "lambda1",
-            "lambda2",
-            "expected_params",
-            "lr_default",
-            "lr_gates",
-            "lr_lagrangian",
-        ):
+        for key in STAGE1_SCALARS:
             assert key in record, key
     assert float(train[0]["target_sparsity"]) < 0.5 == float(train[-1]["target_sparsity"])
     assert abs(float(train[-1]["lambda1"])) > 0.1 and abs(float(train[-1]["lambda2"])) > 0.1  # they moved
@@ -118,19 +121,7 @@ def test_stage1_writes_tensorboard_curves(stage1):
     save_dir, _ = stage1
     runs = P.tensorboard_scalars(os.path.join(save_dir, "tensorboard"))
     assert {"train_inner", "train", "valid"} <= set(runs)
-    for tag in (
-        "loss",
-        "distill_loss",
-        "expected_sparsity",
-        "eval_sparsity",
-        "target_sparsity",
-        "lambda1",
-        "lambda2",
-        "expected_params",
-        "lr_default",
-        "lr_gates",
-        "lr_lagrangian",
-    ):
+    for tag in STAGE1_SCALARS:
         assert len(runs["train_inner"][tag]) == STAGE1_UPDATES // 10, tag
     assert runs["train_inner"]["target_sparsity"][-1] == pytest.approx(0.5)
     for tag in ("loss", "distill_loss", "expected_sparsity", "eval_sparsity", "eval_params", "lambda1"):
@@ -475,3 +466,24 @@ def test_legacy_fairseq_train_route(workdir, data, teacher):
     assert len(lines) == 3 and lines[-1]["target_sparsity"] == "0.5"
     model, _ = model_from_training_checkpoint(os.path.join(save_dir, "checkpoint_last.pt"))
     assert set(model.cfg.prune_units) == {"conv", "head", "interm"} and model.gates()
+
+
+def test_stage1_trains_in_bf16_too(workdir, data, teacher):
+    """The recipe trains under AMP; fairseq's bf16 mode (model cast to bf16, fp32 master weights) still
+    works, with gate logits and multipliers kept in float32. (fp16 has no CPU convolutions to test here.)"""
+    save_dir = str(workdir / "bf16")
+    out = P.hydra_train(
+        "dphubert",
+        card(data, teacher, save_dir)
+        + P.CPU_OVERRIDES
+        + ["common.amp=false", "common.bf16=true", "dataset.max_tokens=48000", "optimization.max_update=3"]
+        + ["criterion.sparsity_warmup_updates=1", "common.log_interval=1"]
+        + P.schedule_overrides("dphubert", 1, LRS),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = P.logged(out.stdout, "train_inner")
+    assert len(records) == 3 and all(abs(float(r["distill_loss"])) < 10 for r in records)
+    assert "'bf16': True" in out.stdout and "'amp': False" in out.stdout  # fairseq printed its config
+    assert float(records[-1]["lambda2"]) > 0  # the Lagrangian stepped
+    model, _ = model_from_training_checkpoint(os.path.join(save_dir, "checkpoint_last.pt"))
+    assert model.gates()  # fairseq saves the bf16 weights as fp32; the checkpoint loads as any other

@@ -40,8 +40,8 @@ def markdown(report: Dict[str, Any]) -> str:
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms | "
         f"{report['timing']['student_seconds'] * 1000:.1f} ms |",
         "",
-        f"Target sparsity {report['target_sparsity']:.3f} (about {target_params(report):,} parameters); "
-        f"reached {s['sparsity']:.3f}: the exported model has {s['params']:,} parameters. Final distillation "
+        f"Target sparsity {report['target_sparsity']:.4f} (about {target_params(report):,} parameters); "
+        f"reached {s['sparsity']:.4f}: the exported model has {s['params']:,} parameters. Final distillation "
         f"loss (stage 2, validation) {report['final_distill_loss']:.4f}. Wall time of the whole run: "
         f"{report['wall_seconds']:.0f} s.",
         "",
@@ -69,8 +69,8 @@ def terminal(report: Dict[str, Any]) -> str:
     s, t = report["student"], report["teacher"]
     lines = [
         f"teacher {t['params']:,} parameters -> student {s['params']:,} "
-        f"(target sparsity {report['target_sparsity']:.3f}, about {target_params(report):,} parameters; "
-        f"reached {s['sparsity']:.3f})",
+        f"(target sparsity {report['target_sparsity']:.4f}, about {target_params(report):,} parameters; "
+        f"reached {s['sparsity']:.4f})",
         f"forward on {report['timing']['audio_seconds']:.0f} s of audio: teacher "
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms, "
         f"student {report['timing']['student_seconds'] * 1000:.1f} ms",
