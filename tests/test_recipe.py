@@ -213,7 +213,10 @@ def test_teacher_targets_are_float32_under_autocast_and_reduced_otherwise(task):
 def test_criterion_under_autocast_keeps_loss_gates_and_multipliers_float32(task):
     model = stage1_model(task)
     criterion = DPHuBERTDistillCriterion(
-        DPHuBERTDistillCriterionConfig(target_sparsity=0.5, distill_layers="0;1,2,3"), task
+        DPHuBERTDistillCriterionConfig(
+            target_sparsity=0.5, sparsity_warmup_updates=10, distill_layers="0;1,2,3"
+        ),
+        task,
     )
     criterion.set_num_updates(10**6)
     model.train()

@@ -117,11 +117,20 @@ def test_criterion_projects_in_the_final_phase_only(task, tiny_teachers):
     assert eval_mask_params(model) == before
 
 
-def test_run_length_and_projection_settings_are_checked(task):
+def test_the_target_ramp_follows_the_run_length(task):
+    """Unset, the ramp is a tenth of optimization.max_update, as the recipe's 5k of 50k: shortening a run is
+    one knob. Set, it must end within the run."""
+    assert criterion_for(task, max_update=50_000, sparsity_warmup_updates=None).sparsity_warmup == 5_000
+    assert criterion_for(task, max_update=300, sparsity_warmup_updates=None).sparsity_warmup == 30
+    assert criterion_for(task, max_update=300, sparsity_warmup_updates=200).sparsity_warmup == 200
     with pytest.raises(
-        ValueError, match=r"sparsity_warmup_updates=10 is beyond optimization.max_update=9: the target would"
+        ValueError, match=r"sparsity_warmup_updates=10 is beyond optimization.max_update=9: the"
     ):
         criterion_for(task, max_update=9)
+    with pytest.raises(
+        ValueError, match=r"sparsity_warmup_updates: unset, and optimization.max_update is not"
+    ):
+        criterion_for(task, max_update=0, sparsity_warmup_updates=None)
     with pytest.raises(ValueError, match=r"target_projection_start must be in \[0, 1\], got 1.5"):
         criterion_for(task, max_update=100, target_projection_start=1.5)
 

@@ -304,7 +304,6 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
             "distributed_training.ddp_backend=legacy_ddp",
             "dataset.max_tokens=24000",
             "optimization.max_update=4",
-            "criterion.sparsity_warmup_updates=0",
             "common.log_interval=1",
             "checkpoint.save_interval_updates=4",
         ]
@@ -340,8 +339,7 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
             "dphubert",
             card(data, teacher, str(workdir / "single"))
             + P.CPU_OVERRIDES
-            + ["dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"]
-            + ["criterion.sparsity_warmup_updates=0"],
+            + ["dataset.max_tokens=24000", "optimization.max_update=1", "common.log_interval=1"],
         ).stdout,
         "train_inner",
     )

@@ -45,8 +45,12 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
     target_sparsity: float = field(
         default=0.75, metadata={"help": "final target of 1 - expected params / teacher params"}
     )
-    sparsity_warmup_updates: int = field(
-        default=5000, metadata={"help": "updates over which the target ramps linearly from 0"}
+    sparsity_warmup_updates: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "updates over which the target ramps linearly from 0; unset: a tenth of "
+            "optimization.max_update (the recipe's 5k of 50k)"
+        },
     )
     target_projection_start: float = field(
         default=0.9,
@@ -100,12 +104,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                     "task.student_path carries; use the same settings"
                 ) from None
         total = _run_length(cfg)
-        if cfg.lagrangian and total and cfg.sparsity_warmup_updates > total:
-            raise ValueError(
-                f"criterion.sparsity_warmup_updates={cfg.sparsity_warmup_updates} is beyond "
-                f"optimization.max_update={total}: the target would never be reached; the recipe ramps over "
-                f"the first tenth of the run (here {total // 10})"
-            )
+        self.sparsity_warmup = _sparsity_warmup(cfg, total)
         if not 0.0 <= cfg.target_projection_start <= 1.0:
             raise ValueError(
                 f"criterion.target_projection_start must be in [0, 1], got {cfg.target_projection_start}"
@@ -128,7 +127,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         target size (``target_projection``)."""
         if self.projection_from is None or update_num + 1 < self.projection_from:
             return
-        if target_sparsity(self.cfg.target_sparsity, self.cfg.sparsity_warmup_updates, update_num) < (
+        if target_sparsity(self.cfg.target_sparsity, self.sparsity_warmup, update_num) < (
             self.cfg.target_sparsity
         ):
             return  # still ramping: nothing to land on yet
@@ -136,7 +135,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         self.projection_offset = project_to_target(unwrap(model), target_params)
 
     def current_target(self) -> float:
-        return target_sparsity(self.cfg.target_sparsity, self.cfg.sparsity_warmup_updates, self.num_updates)
+        return target_sparsity(self.cfg.target_sparsity, self.sparsity_warmup, self.num_updates)
 
     def forward(self, model, sample, reduce: bool = True):
         net_input = sample["net_input"]
@@ -243,6 +242,26 @@ def _run_length(cfg) -> Optional[int]:
     if isinstance(value, str) or not value:
         return None
     return int(value)
+
+
+def _sparsity_warmup(cfg, total: Optional[int]) -> int:
+    """The target's ramp in updates: ``criterion.sparsity_warmup_updates``, or a tenth of the run."""
+    ramp = cfg.sparsity_warmup_updates
+    if not cfg.lagrangian:
+        return ramp or 0
+    if ramp is None:
+        if not total:
+            raise ValueError(
+                "criterion.sparsity_warmup_updates: unset, and optimization.max_update is not set either (a "
+                "tenth of the run is the default); set one of them"
+            )
+        return total // 10
+    if total and ramp > total:
+        raise ValueError(
+            f"criterion.sparsity_warmup_updates={ramp} is beyond optimization.max_update={total}: the target "
+            f"would never be reached; unset it for a tenth of the run ({total // 10}), as the recipe"
+        )
+    return ramp
 
 
 def _teacher_params(task) -> int:
