@@ -11,7 +11,8 @@ gradient scale 0.1 as shipped). The teacher is the same model the stock run trai
 measurement runs in its own process: the update time (median of ``--repeat`` after ``--warmup``), the peak
 memory (see ``harness.PeakMemory``) and the number of aten operations one update dispatches (a proxy for
 kernel launches on a GPU). ``floor`` is (stock update + no-grad teacher forward) / stock update: what the
-ratio would be if distillation cost nothing beyond running the teacher.
+ratio would be if distillation cost nothing beyond running the teacher. ``landing ms`` is the search that ends
+each update of the landing phase (the last tenth of stage 1, ``criterions/target_projection.py``).
 """
 
 import argparse
@@ -40,6 +41,8 @@ from harness import (
     write_audio,
     write_json,
 )
+
+from dphubert_fairseq.criterions.target_projection import offset_to_target
 
 
 def count_ops(fn) -> int:
@@ -109,6 +112,10 @@ def worker(args) -> Dict:
                 return task.teacher_hidden_states(prepared["net_input"], dtype)
 
         result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
+        # the landing phase's search (last tenth of stage 1): what it adds to each of those updates
+        model = trainer.get_model()
+        landing = lambda: offset_to_target(model, 0.25 * model.num_params())  # noqa: E731
+        result["landing_seconds"] = time_calls(landing, args.device, 1, args.repeat)
     return result
 
 
@@ -198,6 +205,7 @@ def main() -> int:
                 "time_ratio": ours["update_seconds"]["median"] / stock["update_seconds"]["median"],
                 "memory_ratio": ours["peak_memory_bytes"] / stock["peak_memory_bytes"],
                 "floor": 1 + ours["teacher_forward_seconds"]["median"] / stock["update_seconds"]["median"],
+                "landing_share": ours["landing_seconds"]["median"] / ours["update_seconds"]["median"],
                 "ops_ratio": ours["ops_per_update"] / stock["ops_per_update"],
             }
         )
@@ -208,6 +216,7 @@ def main() -> int:
         "stock ms",
         "stage-1 ms",
         "teacher fwd ms",
+        "landing ms",
         "time ratio",
         "floor",
         "stock MiB",
@@ -224,6 +233,7 @@ def main() -> int:
             ms(r, "stock"),
             ms(r, "dphubert"),
             f"{1000 * r['dphubert']['teacher_forward_seconds']['median']:.0f}",
+            f"{1000 * r['dphubert']['landing_seconds']['median']:.1f}",
             f"{r['time_ratio']:.2f}",
             f"{r['floor']:.2f}",
             mib(r, "stock"),

@@ -64,8 +64,9 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
     max_update: Optional[int] = field(
         default=II("optimization.max_update"),
         metadata={
-            "help": "the run's length, taken from optimization.max_update: a target ramp that does not end "
-            "before it is refused"
+            "help": "the run's length, taken from optimization.max_update: the target's default ramp is a "
+            "tenth of it, a ramp beyond it is refused, and the landing phase starts at "
+            "target_projection_start of it"
         },
     )
 

@@ -10,8 +10,8 @@ So in the final phase of stage 1 (``criterion.target_projection_start``, a fract
 ends with a projection onto the target: one common offset is added to every gate logit, chosen so that the
 size the eval masks imply (what ``dphubert-export`` keeps) is the nearest reachable to the target. A common
 offset keeps the gates' order, and so which units the training ranked highest; it moves the units nearest to
-the decision boundary across it, and the updates that remain let the weights adapt to them. When the
-Lagrangian has settled on its own (the recipe), the offset stays close to zero. The objective is unchanged,
+the decision boundary across it, and the updates that remain let the weights adapt to them. Where the
+Lagrangian has settled on the target by itself, the offset is close to zero. The objective is unchanged,
 and the export stays exact: it folds the masks the model has.
 
 The offset is found by bisection on the device, with no value read back to the host (so a GPU never waits).
