@@ -13,6 +13,11 @@ import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers th
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: runs training in several subprocesses (kills, resubmits); the fast lane is "
+        "`bash tests/run.sh -m 'not slow'`",
+    )
     # noise from third-party code on this stack, not from the plugin
     for line in (
         "ignore::UserWarning:hydra",
