@@ -94,3 +94,19 @@ def padded_batch(clips, normalize: bool = False):
 def unequal_batch(speech):
     """Three clips of unequal length (1.3 s, 2.0 s, 0.9 s) cut from real speech."""
     return [speech[0][:20800], speech[1][:32000], speech[2][8000:22400]]
+
+
+@pytest.fixture(scope="session")
+def speech_manifests(tmp_path_factory, speech):
+    """A folder of real-speech chunks with train/valid manifests (``pipeline.write_speech_manifests``)."""
+    import pipeline
+
+    return pipeline.write_speech_manifests(str(tmp_path_factory.mktemp("speech_data")))
+
+
+@pytest.fixture(scope="session")
+def pretrained_hubert(tmp_path_factory, speech_manifests):
+    """A 12-layer tiny HuBERT pretrained for a few updates by stock fairseq's trainer; its checkpoint path."""
+    import pipeline
+
+    return pipeline.pretrain_tiny_hubert(speech_manifests, str(tmp_path_factory.mktemp("hubert_teacher")))

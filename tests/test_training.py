@@ -40,14 +40,13 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(workdir, speech):
-    return P.write_speech_manifests(str(workdir / "data"))
+def data(speech_manifests):
+    return speech_manifests
 
 
 @pytest.fixture(scope="module")
-def teacher(workdir, data):
-    """A 12-layer tiny HuBERT pretrained for a few updates by stock fairseq's trainer."""
-    return P.pretrain_tiny_hubert(data, str(workdir / "teacher"))
+def teacher(pretrained_hubert):
+    return pretrained_hubert
 
 
 def card(data, teacher, save_dir):
