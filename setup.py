@@ -46,6 +46,10 @@ setup(
         "tested": TESTED,
         "test": ["pytest>=7", "editdistance"],  # editdistance: WER in fairseq's CTC validation
         "quickstart": ["matplotlib", "scikit-learn"],  # figures; k-means of MFCC features
+        # hydra's submitit launcher: `fairseq-hydra-train -m ... hydra/launcher=submitit_slurm` (README, "On a
+        # SLURM cluster"); submitit_local runs the same job on this machine. >=1.2: the release made for
+        # hydra-core 1.2/1.3 (tested: 1.2.0 with hydra-core 1.3.8, submitit 1.5.4)
+        "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={"console_scripts": ["dphubert-export=dphubert_fairseq.export:main"]},
     classifiers=[

@@ -1,8 +1,6 @@
 """Writing and reading ``dphubert`` models as plain fairseq checkpoints."""
 
-import os
-import tempfile
-from typing import IO, Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from fairseq import checkpoint_utils
@@ -10,36 +8,15 @@ from fairseq.dataclass.configs import FairseqConfig
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
 from omegaconf import OmegaConf
 
+from .atomic_files import atomic_write
 from .errors import CheckpointError
 from .models.dphubert import DPHuBERTModel, as_config
 from .safe_loading import read_checkpoint
 from .teacher import checkpoint_model_name
 
 
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: a crash never leaves a
-    half-written file where the last good one was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_config(model: DPHuBERTModel) -> Dict[str, Any]:

@@ -16,7 +16,8 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from . import safe_loading
-from .checkpoint_io import atomic_write_text, save_model
+from .atomic_files import atomic_write_text
+from .checkpoint_io import save_model
 from .errors import CheckpointError
 from .models.dphubert import DPHuBERTModel, as_config
 from .param_count import parse_conv_layers

@@ -1,10 +1,21 @@
 """Narrow fixes for stock fairseq paths the plugin's users take, where this fairseq build is broken."""
 
 import functools
+import logging
+import os
 
+from fairseq import checkpoint_utils
+from fairseq.data import iterators
+from fairseq.file_io import PathManager
 from fairseq.models.hubert.hubert_asr import HubertCtc
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from omegaconf import OmegaConf, open_dict
+
+from .atomic_files import atomic_copy
+from .checkpoint_recovery import checkpoint_damage, newest_intact_checkpoint, remove_stale_temporaries
+from .errors import CheckpointError
+
+logger = logging.getLogger("dphubert_fairseq")
 
 
 def _hubert_ctc_autoregressive() -> None:
@@ -51,6 +62,111 @@ def _amp_optimizer_unscales_once() -> None:
     )
 
 
+class _AtomicCopyPathManager:
+    """fairseq's PathManager, except that ``copy`` between local files is atomic."""
+
+    def __getattr__(self, name):
+        return getattr(PathManager, name)
+
+    @staticmethod
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if "://" in src_path or "://" in dst_path or (not overwrite and os.path.exists(dst_path)):
+            return PathManager.copy(src_path, dst_path, overwrite)
+        atomic_copy(src_path, dst_path)
+        return True
+
+
+def _atomic_checkpoint_copies() -> None:
+    # save_checkpoint writes checkpoint_E_N.pt atomically (a .tmp file renamed), then makes checkpoint_last.pt
+    # and checkpoint_best.pt with a plain copy over the old file: a kill during that copy leaves a truncated
+    # checkpoint_last.pt, and the next run refuses to resume. Make checkpoint_utils' copies atomic.
+    if isinstance(checkpoint_utils.PathManager, _AtomicCopyPathManager):
+        return
+    checkpoint_utils.PathManager = _AtomicCopyPathManager()
+
+
+def _resume_from_an_intact_checkpoint() -> None:
+    # A checkpoint_last.pt damaged by a kill (fairseq's plain copy, a full disk, a copy by hand) would stop
+    # every later resume although a whole checkpoint_E_N.pt lies beside it: resume from the newest whole one
+    # and say so. Decided from the files alone, so that every worker of a multi-GPU run decides the same.
+    original = checkpoint_utils.load_checkpoint
+    if getattr(original, "__dphubert_fixed__", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(cfg, trainer, **passthrough_args):
+        if cfg.restore_file != "checkpoint_last.pt":
+            return original(cfg, trainer, **passthrough_args)
+        if getattr(trainer, "should_save_checkpoint_on_current_rank", True) and os.path.isdir(cfg.save_dir):
+            removed = remove_stale_temporaries(cfg.save_dir)
+            if removed:
+                logger.info("%s: removed temporary files of interrupted saves: %s", cfg.save_dir, removed)
+        suffix = trainer.checkpoint_suffix or ""
+        last = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        problem = checkpoint_damage(last) if os.path.isfile(last) else None
+        if problem is None:
+            try:
+                return original(cfg, trainer, **passthrough_args)
+            except CheckpointError as err:
+                other = newest_intact_checkpoint(cfg.save_dir, last, suffix)
+                if other is None:
+                    raise
+                restore = os.path.basename(other)[: -len(suffix + ".pt")] + ".pt"
+                raise CheckpointError(
+                    f"{err}; to resume from the newest other checkpoint, add checkpoint.restore_file={restore}"
+                ) from None
+        other = newest_intact_checkpoint(cfg.save_dir, last, suffix)
+        if other is None:
+            raise CheckpointError(
+                f"{last}: cannot resume from it: {problem}, and {cfg.save_dir} holds no other whole checkpoint; "
+                "remove it to start the run over"
+            )
+        logger.warning(
+            "%s: %s (a kill while it was written?); resuming from the newest whole checkpoint, %s",
+            last,
+            problem,
+            other,
+        )
+        restore = os.path.join(cfg.save_dir, os.path.basename(other)[: -len(suffix + ".pt")] + ".pt")
+        with open_dict(cfg):
+            cfg.restore_file = restore
+        try:
+            return original(cfg, trainer, **passthrough_args)
+        finally:
+            with open_dict(cfg):
+                cfg.restore_file = "checkpoint_last.pt"
+
+    load_checkpoint.__dphubert_fixed__ = True
+    checkpoint_utils.load_checkpoint = load_checkpoint
+
+
+def _dummy_batch_from_a_non_empty_batch() -> None:
+    # fairseq's trainer runs an empty batch ({}) as a "dummy" copy of the split's first batch, collated once per
+    # iterator (EpochBatchIterator.first_batch). The plugin's collater returns {} for a batch whose items all
+    # hold non-finite audio; when that is the first batch, the dummy itself is {} and the trainer fails with
+    # "Invalid dummy batch: {}". Take the first batch that collates to something instead; "DUMMY" (fairseq's own
+    # placeholder, replaced by the first real batch) if none does.
+    original = iterators.EpochBatchIterator.first_batch.fget
+    if getattr(original, "__dphubert_fixed__", False):
+        return
+
+    def first_batch(self):
+        batch = original(self)
+        if batch == "DUMMY" or len(batch) > 0:
+            return batch
+        for indices in self.frozen_batches[1:]:
+            batch = self.collate_fn([self.dataset[i] for i in indices])
+            if len(batch) > 0:
+                return batch
+        return "DUMMY"
+
+    first_batch.__dphubert_fixed__ = True
+    iterators.EpochBatchIterator.first_batch = property(first_batch)
+
+
 def install() -> None:
     _hubert_ctc_autoregressive()
     _amp_optimizer_unscales_once()
+    _atomic_checkpoint_copies()
+    _resume_from_an_intact_checkpoint()
+    _dummy_batch_from_a_non_empty_batch()

@@ -10,11 +10,13 @@ import argparse
 import collections
 import functools
 import importlib
+import inspect
 import os
 import pickle
 import re
+import sys
 import typing
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 from fairseq import checkpoint_utils
@@ -54,17 +56,47 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"
 
 
-def allow_globals(names: Iterable[str]) -> None:
-    """Allow-list classes given as ``module.Class`` names, for users who trust their files."""
+#: Modules whose objects never belong in a checkpoint: they run code, import code, or reach the system.
+#: Checked on the root package, so ``os.path`` or ``importlib.util`` are denied too.
+DENIED_MODULES = frozenset(
+    "builtins os posix nt subprocess sys importlib pickle copyreg marshal shutil runpy ctypes socket code "
+    "codeop pty signal multiprocessing threading _thread asyncio tempfile io pathlib glob types functools "
+    "operator inspect gc webbrowser pydoc timeit pdb bdb cProfile profile trace ssl http urllib ftplib "
+    "smtplib telnetlib zipimport pkgutil site sysconfig platform resource fcntl mmap select".split()
+)
+
+
+def why_not_allowable(name: str, obj: object = None) -> Optional[str]:
+    """Why the global ``name`` (``module.attr``; ``obj`` when already imported) must not be allow-listed, or
+    None when it is a class of an ordinary module, which a user may choose to trust."""
+    module = name.rpartition(".")[0] or "builtins"
+    if module.split(".")[0] in DENIED_MODULES:
+        return f"an object of the {module} module, which runs code or reaches the system"
+    if obj is not None:
+        if not inspect.isclass(obj):
+            return f"a {type(obj).__name__}, not a class (only data classes may be allow-listed)"
+        if issubclass(obj, type):
+            return "a metaclass, not a data class"
+    return None
+
+
+def allow_globals(names: Iterable[str], source: str = TRUST_ENV) -> None:
+    """Allow-list classes given as ``module.Class`` names, for users who trust their files. Functions,
+    metaclasses and anything from a module that runs code or reaches the system are refused."""
     for name in names:
         name = name.strip()
         if not name:
             continue
         module, _, attr = name.rpartition(".")
-        try:
-            obj = getattr(importlib.import_module(module or "builtins"), attr)
-        except (ImportError, AttributeError, ValueError):
-            raise ValueError(f"{TRUST_ENV}: cannot import {name!r}") from None
+        reason = why_not_allowable(name)
+        if reason is None:
+            try:
+                obj = getattr(importlib.import_module(module or "builtins"), attr)
+            except (ImportError, AttributeError, ValueError):
+                raise ValueError(f"{source}: cannot import {name!r}") from None
+            reason = why_not_allowable(name, obj)
+        if reason is not None:
+            raise ValueError(f"{source}: refusing to allow-list {name}: it is {reason}")
         torch.serialization.add_safe_globals([obj])
 
 
@@ -81,17 +113,29 @@ def check_checkpoint_file(path: str) -> None:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with {head!r})")
 
 
+def _loaded_object(name: str) -> object:
+    """The object ``name`` names if its module is already imported (never imports anything), else None."""
+    module, _, attr = name.rpartition(".")
+    return getattr(sys.modules.get(module or "builtins"), attr, None)
+
+
 def describe_load_error(path: str, err: BaseException) -> str:
     """One line saying why ``torch.load`` refused ``path``."""
     text = str(err)
-    found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+    # torch words it "GLOBAL x.y was not an allowed global" or "unsupported GLOBAL x.y whose module x is blocked"
+    found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
-        cls = found.group(1)
+        name = found.group(1)
+        reason = why_not_allowable(name, _loaded_object(name))
+        if reason is not None:
+            return (
+                f"{path}: loading refused: it pickles {name}, {reason}; a checkpoint never needs it and "
+                "loading it could run code (torch weights_only loading). Do not load this file"
+            )
         return (
-            f"{path}: refused to load: it pickles {cls}, which is not a class native fairseq checkpoints hold "
-            f"(torch weights_only loading). If you trust this file, allow the class with "
-            f"{TRUST_ENV}={cls} in the environment (or torch.serialization.add_safe_globals([{cls}])) "
-            f"and load it again"
+            f"{path}: refused to load: it pickles {name}, which is not a class native fairseq checkpoints hold "
+            f"(torch weights_only loading). If you trust this file and {name} is a data class, allow it with "
+            f"{TRUST_ENV}={name} in the environment and load it again"
         )
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = lines[-1] if lines else type(err).__name__
@@ -102,16 +146,41 @@ class _NotAFairseqCheckpoint(ValueError):
     pass
 
 
+def _check_layout(state: object) -> None:
+    """Refuse what fairseq's upgrade would fail on with a bare KeyError / IndexError deep inside."""
+    if not isinstance(state, dict) or "model" not in state:
+        raise _NotAFairseqCheckpoint("not a fairseq checkpoint (no 'model' entry)")
+    if state.get("cfg") is None and state.get("args") is None:
+        raise _NotAFairseqCheckpoint("not a fairseq checkpoint (neither 'cfg' nor 'args')")
+    if not isinstance(state["model"], dict):
+        raise _NotAFairseqCheckpoint(
+            f"an incomplete fairseq checkpoint: 'model' is a {type(state['model']).__name__}, not a state dict"
+        )
+    cfg = state.get("cfg")
+    if cfg is not None and (not isinstance(cfg, (dict, DictConfig)) or cfg.get("model") is None):
+        raise _NotAFairseqCheckpoint("an incomplete fairseq checkpoint: 'cfg' has no 'model' section")
+    history = state.get("optimizer_history", [{}])
+    if not isinstance(history, list) or not history or not isinstance(history[-1], dict):
+        raise _NotAFairseqCheckpoint(
+            "an incomplete fairseq checkpoint: 'optimizer_history' is empty or not a list of records"
+        )
+    if not isinstance(state.get("extra_state", {}), (dict, type(None))):
+        raise _NotAFairseqCheckpoint("an incomplete fairseq checkpoint: 'extra_state' is not a dict")
+
+
 def _wrap_upgrade_state_dict(original):
-    # fairseq upgrades whatever torch.load returned and fails with a bare KeyError on a torch file that is not
-    # a fairseq checkpoint; check the layout first (load_checkpoint_to_cpu below adds the file name)
+    # fairseq upgrades whatever torch.load returned and fails with a bare KeyError / IndexError on a torch file
+    # that is not (or not wholly) a fairseq checkpoint; check the layout first (load_checkpoint_to_cpu below
+    # adds the file name)
     @functools.wraps(original)
     def _upgrade_state_dict(state):
-        if not isinstance(state, dict) or "model" not in state:
-            raise _NotAFairseqCheckpoint("not a fairseq checkpoint (no 'model' entry)")
-        if state.get("cfg") is None and state.get("args") is None:
-            raise _NotAFairseqCheckpoint("not a fairseq checkpoint (neither 'cfg' nor 'args')")
-        return original(state)
+        _check_layout(state)
+        try:
+            return original(state)
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise _NotAFairseqCheckpoint(
+                f"an incomplete fairseq checkpoint (upgrading it failed: {type(err).__name__}: {err})"
+            ) from None
 
     _upgrade_state_dict.__dphubert_wrapped__ = True
     return _upgrade_state_dict

@@ -116,3 +116,110 @@ def test_user_who_trusts_the_file_can_opt_in(checkpoint_with_foreign_class):
     out = _run(script, {TRUST_ENV: "datetime.date"})
     assert out.returncode == 0, out.stderr[-1500:]
     assert "loaded HubertModel" in out.stdout
+
+
+class _SystemCall:
+    """The commonest malicious payload: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _EvalCall:
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.eval, (self.code,))
+
+
+def _payload_checkpoints(tmp_path, tiny_teachers, payload):
+    """The payload at the top level, inside cfg, and inside extra_state of a real fairseq checkpoint."""
+    top = str(tmp_path / "top.pt")
+    torch.save(payload, top)
+    in_cfg = str(tmp_path / "in_cfg.pt")
+    state = torch.load(tiny_teachers["hubert_base"])
+    state["cfg"]["model"]["evil"] = payload
+    torch.save(state, in_cfg)
+    return [top, in_cfg]
+
+
+def test_system_call_payload_is_refused_as_what_it_is(tmp_path, tiny_teachers):
+    marker = tmp_path / "pwned"
+    for path in _payload_checkpoints(tmp_path, tiny_teachers, _SystemCall(f"touch {marker}")):
+        for load in (dp.load_teacher, dp.load_model, checkpoint_utils.load_checkpoint_to_cpu):
+            with pytest.raises(dp.CheckpointError) as err:
+                load(path)
+            message = str(err.value)
+            assert "\n" not in message and message.startswith(path)
+            assert "posix.system" in message and "refused" in message
+            assert "corrupt" not in message and TRUST_ENV not in message  # no advice to allow it
+    assert not marker.exists()
+
+
+def test_eval_payload_is_refused_and_cannot_be_allow_listed(tmp_path, tiny_teachers):
+    marker = tmp_path / "pwned"
+    code = f"open({str(marker)!r}, 'w')"
+    paths = _payload_checkpoints(tmp_path, tiny_teachers, _EvalCall(code))
+    for path in paths:
+        with pytest.raises(dp.CheckpointError) as err:
+            dp.load_teacher(path)
+        assert "it pickles eval" in str(err.value) and TRUST_ENV not in str(err.value)
+    # allow-listing it is refused outright, whatever the spelling; the payload never runs
+    for name in (
+        "eval",
+        "builtins.eval",
+        "builtins.exec",
+        "os.system",
+        "subprocess.Popen",
+        "importlib.import_module",
+    ):
+        out = _run(f"import dphubert_fairseq as dp; dp.load_teacher({paths[1]!r})", {TRUST_ENV: name})
+        assert out.returncode != 0 and not marker.exists()
+        assert f"{TRUST_ENV}: refusing to allow-list {name}" in out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("numpy.dot", "not a class"),  # a function of an ordinary module
+        ("collections.namedtuple", "not a class"),
+        ("abc.ABCMeta", "a metaclass"),
+        ("shutil.rmtree", "shutil module"),
+        ("os.path.join", "os.path module"),
+        ("functools.partial", "functools module"),  # a class that calls whatever it wraps
+    ],
+)
+def test_only_data_classes_can_be_allow_listed(name, kind):
+    from dphubert_fairseq.safe_loading import allow_globals
+
+    with pytest.raises(ValueError, match=f"refusing to allow-list {name}: it is .*{kind}"):
+        allow_globals([name])
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda s: s.update(optimizer_history=[]), "'optimizer_history' is empty"),
+        (lambda s: s.update(optimizer_history=None), "'optimizer_history' is empty"),
+        (lambda s: s["cfg"].pop("model"), "'cfg' has no 'model' section"),
+        (lambda s: s.update(model=[1, 2]), "'model' is a list, not a state dict"),
+        (lambda s: s.update(extra_state=[]), "'extra_state' is not a dict"),
+        (lambda s: s["optimizer_history"][-1].pop("lr_scheduler_state"), "upgrading it failed: KeyError"),
+    ],
+)
+def test_incomplete_fairseq_checkpoint_is_one_line_naming_the_file(tmp_path, tiny_teachers, damage, problem):
+    state = torch.load(tiny_teachers["hubert_base"])
+    damage(state)
+    path = str(tmp_path / "incomplete.pt")
+    torch.save(state, path)
+    for load in (dp.load_teacher, checkpoint_utils.load_checkpoint_to_cpu):
+        with pytest.raises(dp.CheckpointError) as err:
+            load(path)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(path) and problem in message, message

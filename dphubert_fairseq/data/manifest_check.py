@@ -1,42 +1,109 @@
 """Checks of a fairseq audio manifest (``{split}.tsv``) before any training starts."""
 
 import os
+from typing import List, Tuple
 
+import numpy as np
 import soundfile as sf
+
+#: soundfile subtypes that decode to integer samples: they cannot hold NaN or inf, the content scan skips them
+INTEGER_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW"})
+#: samples per block of the content scan (1 MiB of float32 per channel): memory stays bounded on long files
+_SCAN_BLOCK = 1 << 18
+_REGENERATE = "regenerate the manifest, e.g. with fairseq's examples/wav2vec/wav2vec_manifest.py"
 
 
 class ManifestError(ValueError):
     """A manifest or an audio file it lists cannot be used; the message names the file and the line."""
 
 
-def check_manifest(path: str, sample_rate: int, read_headers: bool = True) -> int:
-    """Validate ``path``: its root folder, every listed file (exists; with ``read_headers`` also a readable
-    audio file at ``sample_rate``). Returns the number of utterances. Raises ``ManifestError``."""
+def _decoded_lines(path: str) -> List[Tuple[int, str]]:
+    """``(line number, text)`` of every line of ``path`` (numbered from 1, newline removed), decoded as
+    UTF-8 one line at a time so that an undecodable byte is reported with its line and the file it names."""
+    with open(path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()  # the newline that ends the last line
+    root = None
+    lines = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            shown = raw.split(b"\t")[0].decode("utf-8", "backslashreplace")
+            what = f"root folder {shown!r}" if number == 1 else f"audio file {os.path.join(root, shown)!r}"
+            raise ManifestError(
+                f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}) "
+                f"in {what}; fairseq reads manifests as UTF-8: rename the file to a UTF-8 name and "
+                f"{_REGENERATE}"
+            ) from None
+        if number == 1:
+            root = text.strip()
+        lines.append((number, text))
+    return lines
+
+
+def _has_non_finite(audio: sf.SoundFile) -> bool:
+    """Whether any sample of ``audio`` (read block by block from its current position) is NaN or inf."""
+    for block in audio.blocks(blocksize=_SCAN_BLOCK, dtype="float32"):
+        if not np.isfinite(block).all():
+            return True
+    return False
+
+
+def check_manifest(path: str, sample_rate: int, read_headers: bool = True, read_content: bool = False) -> int:
+    """Validate ``path``: its encoding (UTF-8), its root folder and every listed file.
+
+    Every file must exist. With ``read_headers`` its header must also be readable and say ``sample_rate`` and
+    a frame count that is not zero and equals the manifest's sample count. With ``read_content`` (implies
+    ``read_headers``) every file not stored as integer samples is read completely and refused if it holds a
+    NaN or inf sample. Each file is opened once. Returns the number of utterances. Raises ``ManifestError``.
+    """
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: no such manifest (expected task.data/<split>.tsv)")
-    with open(path) as f:
-        root = f.readline().strip()
-        lines = [line.rstrip("\n") for line in f if line.strip()]
-    if not lines:
+    numbered = _decoded_lines(path)
+    if not numbered:
+        raise ManifestError(f"{path}: the manifest lists no audio files")
+    root = numbered[0][1].strip()
+    entries = [(number, line.rstrip("\r")) for number, line in numbered[1:] if line.strip()]
+    if not entries:
         raise ManifestError(f"{path}: the manifest lists no audio files")
     if not os.path.isdir(root):
         raise ManifestError(f"{path}:1: root folder {root!r} does not exist")
-    for number, line in enumerate(lines, start=2):
+    for number, line in entries:
         fields = line.split("\t")
         if len(fields) < 2 or not fields[1].strip().isdigit():
             raise ManifestError(f"{path}:{number}: expected 'relative/path<TAB>num_samples', got {line!r}")
         audio = os.path.join(root, fields[0])
         if not os.path.isfile(audio):
             raise ManifestError(f"{path}:{number}: audio file {audio} does not exist")
-        if read_headers:
-            try:
-                info = sf.info(audio)
-            except Exception as err:  # soundfile raises its own error types for unreadable files
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise ManifestError(f"{path}:{number}: cannot read audio file {audio} ({reason})") from None
-            if info.samplerate != sample_rate:
-                raise ManifestError(
-                    f"{path}:{number}: {audio} is sampled at {info.samplerate} Hz but the teacher expects "
-                    f"{sample_rate} Hz (task.sample_rate); resample the data"
-                )
-    return len(lines)
+        if read_headers or read_content:
+            _check_audio(audio, int(fields[1]), f"{path}:{number}", sample_rate, read_content)
+    return len(entries)
+
+
+def _check_audio(audio: str, listed: int, where: str, sample_rate: int, read_content: bool) -> None:
+    """The header of ``audio`` (and with ``read_content`` its samples) against the manifest line ``where``
+    (``manifest:line``) that lists it with ``listed`` samples."""
+    try:
+        handle = sf.SoundFile(audio)
+    except Exception as err:  # soundfile raises its own error types for unreadable files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ManifestError(f"{where}: cannot read audio file {audio} ({reason})") from None
+    with handle:
+        if handle.frames == 0:
+            raise ManifestError(f"{where}: audio file {audio} holds no samples (0 frames); remove its line")
+        if handle.samplerate != sample_rate:
+            raise ManifestError(
+                f"{where}: {audio} is sampled at {handle.samplerate} Hz but the teacher expects "
+                f"{sample_rate} Hz (task.sample_rate); resample the data"
+            )
+        if handle.frames != listed:
+            raise ManifestError(
+                f"{where}: audio file {audio} holds {handle.frames} samples but the manifest lists {listed}; "
+                f"{_REGENERATE}"
+            )
+        if read_content and handle.subtype not in INTEGER_SUBTYPES and _has_non_finite(handle):
+            raise ManifestError(
+                f"{where}: audio file {audio} holds non-finite samples (NaN or inf); fix or remove the file"
+            )
