@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional
 
 from . import safe_loading
 from .atomic_files import atomic_write_text
 from .checkpoint_io import save_model
+from .criterions.target_projection import missed_target
 from .errors import CheckpointError
 from .models.dphubert import DPHuBERTModel, as_config
 from .param_count import parse_conv_layers
@@ -25,8 +27,6 @@ from .pruning import eval_mask_params, prune
 from .teacher import checkpoint_model_name
 
 logger = logging.getLogger("dphubert_fairseq.export")
-#: An export further than this from its stage-1 target sparsity says so in its summary.
-TARGET_TOLERANCE = 0.01
 
 
 def model_from_training_checkpoint(path: str):
@@ -70,12 +70,9 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
             lines[0] += (
                 f"; target {target:.4f}, {round((1 - target) * summary['teacher_params']):,} parameters"
             )
-            gap = summary["sparsity"] - target
-            if abs(gap) > TARGET_TOLERANCE:
-                lines.append(
-                    f"note: the export is {abs(gap):.4f} {'sparser' if gap > 0 else 'denser'} than the target: "
-                    "the run ended before its size settled (see criterion.target_projection_start)"
-                )
+            warning = missed_target(summary["sparsity"], target)
+            if warning:
+                lines.append(warning)
     lines.append("conv channels: " + " ".join(str(c) for c in summary["conv_channels"]))
     lines.append("layer  heads  ffn units")
     for i, (h, f) in enumerate(zip(summary["heads"], summary["ffn_dims"])):
@@ -101,9 +98,59 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
     return "\n".join(lines)
 
 
+def check_destination(path: str, what: str) -> None:
+    """Fail, before anything is read or written, when ``path`` cannot be written as a file: it is a folder, a
+    folder on its way is a file, or the nearest existing folder does not take new files."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(
+            f"{what} {path}: is a directory; give a file name, e.g. {os.path.join(path, 'out.pt')}"
+        )
+    folder = os.path.dirname(full)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: {folder} is a file, not a folder")
+    try:  # what a write needs, tried for real (permissions, read-only file systems, quotas, root or not)
+        fd, probe = tempfile.mkstemp(prefix=".dphubert-export.", dir=folder)
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot write in {folder} ({err.strerror or err})") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
+    """What the distillation recorded in a training checkpoint (its criterion) or, when the source is itself
+    an export, what that export carried: projections, their layers, the head mode and the target."""
+    previous = dict(state.get("extra_state") or {})
+    if "export_summary" in previous and not state.get("criterion"):
+        return {
+            "distill_projections": previous.get("distill_projections") or {},
+            "distill_layers": previous.get("distill_layers"),
+            "prediction_heads": previous.get("prediction_heads"),
+            "target_sparsity": (previous.get("export_summary") or {}).get("target_sparsity"),
+        }
+    criterion_state = state.get("criterion") or {}
+    criterion_cfg = state["cfg"].get("criterion") or {}
+    stage1 = criterion_cfg.get("lagrangian") and "target_sparsity" in criterion_cfg
+    return {
+        "distill_projections": {
+            k[len("projections.") :]: v for k, v in criterion_state.items() if k.startswith("projections.")
+        },
+        "distill_layers": criterion_cfg.get("distill_layers"),
+        "prediction_heads": criterion_cfg.get("prediction_heads"),
+        "target_sparsity": float(criterion_cfg["target_sparsity"]) if stage1 else None,
+    }
+
+
 def export(
     checkpoint: str, out: str, json_path: Optional[str] = None, round_heads: int = 1, round_ffn: int = 1
 ) -> Dict[str, Any]:
+    check_destination(out, "output")
+    if json_path:
+        check_destination(json_path, "--json")
+        if os.path.abspath(json_path) == os.path.abspath(out):
+            raise ValueError(f"--json {json_path}: is the output checkpoint's path too; give another file")
     model, state = model_from_training_checkpoint(checkpoint)
     rounding = round_heads != 1 or round_ffn != 1
     if rounding and not model.gates():
@@ -122,17 +169,17 @@ def export(
     history = state.get("optimizer_history") or [{}]
     summary["num_updates"] = history[-1].get("num_updates")
     summary["source"] = os.path.abspath(checkpoint)
-    criterion_state = state.get("criterion") or {}
-    projections = {
-        k[len("projections.") :]: v for k, v in criterion_state.items() if k.startswith("projections.")
-    }
-    criterion_cfg = state["cfg"].get("criterion") or {}
-    if model.gates() and criterion_cfg.get("lagrangian") and "target_sparsity" in criterion_cfg:
-        summary["target_sparsity"] = float(criterion_cfg["target_sparsity"])
+    summary["teacher"] = model.cfg.teacher_identity or None
+    recorded = _recorded(state)
+    if recorded["target_sparsity"] is not None:
+        summary["target_sparsity"] = recorded["target_sparsity"]
+        warning = missed_target(summary["sparsity"], summary["target_sparsity"])
+        if warning:
+            logger.warning("%s: %s", checkpoint, warning)
     extra_state = {
-        "distill_projections": projections,
-        "distill_layers": criterion_cfg.get("distill_layers"),
-        "prediction_heads": criterion_cfg.get("prediction_heads"),
+        "distill_projections": recorded["distill_projections"],
+        "distill_layers": recorded["distill_layers"],
+        "prediction_heads": recorded["prediction_heads"],
         "export_summary": summary,
     }
     save_model(pruned, out, extra_state=extra_state)

@@ -6,10 +6,12 @@ import os
 
 from fairseq import checkpoint_utils
 from fairseq.data import iterators
+from fairseq.dataclass import utils as dataclass_utils
 from fairseq.file_io import PathManager
 from fairseq.models.hubert.hubert_asr import HubertCtc
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import ValidationError
 
 from .atomic_files import atomic_copy
 from .checkpoint_recovery import checkpoint_damage, newest_intact_checkpoint, remove_stale_temporaries
@@ -164,9 +166,40 @@ def _dummy_batch_from_a_non_empty_batch() -> None:
     iterators.EpochBatchIterator.first_batch = property(first_batch)
 
 
+def _config_errors_name_the_key() -> None:
+    # fairseq-hydra-train merges the registered dataclass of each config section (model, task, criterion, ...)
+    # with the command line in merge_with_parent; a value of the wrong type there (e.g. model.prune_units=conv,
+    # a string for a list) ends in omegaconf's multi-line ValidationError about "AnyNode". Say which key, what
+    # it got and how to spell it.
+    original = dataclass_utils.merge_with_parent
+    if getattr(original, "__dphubert_fixed__", False):
+        return
+
+    @functools.wraps(original)
+    def merge_with_parent(dc, cfg, remove_missing=False):
+        try:
+            return original(dc, cfg, remove_missing)
+        except ValidationError as err:
+            section = cfg._key() if OmegaConf.is_config(cfg) else None
+            key = ".".join(str(k) for k in (section, err.full_key) if k)
+            field = getattr(dc, "__dataclass_fields__", {}).get(str(err.full_key).split(".")[0])
+            value = cfg.get(err.full_key) if OmegaConf.is_config(cfg) and err.full_key in cfg else None
+            if field is not None and "List" in str(field.type) and isinstance(value, (str, int, float)):
+                raise ValueError(
+                    f"{key}: got {value!r}, a single value, but it takes a list; write {key}=[{value}] "
+                    f"(several: {key}=[a,b])"
+                ) from None
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{key or dc.__name__}: {reason}") from None
+
+    merge_with_parent.__dphubert_fixed__ = True
+    dataclass_utils.merge_with_parent = merge_with_parent
+
+
 def install() -> None:
     _hubert_ctc_autoregressive()
     _amp_optimizer_unscales_once()
     _atomic_checkpoint_copies()
     _resume_from_an_intact_checkpoint()
     _dummy_batch_from_a_non_empty_batch()
+    _config_errors_name_the_key()

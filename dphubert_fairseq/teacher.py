@@ -1,6 +1,7 @@
 """Native fairseq teachers (HuBERT, wav2vec2): loading, their architecture as a ``DPHuBERTConfig``, and their
 hidden states exactly as the distillation uses them."""
 
+import hashlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -120,6 +121,18 @@ def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
     except UnsupportedTeacher as err:
         raise CheckpointError(f"{path}: {err}") from None
     return model.eval(), config
+
+
+def teacher_identity(model: nn.Module) -> str:
+    """``"HubertModel sha256:<hex>"``: the model's class and a SHA-256 of its state dict (every entry's name,
+    dtype, shape and bytes, in order). Two loads of one checkpoint give the same identity; a different
+    architecture or any changed weight gives another."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    return f"{type(model).__name__} sha256:{digest.hexdigest()}"
 
 
 def load_teacher(path: str) -> nn.Module:

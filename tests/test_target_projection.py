@@ -152,9 +152,13 @@ def test_export_summary_states_the_target_and_a_miss():
     }
     text = format_summary(summary)
     assert "parameters: 134,716 of 682,817 (sparsity 0.8027); target 0.7500, 170,704 parameters" in text
-    assert "note: the export is 0.0527 sparser than the target" in text
-    summary.update(params=170_000, sparsity=1 - 170_000 / 682_817)
-    assert "note:" not in format_summary(summary)
+    assert (
+        "WARNING: stage 1 missed its target: sparsity 0.8027 reached, criterion.target_sparsity=0.7500 asked "
+        "(0.0527 too sparse)" in text
+    )
+    assert "optimization.max_update" in text
+    summary.update(params=160_000, sparsity=1 - 160_000 / 682_817)  # 0.7657: within 0.02
+    assert "WARNING" not in format_summary(summary)
 
 
 def test_a_base_shaped_student_lands_within_a_thousandth(tmp_path):
@@ -172,3 +176,32 @@ def test_a_base_shaped_student_lands_within_a_thousandth(tmp_path):
                 gate.log_alpha.copy_(centre + 2.0 * torch.randn(gate.n, generator=g))
         project_to_target(model, 0.25 * full)
         assert abs(1.0 - eval_mask_params(model) / full - 0.75) < 1e-3
+
+
+def ours(caplog):
+    return [r for r in caplog.records if r.name.startswith("dphubert_fairseq")]
+
+
+def test_stage1_that_misses_its_target_says_so_at_its_last_update(task, tiny_teachers, caplog):
+    model = scattered_student(tiny_teachers["hubert_base"])
+    reached = 1.0 - eval_mask_params(model) / dp.count_params(model)
+    off = criterion_for(task, max_update=100, target_projection_start=1.0, target_sparsity=0.9)
+    with caplog.at_level("INFO"):
+        off.after_optimizer_step(model, update_num=98)
+        assert not ours(caplog)  # only the last update reports
+        off.after_optimizer_step(model, update_num=99)
+    (record,) = ours(caplog)
+    assert record.levelname == "WARNING"
+    assert f"sparsity {reached:.4f} reached, criterion.target_sparsity=0.9000 asked" in record.getMessage()
+    assert "optimization.max_update" in record.getMessage()
+    # one that lands says where it ended, quietly
+    caplog.clear()
+    landing = criterion_for(task, max_update=100)
+    with caplog.at_level("INFO"):
+        landing.after_optimizer_step(model, update_num=99)
+    assert [r.levelname for r in ours(caplog)] == ["INFO"]
+    message = ours(caplog)[0].getMessage()
+    assert (
+        message.startswith("stage 1 ends at sparsity 0.") and "(criterion.target_sparsity=0.5000)" in message
+    )
+    assert abs(float(message.split()[5]) - 0.5) <= 0.02

@@ -140,7 +140,7 @@ def test_export_stage2_export(stage1, workdir, data, teacher):
     assert len(summary["heads"]) == len(summary["ffn_dims"]) == 12 and len(summary["conv_channels"]) == 7
     # the export lands on the target after a run of a few hundred updates, and says what it was asked
     assert abs(summary["sparsity"] - 0.5) <= 0.02 and summary["target_sparsity"] == 0.5
-    assert "target 0.5000" in out.stdout and "note:" not in out.stdout
+    assert "target 0.5000" in out.stdout and "WARNING" not in out.stdout
     assert summary["params"] == dp.count_params(dp.load_model(pruned1))
 
     stage2_dir = str(workdir / "stage2")
@@ -226,6 +226,117 @@ def test_stage2_starts_from_the_stage1_projections(stage1, workdir, teacher, dat
     stage1_state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"))["criterion"]
     for name, value in criterion.projections.state_dict().items():
         assert torch.equal(value, stage1_state["projections." + name])
+
+
+def stage2_task(data: str, teacher: str, student: str):
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.models.dphubert import DPHuBERTConfig
+    from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+    task = DPHuBERTDistillTask.setup_task(
+        OmegaConf.structured(DPHuBERTDistillConfig(data=data, teacher_path=teacher, student_path=student))
+    )
+    return task, OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=[]))
+
+
+def test_stage2_refuses_another_teacher(stage1, workdir, teacher, data, tiny_teachers):
+    """The export records the teacher (model class + SHA-256 of its weights); stage 2 checks it."""
+    save_dir, _ = stage1
+    pruned1 = str(workdir / "stage1_pruned_c.pt")
+    assert P.export(os.path.join(save_dir, "checkpoint_last.pt"), pruned1).returncode == 0
+    recorded = dp.load_model(pruned1).cfg.teacher_identity
+    assert recorded == dp.teacher.teacher_identity(dp.load_teacher(teacher))
+    assert recorded.startswith("HubertModel sha256:")
+    # the same architecture, one weight changed
+    state = torch.load(teacher)
+    state["model"]["encoder.layers.3.fc1.bias"][0] += 1e-3
+    nudged = str(workdir / "nudged_teacher.pt")
+    torch.save(state, nudged)
+    for other in (nudged, tiny_teachers["hubert_base"]):
+        task, model_cfg = stage2_task(data, other, pruned1)
+        with pytest.raises(ValueError) as err:
+            task.build_model(model_cfg)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"task.teacher_path: {other} is not the teacher")
+        assert recorded in message and task.teacher_identity in message and recorded != task.teacher_identity
+    task, model_cfg = stage2_task(data, teacher, pruned1)  # the stage-1 teacher itself
+    assert task.build_model(model_cfg).cfg.teacher_identity == recorded
+
+
+def test_stage2_refuses_other_distillation_layers(stage1, workdir, teacher, data):
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
+
+    save_dir, _ = stage1
+    pruned1 = str(workdir / "stage1_pruned_d.pt")
+    assert P.export(os.path.join(save_dir, "checkpoint_last.pt"), pruned1).returncode == 0
+    task, model_cfg = stage2_task(data, teacher, pruned1)
+    task.build_model(model_cfg)
+    # 4,8,12 -> 4,8,11: the shapes agree, so the stage-1 projections would load onto the wrong layer
+    cfg = OmegaConf.structured(DPHuBERTDistillCriterionConfig(lagrangian=False, distill_layers="0;4,8,11"))
+    with pytest.raises(ValueError) as err:
+        DPHuBERTDistillCriterion(cfg, task)
+    assert "criterion.distill_layers='0;4,8,11' differs from the stage-1 run's '0;4,8,12'" in str(err.value)
+
+
+def test_reexporting_an_export_keeps_what_it_carries(stage1, workdir):
+    save_dir, _ = stage1
+    first, again = str(workdir / "first.pt"), str(workdir / "again.pt")
+    assert P.export(os.path.join(save_dir, "checkpoint_last.pt"), first).returncode == 0
+    out = P.export(first, again, str(workdir / "again.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    a = dp.checkpoint_io.load_model_and_extra_state(first)
+    b = dp.checkpoint_io.load_model_and_extra_state(again)
+    for key in ("distill_layers", "prediction_heads"):
+        assert b[1][key] == a[1][key] is not None
+    assert b[1]["distill_projections"].keys() == a[1]["distill_projections"].keys() != set()
+    for name, value in a[1]["distill_projections"].items():
+        assert torch.equal(b[1]["distill_projections"][name], value)
+    assert b[1]["export_summary"]["target_sparsity"] == 0.5 and "target 0.5000" in out.stdout
+    assert b[0].cfg.teacher_identity == a[0].cfg.teacher_identity != ""
+    assert dp.count_params(b[0]) == dp.count_params(a[0])
+
+
+def test_export_checks_its_destinations_before_writing(stage1, workdir, capsys):
+    from dphubert_fairseq.export import main
+
+    save_dir, _ = stage1
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    a_file = workdir / "a_file.txt"
+    a_file.write_text("x")
+    good = str(workdir / "dest" / "ok.pt")
+    cases = [
+        ([str(workdir), "--json", str(workdir / "s.json")], f"output {workdir}: is a directory"),
+        ([str(a_file / "out.pt")], f"output {a_file / 'out.pt'}: {a_file} is a file, not a folder"),
+        (["/proc/dphubert_out.pt"], "output /proc/dphubert_out.pt: cannot write in /proc"),
+        ([good, "--json", str(workdir)], f"--json {workdir}: is a directory"),
+        ([good, "--json", "/proc/x/s.json"], "--json /proc/x/s.json: cannot write in /proc"),
+        ([good, "--json", str(a_file / "s.json")], f"{a_file} is a file, not a folder"),
+    ]
+    for args, expected in cases:
+        assert main([checkpoint, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and expected in err and "Traceback" not in err, err
+        assert not os.path.exists(good) and not os.path.exists(workdir / "dest")  # nothing was written
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_usual_permissions(stage1, workdir, umask):
+    from dphubert_fairseq.export import export
+
+    save_dir, _ = stage1
+    out, summary = str(workdir / f"perm{umask:o}.pt"), str(workdir / f"perm{umask:o}.json")
+    old = os.umask(umask)
+    try:
+        export(os.path.join(save_dir, "checkpoint_last.pt"), out, summary)
+    finally:
+        os.umask(old)
+    for path in (out, summary):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    # as fairseq's own checkpoints of the same run
+    assert os.stat(os.path.join(save_dir, "checkpoint_last.pt")).st_mode & 0o777 == 0o666 & ~old
 
 
 RESUME_ARGS = [

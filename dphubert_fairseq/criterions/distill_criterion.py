@@ -1,5 +1,6 @@
 """The ``dphubert_distill`` criterion: layer-to-layer distillation plus the L0 Lagrangian."""
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -14,7 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 from ..pruning import eval_mask_params
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
-from .target_projection import project_to_target
+from .target_projection import missed_target, project_to_target
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,13 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         if not 0.0 <= cfg.target_sparsity < 1.0:
             raise ValueError(f"criterion.target_sparsity must be in [0, 1), got {cfg.target_sparsity}")
         groups = parse_layer_groups(cfg.distill_layers)
+        _check_stage1_layers(task, cfg, groups)
+        if cfg.lagrangian and cfg.target_sparsity > 0 and getattr(task, "student_prune_units", None) == []:
+            raise ValueError(
+                f"criterion.lagrangian: model.prune_units=[] gives the student no gates, so nothing can be pruned "
+                f"towards criterion.target_sparsity={cfg.target_sparsity}; give model.prune_units (e.g. "
+                "[conv,head,interm]), or set criterion.lagrangian=false for plain distillation (stage 2)"
+            )
         teacher_cfg = task.teacher_config
         for layer in (layer for group in groups for layer in group):
             if not 0 <= layer <= teacher_cfg.encoder_layers:
@@ -105,6 +115,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                     "task.student_path carries; use the same settings"
                 ) from None
         total = _run_length(cfg)
+        self.run_length = total
         self.sparsity_warmup = _sparsity_warmup(cfg, total)
         if not 0.0 <= cfg.target_projection_start <= 1.0:
             raise ValueError(
@@ -126,14 +137,31 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     def after_optimizer_step(self, model, update_num: int) -> None:
         """Called by the task after each optimizer step: in the final phase, project the gates onto the
         target size (``target_projection``)."""
-        if self.projection_from is None or update_num + 1 < self.projection_from:
-            return
-        if target_sparsity(self.cfg.target_sparsity, self.sparsity_warmup, update_num) < (
-            self.cfg.target_sparsity
-        ):
-            return  # still ramping: nothing to land on yet
-        target_params = (1.0 - self.cfg.target_sparsity) * self.teacher_params
-        self.projection_offset = project_to_target(unwrap(model), target_params)
+        landing = (
+            self.projection_from is not None
+            and update_num + 1 >= self.projection_from
+            # still ramping: nothing to land on yet
+            and target_sparsity(self.cfg.target_sparsity, self.sparsity_warmup, update_num)
+            >= self.cfg.target_sparsity
+        )
+        if landing:
+            target_params = (1.0 - self.cfg.target_sparsity) * self.teacher_params
+            self.projection_offset = project_to_target(unwrap(model), target_params)
+        if self.lagrangian is not None and self.run_length and update_num + 1 == self.run_length:
+            self._report_landing(unwrap(model))
+
+    def _report_landing(self, model) -> None:
+        """At the last update of stage 1: the size the export will keep against the target, loudly if missed."""
+        reached = 1.0 - eval_mask_params(model) / self.teacher_params
+        warning = missed_target(reached, self.cfg.target_sparsity)
+        if warning:
+            logger.warning(warning)
+        else:
+            logger.info(
+                "stage 1 ends at sparsity %.4f (criterion.target_sparsity=%.4f)",
+                reached,
+                self.cfg.target_sparsity,
+            )
 
     def current_target(self) -> float:
         return target_sparsity(self.cfg.target_sparsity, self.sparsity_warmup, self.num_updates)
@@ -224,6 +252,23 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def _check_stage1_layers(task, cfg: DPHuBERTDistillCriterionConfig, groups: List[List[int]]) -> None:
+    """Stage 2 carries the stage-1 projections over: its layers must be those of stage 1, or projections trained
+    for one layer would map onto another wherever the shapes agree."""
+    recorded = getattr(task, "initial_distill_layers", None)
+    if recorded is not None and parse_layer_groups(recorded) != groups:
+        raise ValueError(
+            f"criterion.distill_layers={cfg.distill_layers!r} differs from the stage-1 run's {recorded!r}, whose "
+            "projections task.student_path carries; use the stage-1 value"
+        )
+    heads = getattr(task, "initial_prediction_heads", None)
+    if heads is not None and bool(heads) != bool(cfg.prediction_heads):
+        raise ValueError(
+            f"criterion.prediction_heads={cfg.prediction_heads} differs from the stage-1 run's {heads}, whose "
+            "projections task.student_path carries; use the stage-1 value"
+        )
 
 
 def unwrap(model):

@@ -22,6 +22,13 @@ def parse_layer_groups(spec: str) -> List[List[int]]:
             ) from None
     if not groups:
         raise ValueError(f"criterion.distill_layers: no layer in {spec!r}")
+    layers = [layer for group in groups for layer in group]
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(
+            f"criterion.distill_layers: layer(s) {', '.join(map(str, repeated))} appear more than once in "
+            f"{spec!r}; list each teacher layer once"
+        )
     return groups
 
 

@@ -17,6 +17,8 @@ and the export stays exact: it folds the masks the model has.
 The offset is found by bisection on the device, with no value read back to the host (so a GPU never waits).
 """
 
+from typing import Optional
+
 import torch
 
 from ..models.dphubert import DPHuBERTModel
@@ -27,6 +29,23 @@ from ..pruning import eval_count_config
 SPAN = 16.0
 #: Bisection steps: the offset is found to 2 * SPAN / 2**ITERATIONS.
 ITERATIONS = 24
+#: A stage 1 that ends further than this from its target sparsity is warned about (at its end and on export).
+TARGET_TOLERANCE = 0.02
+
+
+def missed_target(reached: float, target: float) -> Optional[str]:
+    """A one-line warning when sparsity ``reached`` is more than ``TARGET_TOLERANCE`` from ``target``, saying
+    what to change; None otherwise."""
+    gap = reached - target
+    if abs(gap) <= TARGET_TOLERANCE:
+        return None
+    return (
+        f"WARNING: stage 1 missed its target: sparsity {reached:.4f} reached, criterion.target_sparsity={target:.4f} "
+        f"asked ({abs(gap):.4f} {'too sparse' if gap > 0 else 'too dense'}). The run ended before its size "
+        "settled: give it more updates (optimization.max_update) or let the learning-rate warm-up "
+        "(optimizer.groups.default.lr_scheduler.warmup_updates) end well before it; keep "
+        "criterion.target_projection_start below 1 and model.prune_units able to reach the target"
+    )
 
 
 @torch.no_grad()

@@ -107,6 +107,13 @@ class DPHuBERTConfig(FairseqDataclass):
         default=0,
         metadata={"help": "set when the student is made: counted parameters of its teacher (for reports)"},
     )
+    teacher_identity: str = field(
+        default="",
+        metadata={
+            "help": "set when the student is made: its teacher's model class and a SHA-256 of its weights "
+            "(teacher.teacher_identity); stage 2 refuses a different teacher"
+        },
+    )
     # --- fine-tuning only (stock wav2vec_ctc / hubert_ctc set these; distillation keeps them off) ---
     mask_prob: float = field(
         default=0.0, metadata={"help": "probability of starting a masked span of frames"}

@@ -22,7 +22,7 @@ from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from ..param_count import config_params
 from ..safe_loading import check_checkpoint_file
 from ..student import load_weights
-from ..teacher import load_teacher_and_config, teacher_hidden_states
+from ..teacher import load_teacher_and_config, teacher_hidden_states, teacher_identity
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ _ARCHITECTURE_KEYS = [
     "feature_norm_removed_channels",
     "feature_norm_channel_scale",
     "teacher_params",
+    "teacher_identity",
 ]
 _TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout_input", "feature_grad_mult"]
 LONG_UTTERANCES = ChoiceEnum(["drop", "crop"])
@@ -121,6 +122,12 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         self._teacher_config: Optional[DPHuBERTConfig] = None
         #: distillation projections carried over from the stage-1 export (stage 2), for the criterion
         self.initial_projections: Optional[Dict[str, torch.Tensor]] = None
+        #: the stage-1 run's criterion.distill_layers / prediction_heads as its export recorded them (stage 2)
+        self.initial_distill_layers: Optional[str] = None
+        self.initial_prediction_heads: Optional[bool] = None
+        #: model.prune_units of the student built here, for the criterion's checks
+        self.student_prune_units: Optional[List[str]] = None
+        self._teacher_identity: Optional[str] = None
         self._criterion: Optional[nn.Module] = None
 
     @classmethod
@@ -164,6 +171,13 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         if self._teacher is None:
             self._load_teacher()
         return self._teacher
+
+    @property
+    def teacher_identity(self) -> str:
+        """The teacher's model class and weights digest (``teacher.teacher_identity``), computed once."""
+        if self._teacher_identity is None:
+            self._teacher_identity = teacher_identity(self.teacher)
+        return self._teacher_identity
 
     @property
     def teacher_config(self) -> DPHuBERTConfig:
@@ -249,7 +263,10 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
                     f"task.student_path: {self.cfg.student_path} still has gates; export it first (dphubert-export)"
                 )
             self.initial_projections = extra_state.get("distill_projections")
+            self.initial_distill_layers = extra_state.get("distill_layers")
+            self.initial_prediction_heads = extra_state.get("prediction_heads")
             student_cfg = as_config(source.cfg)
+            self._check_same_teacher(student_cfg.teacher_identity)
             if student_cfg.encoder_embed_dim != self.teacher_config.encoder_embed_dim:
                 raise ValueError(
                     f"task.student_path: the student's dimension {student_cfg.encoder_embed_dim} differs from "
@@ -259,6 +276,8 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             source = self.teacher
             student_cfg = as_config(self.teacher_config)
         student_cfg.teacher_params = student_cfg.teacher_params or config_params(self.teacher_config)
+        student_cfg.teacher_identity = student_cfg.teacher_identity or self.teacher_identity
+        self.student_prune_units = list(cfg.prune_units)
         for key in _TRAINING_KEYS:
             setattr(student_cfg, key, getattr(cfg, key))
         student_cfg.prune_units = list(cfg.prune_units)
@@ -268,6 +287,22 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
                 value = getattr(student_cfg, key)
                 cfg[key] = list(value) if isinstance(value, list) else value
         return model
+
+    def _check_same_teacher(self, recorded: str) -> None:
+        """Stage 2 distils from the teacher of stage 1, whose identity the stage-1 export recorded."""
+        if not recorded:
+            logger.warning(
+                "task.student_path: %s records no teacher identity (exported by an older version); cannot check "
+                "that task.teacher_path is the stage-1 teacher",
+                self.cfg.student_path,
+            )
+            return
+        if recorded != self.teacher_identity:
+            raise ValueError(
+                f"task.teacher_path: {self.cfg.teacher_path} is not the teacher stage 1 distilled from: the "
+                f"stage-1 model {self.cfg.student_path} records {recorded}, this teacher is "
+                f"{self.teacher_identity}; give stage 2 the stage-1 teacher"
+            )
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
