@@ -110,3 +110,19 @@ def pretrained_hubert(tmp_path_factory, speech_manifests):
     import pipeline
 
     return pipeline.pretrain_tiny_hubert(speech_manifests, str(tmp_path_factory.mktemp("hubert_teacher")))
+
+
+@pytest.fixture
+def three_clip_manifest(tmp_path, speech):
+    """``tmp_path`` with ``train.tsv`` listing three 1 s files of real speech, ``audio/0.wav`` to ``2.wav``
+    (manifest lines 2 to 4)."""
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    lines = [str(audio)]
+    for i in range(3):
+        sf.write(audio / f"{i}.wav", speech[i][:16000].numpy(), 16000)
+        lines.append(f"{i}.wav\t16000")
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path

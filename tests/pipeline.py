@@ -35,6 +35,18 @@ def run(cmd: Sequence[str], cwd: str = REPO, env: Optional[Dict[str, str]] = Non
     return subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def distill_task(data, teacher, **task_cfg):
+    """The ``dphubert_distill`` task as ``setup_task`` makes it for manifests in ``data`` and ``teacher``."""
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+    cfg = OmegaConf.structured(
+        DPHuBERTDistillConfig(data=str(data), teacher_path=str(teacher), tpu=False, seed=1, **task_cfg)
+    )
+    return DPHuBERTDistillTask.setup_task(cfg)
+
+
 def write_speech_manifests(folder: str, chunk_seconds: float = 1.5, valid_chunks: int = 4) -> str:
     """Cut the LibriVox clips of pocketsphinx-testdata into chunks; write them and train/valid manifests
     (fairseq's format) plus random k-means-like labels ``*.km`` for a HuBERT teacher. Returns the folder."""

@@ -11,11 +11,9 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-from omegaconf import OmegaConf
 
 from dphubert_fairseq.data.finite_audio import FiniteAudioDataset
 from dphubert_fairseq.data.manifest_check import ManifestError
-from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
 
 sys.path.insert(0, os.path.dirname(__file__))
 import pipeline as P  # noqa: E402
@@ -25,23 +23,11 @@ REGENERATE = "regenerate the manifest, e.g. with fairseq's examples/wav2vec/wav2
 
 
 @pytest.fixture
-def data(tmp_path, speech):
-    """``train.tsv`` listing three 1 s files of real speech, 0.wav to 2.wav (manifest lines 2 to 4)."""
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    lines = [str(audio)]
-    for i in range(3):
-        sf.write(audio / f"{i}.wav", speech[i][:RATE].numpy(), RATE)
-        lines.append(f"{i}.wav\t{RATE}")
-    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
-    return tmp_path
+def data(three_clip_manifest):
+    return three_clip_manifest
 
 
-def task_for(data, teacher, **kw) -> DPHuBERTDistillTask:
-    cfg = OmegaConf.structured(
-        DPHuBERTDistillConfig(data=str(data), teacher_path=str(teacher), tpu=False, seed=1, **kw)
-    )
-    return DPHuBERTDistillTask.setup_task(cfg)
+task_for = P.distill_task
 
 
 def load_error(data, teacher, **kw) -> str:

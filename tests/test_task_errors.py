@@ -2,35 +2,24 @@
 
 import os
 import shutil
+import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.data.manifest_check import ManifestError
-from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+sys.path.insert(0, os.path.dirname(__file__))
+import pipeline as P  # noqa: E402
 
 
 @pytest.fixture
-def data(tmp_path, speech):
-    import soundfile as sf
-
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    lines = [str(audio)]
-    for i in range(3):
-        sf.write(audio / f"{i}.wav", speech[i][:16000].numpy(), 16000)
-        lines.append(f"{i}.wav\t16000")
-    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
-    return tmp_path
+def data(three_clip_manifest):
+    return three_clip_manifest
 
 
-def task_for(data, teacher, **kw):
-    cfg = OmegaConf.structured(
-        DPHuBERTDistillConfig(data=str(data), teacher_path=str(teacher), tpu=False, seed=1, **kw)
-    )
-    return DPHuBERTDistillTask.setup_task(cfg)
+task_for = P.distill_task
 
 
 def one_line(err) -> str:

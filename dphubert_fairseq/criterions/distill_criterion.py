@@ -89,12 +89,6 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             raise ValueError(f"criterion.target_sparsity must be in [0, 1), got {cfg.target_sparsity}")
         groups = parse_layer_groups(cfg.distill_layers)
         _check_stage1_layers(task, cfg, groups)
-        if cfg.lagrangian and cfg.target_sparsity > 0 and getattr(task, "student_prune_units", None) == []:
-            raise ValueError(
-                f"criterion.lagrangian: model.prune_units=[] gives the student no gates, so nothing can be pruned "
-                f"towards criterion.target_sparsity={cfg.target_sparsity}; give model.prune_units (e.g. "
-                "[conv,head,interm]), or set criterion.lagrangian=false for plain distillation (stage 2)"
-            )
         teacher_cfg = task.teacher_config
         for layer in (layer for group in groups for layer in group):
             if not 0 <= layer <= teacher_cfg.encoder_layers:
@@ -102,6 +96,12 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                     f"criterion.distill_layers: layer {layer} does not exist (the teacher has "
                     f"{teacher_cfg.encoder_layers} layers; 0 is the projection output)"
                 )
+        if cfg.lagrangian and cfg.target_sparsity > 0 and getattr(task, "student_prune_units", None) == []:
+            raise ValueError(
+                f"criterion.lagrangian: model.prune_units=[] gives the student no gates, so nothing can be pruned "
+                f"towards criterion.target_sparsity={cfg.target_sparsity}; give model.prune_units (e.g. "
+                "[conv,head,interm]), or set criterion.lagrangian=false for plain distillation (stage 2)"
+            )
         self.projections = DistillationProjections(
             groups, teacher_cfg.encoder_embed_dim, cfg.prediction_heads
         )
