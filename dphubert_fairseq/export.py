@@ -72,7 +72,7 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
             )
             warning = missed_target(summary["sparsity"], target)
             if warning:
-                lines.append(warning)
+                lines.append("WARNING: " + warning)
     lines.append("conv channels: " + " ".join(str(c) for c in summary["conv_channels"]))
     lines.append("layer  heads  ffn units")
     for i, (h, f) in enumerate(zip(summary["heads"], summary["ffn_dims"])):

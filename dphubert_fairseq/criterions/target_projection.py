@@ -40,7 +40,7 @@ def missed_target(reached: float, target: float) -> Optional[str]:
     if abs(gap) <= TARGET_TOLERANCE:
         return None
     return (
-        f"WARNING: stage 1 missed its target: sparsity {reached:.4f} reached, criterion.target_sparsity={target:.4f} "
+        f"stage 1 missed its target: sparsity {reached:.4f} reached, criterion.target_sparsity={target:.4f} "
         f"asked ({abs(gap):.4f} {'too sparse' if gap > 0 else 'too dense'}). The run ended before its size "
         "settled: give it more updates (optimization.max_update) or let the learning-rate warm-up "
         "(optimizer.groups.default.lr_scheduler.warmup_updates) end well before it; keep "
