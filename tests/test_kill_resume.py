@@ -21,13 +21,16 @@ import pipeline as P  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+#: updates of the runs killed during their copies (each copy there takes a second)
 MAX_UPDATE = 30
+#: updates of the run killed at random moments: room for five kills of up to ~1.5 s of training each
+RANDOM_KILLS_MAX_UPDATE = 80
 LRS = {"default": 2e-4, "gates": 0.1, "lagrangian": 0.1}
 LOADED = re.compile(r"Loaded checkpoint (\S+) \(epoch \d+ @ (\d+) updates\)")
 SAVED = re.compile(r"Saved checkpoint (\S+) \(epoch \d+ @ (\d+) updates")
 
 
-def overrides(data: str, teacher: str, save_dir: str) -> List[str]:
+def overrides(data: str, teacher: str, save_dir: str, max_update: int) -> List[str]:
     """A short stage 1 that saves after every update (validation off, so that saving is all it does)."""
     return (
         [f"task.data={data}", f"task.teacher_path={teacher}", f"checkpoint.save_dir={save_dir}"]
@@ -39,7 +42,7 @@ def overrides(data: str, teacher: str, save_dir: str) -> List[str]:
             "checkpoint.save_interval_updates=1",
             "checkpoint.keep_interval_updates=2",
             "dataset.disable_validation=true",
-            f"optimization.max_update={MAX_UPDATE}",
+            f"optimization.max_update={max_update}",
             "criterion.target_sparsity=0.5",
         ]
         + P.schedule_overrides("dphubert", 2, LRS)
@@ -101,35 +104,41 @@ def check_resumed_run(log: str, saved: int) -> None:
 
 @pytest.fixture
 def train_cmd(speech_manifests, pretrained_hubert, tmp_path):
-    save_dir = str(tmp_path / "run")
-    return save_dir, P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train") + [
-        "--config-dir",
-        "configs",
-        "--config-name",
-        "dphubert",
-        *overrides(speech_manifests, pretrained_hubert, save_dir),
-    ]
+    """(save_dir, command) of a stage-1 run of ``max_update`` updates (default MAX_UPDATE)."""
+
+    def make(max_update: int = MAX_UPDATE):
+        save_dir = str(tmp_path / "run")
+        return save_dir, P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train") + [
+            "--config-dir",
+            "configs",
+            "--config-name",
+            "dphubert",
+            *overrides(speech_manifests, pretrained_hubert, save_dir, max_update),
+        ]
+
+    return make
 
 
-def finish(cmd: Sequence[str], save_dir: str, saved: int, log: str) -> None:
-    """Run to the end; it resumes from ``saved`` updates and reaches MAX_UPDATE."""
+def finish(cmd: Sequence[str], save_dir: str, saved: int, log: str, max_update: int = MAX_UPDATE) -> None:
+    """Run to the end; it resumes from ``saved`` updates and reaches ``max_update``."""
     proc = start(cmd, log)
     assert proc.wait(timeout=600) == 0, text(log)[-3000:]
     check_resumed_run(log, saved)
-    assert saved_updates(os.path.join(save_dir, "checkpoint_last.pt")) == MAX_UPDATE
+    assert saved_updates(os.path.join(save_dir, "checkpoint_last.pt")) == max_update
 
 
 def test_killed_at_random_moments_resumes_where_it_saved(train_cmd, tmp_path):
-    save_dir, cmd = train_cmd
+    save_dir, cmd = train_cmd(RANDOM_KILLS_MAX_UPDATE)
     last = os.path.join(save_dir, "checkpoint_last.pt")
     rng = random.Random(7)
     saved = 0
     for attempt in range(5):
         log = str(tmp_path / f"run{attempt}.log")
         proc = start(cmd, log)
-        # a moment at random while it trains (and saves after every update): 0-2 s after its first update
+        # a moment at random while it trains (and saves after every update): 0-1.5 s after its first update
         wait_for(lambda: updates_logged(log), proc, "the first update")
-        time.sleep(rng.uniform(0.0, 2.0))
+        time.sleep(rng.uniform(0.0, 1.5))
+        assert proc.poll() is None, "the run ended before it was killed: raise RANDOM_KILLS_MAX_UPDATE"
         kill(proc)
         check_resumed_run(log, saved)
         reached = updates_logged(log)[-1]
@@ -138,8 +147,7 @@ def test_killed_at_random_moments_resumes_where_it_saved(train_cmd, tmp_path):
         # at worst while its checkpoint was written
         assert reached - 1 <= now <= reached and now >= saved, (saved, reached, now)
         saved = now
-    assert saved < MAX_UPDATE
-    finish(cmd, save_dir, saved, str(tmp_path / "final.log"))
+    finish(cmd, save_dir, saved, str(tmp_path / "final.log"), RANDOM_KILLS_MAX_UPDATE)
 
 
 def run_until_inside_a_copy(cmd: Sequence[str], mode: str, marker: str, log: str) -> subprocess.Popen:
@@ -165,7 +173,7 @@ def last_completed_save(log: str) -> int:
 def test_killed_during_the_copy_to_checkpoint_last(train_cmd, tmp_path):
     """The plugin's copy (its full-copy path, as on a file system without hard links) killed midway, three
     times in a row: checkpoint_last.pt is still the previous save, whole, and each resume continues from it."""
-    save_dir, cmd = train_cmd
+    save_dir, cmd = train_cmd()
     last = os.path.join(save_dir, "checkpoint_last.pt")
     saved = 0
     for attempt in range(3):
@@ -185,7 +193,7 @@ def test_killed_during_the_copy_to_checkpoint_last(train_cmd, tmp_path):
 def test_resume_steps_over_a_checkpoint_last_cut_short(train_cmd, tmp_path):
     """fairseq's own plain copy, killed midway, leaves checkpoint_last.pt cut short; the next run (the same
     command) resumes from the newest whole checkpoint beside it and says so."""
-    save_dir, cmd = train_cmd
+    save_dir, cmd = train_cmd()
     last = os.path.join(save_dir, "checkpoint_last.pt")
     log = str(tmp_path / "stock.log")
     proc = run_until_inside_a_copy(cmd, "stock", str(tmp_path / "copies.txt"), log)
