@@ -1,10 +1,29 @@
 """dphubert-fairseq: DPHuBERT structured pruning + distillation of HuBERT / wav2vec2 as a fairseq plugin."""
 
+import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildWithConfigs(build_py):
+    """Ship the recipe's ``configs/*.yaml`` inside the package (``dphubert_fairseq/configs``), where
+    ``dphubert_fairseq.config_dir()`` finds them in a non-editable install. ``configs/`` at the top level stays
+    the source of truth; an editable install reads it directly."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "dphubert_fairseq", "configs")
+        os.makedirs(target, exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(HERE, "configs", "*.yaml"))):
+            shutil.copy2(path, target)
+
 
 # What the plugin needs. On Python >= 3.11 the official fairseq 0.12.2 does not install (old hydra/omegaconf
 # pins); ve-fairseq 0.12.3 is a prebuilt build of fairseq's main branch that provides the same `fairseq` package.
@@ -39,12 +58,17 @@ setup(
     description="DPHuBERT (joint distillation and structured pruning of HuBERT / wav2vec2) as a fairseq plugin",
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
+    # the plugin only: examples/ (the quickstart), benchmarks/, tests/ and fairseq_runs/ (their shared helpers
+    # for running fairseq) belong to the checkout
     packages=find_packages(include=["dphubert_fairseq", "dphubert_fairseq.*"]),
+    cmdclass={"build_py": BuildWithConfigs},
     python_requires=">=3.8",
     install_requires=REQUIRES,
     extras_require={
         "tested": TESTED,
-        "test": ["pytest>=7", "editdistance"],  # editdistance: WER in fairseq's CTC validation
+        # editdistance: WER in fairseq's CTC validation; ruff: the format and lint check of tests/run.sh (ruff.toml),
+        # pinned because formatting changes between releases
+        "test": ["pytest>=7", "editdistance", "ruff==0.17.6"],
         "quickstart": ["matplotlib", "scikit-learn"],  # figures; k-means of MFCC features
         # hydra's submitit launcher: `fairseq-hydra-train -m ... hydra/launcher=submitit_slurm` (README, "On a
         # SLURM cluster"); submitit_local runs the same job on this machine. >=1.2: the release made for
@@ -52,7 +76,9 @@ setup(
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={"console_scripts": ["dphubert-export=dphubert_fairseq.export:main"]},
+    license="MIT",
     classifiers=[
+        "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

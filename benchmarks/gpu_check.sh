@@ -1,7 +1,8 @@
 #!/bin/bash
-# The benchmarks on a lent GPU machine, as one prepared run (../shared/gpu/README.md). From the project root,
-# on this machine first:  echo /.whl/ >> .git/info/exclude && ../shared/gpu/fetch_wheels.sh .whl
-# then run this script there with .whl carried along; tables and JSON land in $OUT (default benchmarks/results).
+# The benchmarks on a GPU machine, as one prepared run, from the project root. A machine without network takes
+# the tested pins as wheels in .whl/ (made where there is network, e.g. `pip download --no-deps -d .whl
+# torch==2.9.1 torchaudio==2.9.1 ve-fairseq==0.12.3 ...` for that machine's Python; .whl/ is git-ignored);
+# tables and JSON land in $OUT (default benchmarks/results).
 # About 6 minutes on an H100: a Base-shaped stage-1 update against stock HuBERT pretraining (AMP, 16 x 10 s),
 # the length scaling (8 items of 2 to 16 s), and inference (8 x 10 s, fp16).
 set -euo pipefail

@@ -1,5 +1,6 @@
-"""What the benchmarks share: fairseq configs composed as ``fairseq-hydra-train`` composes them, trainers built
-as ``fairseq_cli.train`` builds them, a fixed batch of audio, and meters for time and peak memory.
+"""What the benchmarks share: trainers built as ``fairseq_cli.train`` builds them on configs composed as
+``fairseq-hydra-train`` composes them (``fairseq_runs.compose``), a fixed batch of audio, and meters for time
+and peak memory. What the benchmarks share with the tests and the quickstart lives in ``fairseq_runs``.
 
 Benchmarks are scripts, not tests: each prints a table and writes JSON, and every ratio is taken within one
 invocation on one machine. Measurements that must not share a process (peak memory) run in worker
@@ -15,7 +16,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -26,6 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # this checkout's plugin, whatever the environment's editable install points to
 
+from fairseq_runs import Shape, checkout_env, compose, fairseq_hubert_config_dir  # noqa: E402,F401
+from fairseq_runs import stock_hubert_overrides as _stock_hubert_overrides  # noqa: E402
+
 # hydra's notices about fairseq's config conventions (version_base 1.1, schema matched by name)
 warnings.filterwarnings("ignore", module="hydra")
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")
@@ -35,31 +38,7 @@ SAMPLE_RATE = 16000
 LABEL_RATE = 50
 
 
-# ----- model shapes -----
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A HuBERT encoder shape, given to fairseq's ``hubert`` model as overrides."""
-
-    layers: int
-    dim: int
-    ffn: int
-    heads: int
-    conv: str
-    conv_pos: int = 128
-    conv_pos_groups: int = 16
-
-    def hubert_overrides(self) -> List[str]:
-        return [
-            f"+model.encoder_layers={self.layers}",
-            f"+model.encoder_embed_dim={self.dim}",
-            f"+model.encoder_ffn_embed_dim={self.ffn}",
-            f"+model.encoder_attention_heads={self.heads}",
-            f"+model.conv_pos={self.conv_pos}",
-            f"+model.conv_pos_groups={self.conv_pos_groups}",
-            f'model.conv_feature_layers="{self.conv}"',
-        ]
+# ----- model shapes (fairseq_runs.Shape) -----
 
 
 SHAPES: Dict[str, Shape] = {
@@ -71,31 +50,6 @@ SHAPES: Dict[str, Shape] = {
 
 
 # ----- configs and trainers, as fairseq-hydra-train builds them -----
-
-
-def fairseq_hubert_config_dir() -> str:
-    import fairseq
-
-    return os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert", "config", "pretrain")
-
-
-def compose(config_dir: str, config_name: str, overrides: Sequence[str]):
-    """The config ``fairseq-hydra-train --config-dir DIR --config-name NAME OVERRIDES`` would run."""
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import dphubert_fairseq  # noqa: F401  (registers the plugin for add_defaults)
-
-    hydra_init(config_name)
-    # version_base 1.1: fairseq-hydra-train's semantics (the yaml is matched with the schema of its name)
-    with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base="1.1"):
-        cfg = hydra_compose(config_name, overrides=list(overrides))
-    add_defaults(cfg)
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 def build_trainer(cfg, load_data: bool = True):
@@ -178,16 +132,8 @@ def first_batch(task, split: str, batch: int):
 
 
 def stock_hubert_overrides(data: str, shape: Shape) -> List[str]:
-    """Overrides of fairseq's own ``hubert_base_librispeech.yaml`` for this data and shape."""
-    return [
-        f"task.data={data}",
-        f"task.label_dir={data}",
-        "task.labels=[km]",
-        f"model.label_rate={LABEL_RATE}",
-        "common.tensorboard_logdir=null",
-        "hydra.run.dir=" + tempfile.mkdtemp(prefix="dphubert-bench-hydra-"),
-        *shape.hubert_overrides(),
-    ]
+    """Overrides of fairseq's own ``hubert_base_librispeech.yaml`` for this data (labels at 50 Hz) and shape."""
+    return _stock_hubert_overrides(data, shape, LABEL_RATE, tempfile.mkdtemp(prefix="dphubert-bench-hydra-"))
 
 
 def save_random_teacher(path: str, data: str, shape: Shape, seed: int = 1) -> str:
@@ -263,8 +209,9 @@ class PeakMemory:
 
 def run_worker(script: str, args: Sequence[str]) -> Dict:
     """Run ``script ARGS`` (a worker) in a fresh Python; it prints one JSON line last."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, env=checkout_env(), cwd=REPO
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"{os.path.basename(script)} worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}"

@@ -36,7 +36,7 @@ STRUCTURE = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.jso
 
 
 def audio(batch: int, seconds: float) -> torch.Tensor:
-    from dphubert_fairseq.quickstart.speech import SAMPLE_RATE, generated_audio, read_speech_clips
+    from fairseq_runs.speech import SAMPLE_RATE, generated_audio, read_speech_clips
 
     clips = read_speech_clips() or generated_audio(seconds * batch)
     speech = np.concatenate(clips)

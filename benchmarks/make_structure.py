@@ -19,8 +19,16 @@ import tempfile
 
 from harness import REPO, SHAPES, save_random_teacher, write_audio, write_json
 
-from dphubert_fairseq.quickstart.runs import composite_schedule, cpu_run, records, run_length, run_logged
-from dphubert_fairseq.quickstart.speech import gather_speech, write_manifests
+from fairseq_runs import (
+    composite_schedule,
+    cpu_overrides,
+    export_command,
+    hydra_train_command,
+    records,
+    run_length,
+    run_logged,
+)
+from fairseq_runs.speech import gather_speech, write_manifests
 
 
 def main() -> int:
@@ -48,34 +56,18 @@ def main() -> int:
         f"task.data={data}",
         f"task.teacher_path={teacher}",
         f"checkpoint.save_dir={work}/stage1",
-        *cpu_run(32000, 16000, 16000),
+        *cpu_overrides(min_sample_size=16000, max_tokens=32000, max_sample_size=16000, amp=False),
         "task.long_utterances=crop",  # 1 s windows of every utterance: a fixed cost per update on CPU
         *run_length(args.updates, 20),
         f"criterion.target_sparsity={args.target}",
         f"criterion.sparsity_warmup_updates={args.updates * 2 // 3}",
         *composite_schedule(lrs, max(1, args.updates // 60)),
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "fairseq_cli.hydra_train",
-        "--config-dir",
-        "configs",
-        "--config-name",
-        "dphubert",
-    ]
-    output = run_logged(command + overrides, os.path.join(work, "stage1.log"), cwd=REPO, show=print)
+    command = hydra_train_command("configs", "dphubert", overrides)
+    output = run_logged(command, os.path.join(work, "stage1.log"), cwd=REPO, show=print)
     summary_path = os.path.join(work, "pruned.json")
     run_logged(
-        [
-            sys.executable,
-            "-m",
-            "dphubert_fairseq.export",
-            f"{work}/stage1/checkpoint_last.pt",
-            f"{work}/pruned.pt",
-            "--json",
-            summary_path,
-        ],
+        export_command(f"{work}/stage1/checkpoint_last.pt", f"{work}/pruned.pt", summary_path),
         os.path.join(work, "export.log"),
         cwd=REPO,
         show=print,

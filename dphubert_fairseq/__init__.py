@@ -1,28 +1,41 @@
 """dphubert-fairseq: DPHuBERT (joint distillation and structured pruning of HuBERT / wav2vec2) as a fairseq plugin.
 
-Importing the package registers the ``dphubert`` model with fairseq and makes native fairseq checkpoints load
-under torch's weights-only default (see ``safe_loading``).
+Importing the package patches fairseq where the plugin's users need it (``fairseq_patches``: among them,
+native fairseq checkpoints load under torch's weights-only default, see ``safe_loading``) and registers the
+``dphubert`` model, the ``dphubert_distill`` task and criterion with fairseq.
 """
 
-from . import fairseq_fixes, safe_loading
+from . import fairseq_patches
 
-safe_loading.install()
-fairseq_fixes.install()
+fairseq_patches.install()
 
 from . import criterions, models, tasks  # noqa: E402,F401  (register the model, task and criterion)
 from .checkpoint_io import load_model, save_model  # noqa: E402
-from .errors import CheckpointError  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    CheckpointLayoutError,
+    ConfigError,
+    DPHuBERTError,
+    ManifestError,
+    UnsupportedTeacherError,
+)
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel  # noqa: E402
-from .param_count import count_params  # noqa: E402
+from .packaged_configs import config_dir  # noqa: E402
 from .pruning import PruningReport, prune  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
-from .teacher import load_teacher, teacher_hidden_states  # noqa: E402
+from .teacher import count_params, load_teacher, teacher_hidden_states  # noqa: E402
 
 __all__ = [
     "CheckpointError",
+    "CheckpointLayoutError",
+    "ConfigError",
     "DPHuBERTConfig",
+    "DPHuBERTError",
     "DPHuBERTModel",
+    "ManifestError",
     "PruningReport",
+    "UnsupportedTeacherError",
+    "config_dir",
     "count_params",
     "load_model",
     "load_teacher",

@@ -9,10 +9,8 @@ from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
 from omegaconf import OmegaConf
 
 from .atomic_files import atomic_write
-from .errors import CheckpointError
+from .checkpoint_kind import read_student_checkpoint
 from .models.dphubert import DPHuBERTModel, as_config
-from .safe_loading import read_checkpoint
-from .teacher import checkpoint_model_name
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -57,12 +55,7 @@ def save_model(model: DPHuBERTModel, path: str, extra_state: Optional[Dict[str, 
 def load_model_and_extra_state(path: str) -> Tuple[DPHuBERTModel, Dict[str, Any]]:
     """``load_model`` plus the checkpoint's ``extra_state`` (the export keeps distillation projections there)."""
     path = str(path)
-    state = read_checkpoint(path)
-    name = checkpoint_model_name(state)
-    if name != "dphubert":
-        raise CheckpointError(
-            f"{path}: holds a {name!r} model, not a dphubert one (a native teacher loads with load_teacher)"
-        )
+    state = read_student_checkpoint(path)
     extra_state = dict(state.get("extra_state") or {})
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     return models[0].eval(), extra_state

@@ -16,25 +16,21 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from . import safe_loading
 from .atomic_files import atomic_write_text
 from .checkpoint_io import save_model
+from .checkpoint_kind import read_student_checkpoint
+from .conv_spec import parse_conv_layers
 from .criterions.target_projection import missed_target
-from .errors import CheckpointError
+from .errors import ConfigError
 from .models.dphubert import DPHuBERTModel, as_config
-from .param_count import parse_conv_layers
-from .pruning import eval_mask_params, prune
-from .teacher import checkpoint_model_name
+from .pruning import prune
 
 logger = logging.getLogger("dphubert_fairseq.export")
 
 
 def model_from_training_checkpoint(path: str):
     """(model, state) from a checkpoint of a ``dphubert`` training run; no teacher or data needed."""
-    state = safe_loading.read_checkpoint(path)
-    name = checkpoint_model_name(state)
-    if name != "dphubert":
-        raise CheckpointError(f"{path}: holds a {name!r} model, not a dphubert training checkpoint")
+    state = read_student_checkpoint(path, expected="a dphubert training checkpoint")
     model = DPHuBERTModel(as_config(state["cfg"]["model"]))
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), state
@@ -103,18 +99,18 @@ def check_destination(path: str, what: str) -> None:
     folder on its way is a file, or the nearest existing folder does not take new files."""
     full = os.path.abspath(path)
     if os.path.isdir(full):
-        raise ValueError(
+        raise ConfigError(
             f"{what} {path}: is a directory; give a file name, e.g. {os.path.join(path, 'out.pt')}"
         )
     folder = os.path.dirname(full)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise ValueError(f"{what} {path}: {folder} is a file, not a folder")
+        raise ConfigError(f"{what} {path}: {folder} is a file, not a folder")
     try:  # what a write needs, tried for real (permissions, read-only file systems, quotas, root or not)
         fd, probe = tempfile.mkstemp(prefix=".dphubert-export.", dir=folder)
     except OSError as err:
-        raise ValueError(f"{what} {path}: cannot write in {folder} ({err.strerror or err})") from None
+        raise ConfigError(f"{what} {path}: cannot write in {folder} ({err.strerror or err})") from None
     os.close(fd)
     os.remove(probe)
 
@@ -150,11 +146,11 @@ def export(
     if json_path:
         check_destination(json_path, "--json")
         if os.path.abspath(json_path) == os.path.abspath(out):
-            raise ValueError(f"--json {json_path}: is the output checkpoint's path too; give another file")
+            raise ConfigError(f"--json {json_path}: is the output checkpoint's path too; give another file")
     model, state = model_from_training_checkpoint(checkpoint)
     rounding = round_heads != 1 or round_ffn != 1
     if rounding and not model.gates():
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint}: has no gates (a stage-2 checkpoint?); --round-heads / --round-ffn apply when "
             "exporting stage 1, so that stage 2 trains the rounded structure"
         )
@@ -164,7 +160,7 @@ def export(
         summary["rounding"] = {
             "heads": round_heads,
             "ffn": round_ffn,
-            "extra_params": summary["params"] - eval_mask_params(model),
+            "extra_params": summary["params"] - model.eval_mask_params(),
         }
     history = state.get("optimizer_history") or [{}]
     summary["num_updates"] = history[-1].get("num_updates")
@@ -212,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = export(args.checkpoint, args.out, args.json_path, args.round_heads, args.round_ffn)
-    except (CheckpointError, ValueError) as err:
+    except ValueError as err:  # every DPHuBERTError is one
         print(f"dphubert-export: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))
@@ -220,7 +216,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    import dphubert_fairseq  # noqa: F401  (safe loading, registrations)
-
+if __name__ == "__main__":  # python -m imports the package first: patches and registrations are in place
     sys.exit(main())

@@ -14,14 +14,15 @@ which is where the time goes. Each is one MAC (``2 MACs = FLOPs`` as ``torch.uti
 
 Not counted: normalisations, activations, biases, dropout, softmax, the conv front end's GELU and GroupNorm;
 they are elementwise, cost O(size of the activation) and are a few percent of the time. The CNN front end is
-counted in full: in HuBERT Base it is about a third of the MACs on 10 s of audio (METHOD.md), so a pruned
+counted in full: in HuBERT Base it is about a third of the MACs on 10 s of audio (docs/method.md, "Counting convention"), so a pruned
 transformer alone does not tell the speed-up.
 """
 
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from .param_count import UnitSizes, parse_conv_layers, static_sizes
+from .conv_spec import parse_conv_layers
+from .param_count import UnitSizes, static_sizes
 
 
 @dataclass

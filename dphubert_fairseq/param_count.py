@@ -3,7 +3,7 @@
 The same functions give the real size of a model (ints), the expected size of a gated model during training
 (tensors built from gate probabilities, differentiable) and the size implied by eval-mode masks before export.
 
-Convention (METHOD.md): we count what is used to extract representations: the CNN feature extractor, the
+Convention (docs/method.md, "Counting convention"): we count what is used to extract representations: the CNN feature extractor, the
 LayerNorm and projection after it, the positional convolution, every transformer layer and the encoder's final
 LayerNorm. Pretraining-only parts (final_proj, label embeddings, mask embedding, quantizer, target GLU) and
 training-only parts (gate logits, distillation projections) are not counted. LayerNorms are never pruned; in a
@@ -15,29 +15,14 @@ projection column standing for the removed channels (``D`` parameters).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .conv_spec import conv_norm_kind, parse_conv_layers
+
 Number = Union[int, float, torch.Tensor]
-
-
-def parse_conv_layers(spec: str) -> List[Tuple[int, int, int]]:
-    """fairseq's ``conv_feature_layers`` string, e.g. ``"[(512,10,5)] + [(512,3,2)] * 4"``, as a list of
-    ``(channels, kernel, stride)``."""
-    layers = eval(spec, {"__builtins__": {}}, {})  # fairseq's own format is a Python expression
-    return [tuple(int(v) for v in layer) for layer in layers]
-
-
-def conv_norm_kind(extractor_mode: str, layer: int) -> Optional[str]:
-    """The normalisation inside conv block ``layer``: fairseq's 'default' extractor has one GroupNorm (one group
-    per channel) in the first block, the 'layer_norm' extractor a LayerNorm over channels in every block."""
-    if extractor_mode == "layer_norm":
-        return "layer"
-    if extractor_mode == "default" and layer == 0:
-        return "group"
-    return None
 
 
 def conv_block_params(
@@ -175,12 +160,3 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
 def config_params(cfg) -> int:
     """Counted parameters of the architecture a ``DPHuBERTConfig`` describes."""
     return int(total_params(cfg, static_sizes(cfg)))
-
-
-def count_params(model) -> int:
-    """Counted parameters of a ``dphubert`` model or a fairseq HubertModel / Wav2Vec2Model."""
-    if hasattr(model, "num_params"):
-        return model.num_params()
-    from .teacher import config_from_fairseq  # here to keep param_count free of model imports
-
-    return config_params(config_from_fairseq(model))

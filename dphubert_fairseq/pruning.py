@@ -25,13 +25,14 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .conv_spec import format_conv_layers
+from .errors import ConfigError, DPHuBERTError
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from .models.hard_concrete import HardConcrete
-from .param_count import total_params
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _kept(mask: torch.Tensor) -> torch.Tensor:
 def round_up(count: int, multiple: int, limit: Optional[int] = None) -> int:
     """``count`` rounded up to a multiple of ``multiple`` (0 stays 0), at most ``limit``."""
     if multiple < 1:
-        raise ValueError(f"a rounding multiple must be >= 1, got {multiple}")
+        raise ConfigError(f"a rounding multiple must be >= 1, got {multiple}")
     rounded = math.ceil(count / multiple) * multiple
     return rounded if limit is None else min(rounded, limit)
 
@@ -110,7 +111,9 @@ def _fold_feature_extractor(
         mask = _mask(block.gate, block.out_channels, weight)
         kept = _kept(mask)
         if kept.numel() == 0:
-            raise ValueError(f"conv layer {i} would lose all its channels: the model would output constants")
+            raise DPHuBERTError(
+                f"conv layer {i} would lose all its channels: the model would output constants"
+            )
         state[prefix + "conv.weight"] = weight[kept]
         if block.conv.bias is not None:
             state[prefix + "conv.bias"] = block.conv.bias[kept]
@@ -124,7 +127,7 @@ def _fold_feature_extractor(
                 )
         conv_layers.append((kept.numel(), block.kernel, block.stride))
         prev_kept, prev_scale = kept, mask[kept]
-    cfg.conv_feature_layers = "[" + ", ".join(f"({c}, {k}, {s})" for c, k, s in conv_layers) + "]"
+    cfg.conv_feature_layers = format_conv_layers(conv_layers)
 
     norm = model.layer_norm
     last_gated = model.feature_extractor.blocks[-1].gate is not None
@@ -262,7 +265,7 @@ def prune(
     """
     for name, value in (("round_heads", round_heads), ("round_ffn", round_ffn)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     was_training = model.training
     model.eval()
     try:
@@ -327,32 +330,3 @@ def prune(
         return pruned
     finally:
         model.train(was_training)
-
-
-def eval_mask_params(
-    model: DPHuBERTModel, sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
-) -> Union[int, torch.Tensor]:
-    """Parameters ``prune(model)`` will have: kept units of the eval masks, plus the exact-fold extras.
-
-    An int read off the masks; with ``sync_free`` a float32 tensor computed from the same counts without
-    reading anything back to the host (for the training log and ``target_projection``). ``logit_shift``
-    (implies ``sync_free``): the count if every gate logit were shifted by it."""
-    if sync_free or logit_shift is not None:
-        return total_params(eval_count_config(model), model.unit_sizes("eval_counts", logit_shift))
-    sizes = model.unit_sizes("eval")
-    cfg = eval_count_config(model)
-    cfg.feature_norm_removed_channels = (
-        model.layer_norm.removed_channels + model.feature_extractor.out_channels - sizes.conv_channels[-1]
-    )
-    return int(total_params(cfg, sizes))
-
-
-def eval_count_config(model: DPHuBERTModel) -> DPHuBERTConfig:
-    """The model's config with the exact-fold extras an export of it will have: the feature LayerNorm's channel
-    scale when the last conv layer is gated, and the removed-channels column, counted whenever the last conv
-    layer is gated (``D`` parameters more than the export has while no channel is removed)."""
-    last_gated = model.feature_extractor.blocks[-1].gate is not None
-    cfg = as_config(model.cfg)
-    cfg.feature_norm_channel_scale = model.layer_norm.channel_scale is not None or last_gated
-    cfg.feature_norm_removed_channels = model.layer_norm.removed_channels + int(last_gated)
-    return cfg

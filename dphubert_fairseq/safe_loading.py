@@ -4,15 +4,17 @@ Since torch 2.6, ``torch.load`` refuses to unpickle anything but tensors and pla
 is allow-listed; fairseq's ``load_checkpoint_to_cpu`` (and its multi-GPU broadcast of a resumed checkpoint)
 call it without ``weights_only``. We allow-list exactly the classes that native fairseq checkpoints hold, and
 no more; a file that pickles anything else is refused with a one-line error naming the class and the opt-in.
+
+This module holds the allow-list, the checks and the error messages; the patches that put them into fairseq's
+reader are ``fairseq_patches.weights_only_allow_list``, ``checkpoint_read_errors`` and
+``checkpoint_layout_check``.
 """
 
 import argparse
 import collections
-import functools
 import importlib
 import inspect
 import os
-import pickle
 import re
 import sys
 import typing
@@ -26,7 +28,7 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointLayoutError, ConfigError
 
 #: Environment variable with extra ``module.Class`` names (comma-separated) a user trusts.
 TRUST_ENV = "DPHUBERT_SAFE_GLOBALS"
@@ -93,10 +95,10 @@ def allow_globals(names: Iterable[str], source: str = TRUST_ENV) -> None:
             try:
                 obj = getattr(importlib.import_module(module or "builtins"), attr)
             except (ImportError, AttributeError, ValueError):
-                raise ValueError(f"{source}: cannot import {name!r}") from None
+                raise ConfigError(f"{source}: cannot import {name!r}") from None
             reason = why_not_allowable(name, obj)
         if reason is not None:
-            raise ValueError(f"{source}: refusing to allow-list {name}: it is {reason}")
+            raise ConfigError(f"{source}: refusing to allow-list {name}: it is {reason}")
         torch.serialization.add_safe_globals([obj])
 
 
@@ -142,82 +144,54 @@ def describe_load_error(path: str, err: BaseException) -> str:
     return f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({reason})"
 
 
-class _NotAFairseqCheckpoint(ValueError):
-    pass
-
-
-def _check_layout(state: object) -> None:
-    """Refuse what fairseq's upgrade would fail on with a bare KeyError / IndexError deep inside."""
+def check_layout(state: object) -> None:
+    """Refuse what fairseq's upgrade would fail on with a bare KeyError / IndexError deep inside
+    (``CheckpointLayoutError``, without the file name: the reader adds it)."""
     if not isinstance(state, dict) or "model" not in state:
-        raise _NotAFairseqCheckpoint("not a fairseq checkpoint (no 'model' entry)")
+        raise CheckpointLayoutError("not a fairseq checkpoint (no 'model' entry)")
     if state.get("cfg") is None and state.get("args") is None:
-        raise _NotAFairseqCheckpoint("not a fairseq checkpoint (neither 'cfg' nor 'args')")
+        raise CheckpointLayoutError("not a fairseq checkpoint (neither 'cfg' nor 'args')")
     if not isinstance(state["model"], dict):
-        raise _NotAFairseqCheckpoint(
+        raise CheckpointLayoutError(
             f"an incomplete fairseq checkpoint: 'model' is a {type(state['model']).__name__}, not a state dict"
         )
     cfg = state.get("cfg")
     if cfg is not None and (not isinstance(cfg, (dict, DictConfig)) or cfg.get("model") is None):
-        raise _NotAFairseqCheckpoint("an incomplete fairseq checkpoint: 'cfg' has no 'model' section")
+        raise CheckpointLayoutError("an incomplete fairseq checkpoint: 'cfg' has no 'model' section")
     history = state.get("optimizer_history", [{}])
     if not isinstance(history, list) or not history or not isinstance(history[-1], dict):
-        raise _NotAFairseqCheckpoint(
+        raise CheckpointLayoutError(
             "an incomplete fairseq checkpoint: 'optimizer_history' is empty or not a list of records"
         )
     if not isinstance(state.get("extra_state", {}), (dict, type(None))):
-        raise _NotAFairseqCheckpoint("an incomplete fairseq checkpoint: 'extra_state' is not a dict")
+        raise CheckpointLayoutError("an incomplete fairseq checkpoint: 'extra_state' is not a dict")
 
 
-def _wrap_upgrade_state_dict(original):
-    # fairseq upgrades whatever torch.load returned and fails with a bare KeyError / IndexError on a torch file
-    # that is not (or not wholly) a fairseq checkpoint; check the layout first (load_checkpoint_to_cpu below
-    # adds the file name)
-    @functools.wraps(original)
-    def _upgrade_state_dict(state):
-        _check_layout(state)
-        try:
-            return original(state)
-        except (KeyError, IndexError, TypeError, AttributeError) as err:
-            raise _NotAFairseqCheckpoint(
-                f"an incomplete fairseq checkpoint (upgrading it failed: {type(err).__name__}: {err})"
-            ) from None
-
-    _upgrade_state_dict.__dphubert_wrapped__ = True
-    return _upgrade_state_dict
+#: The problem with ``DPHUBERT_SAFE_GLOBALS`` found by ``allow_list_classes``, raised by every checkpoint load.
+_trusted_globals_problem: Optional[str] = None
 
 
-def _wrap_load_checkpoint_to_cpu(original):
-    @functools.wraps(original)
-    def load_checkpoint_to_cpu(path, *args, **kwargs):
-        check_checkpoint_file(path)
-        try:
-            return original(path, *args, **kwargs)
-        except _NotAFairseqCheckpoint as err:
-            raise CheckpointError(f"{path}: {err}") from None
-        except (pickle.UnpicklingError, EOFError) as err:
-            raise CheckpointError(describe_load_error(path, err)) from None
-        except RuntimeError as err:
-            if "PytorchStreamReader" in str(err) or "zip archive" in str(err):
-                raise CheckpointError(describe_load_error(path, err)) from None
-            raise
-
-    load_checkpoint_to_cpu.__dphubert_wrapped__ = True
-    return load_checkpoint_to_cpu
-
-
-def install() -> None:
-    """Allow-list the classes of native checkpoints (and the user's trusted ones) and make fairseq's
-    checkpoint reader fail with readable errors. Idempotent."""
+def allow_list_classes() -> None:
+    """Allow-list ``SAFE_GLOBALS`` and the classes ``DPHUBERT_SAFE_GLOBALS`` names. A malformed variable does
+    not fail here (importing the plugin must not fail): ``check_trusted_globals`` raises it when a checkpoint
+    is loaded. Idempotent."""
+    global _trusted_globals_problem
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
-    allow_globals(os.environ.get(TRUST_ENV, "").split(","))
-    if not getattr(checkpoint_utils._upgrade_state_dict, "__dphubert_wrapped__", False):
-        checkpoint_utils._upgrade_state_dict = _wrap_upgrade_state_dict(checkpoint_utils._upgrade_state_dict)
-    if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "__dphubert_wrapped__", False):
-        checkpoint_utils.load_checkpoint_to_cpu = _wrap_load_checkpoint_to_cpu(
-            checkpoint_utils.load_checkpoint_to_cpu
-        )
+    try:
+        allow_globals(os.environ.get(TRUST_ENV, "").split(","))
+        _trusted_globals_problem = None
+    except ConfigError as err:
+        _trusted_globals_problem = str(err)
+
+
+def check_trusted_globals() -> None:
+    """Raise the ``ConfigError`` (one line naming ``DPHUBERT_SAFE_GLOBALS`` and the bad entry) that the
+    variable's value gave when it was read, if any."""
+    if _trusted_globals_problem is not None:
+        raise ConfigError(_trusted_globals_problem)
 
 
 def read_checkpoint(path: str) -> dict:
     """Load a fairseq checkpoint to CPU through fairseq (weights-only, layout checked, upgraded)."""
+    check_trusted_globals()
     return checkpoint_utils.load_checkpoint_to_cpu(str(path))

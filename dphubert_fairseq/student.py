@@ -6,7 +6,7 @@ from typing import Dict, Iterable, Union
 import torch
 import torch.nn as nn
 
-from .models.dphubert import PRUNABLE_UNITS, DPHuBERTModel
+from .models.dphubert import DPHuBERTModel
 from .param_count import config_params
 from .teacher import config_from_fairseq, load_teacher_and_config
 
@@ -63,13 +63,7 @@ def student_from_teacher(
         cfg = config_from_fairseq(teacher)
     else:
         teacher, cfg = load_teacher_and_config(teacher)
-    units = list(prune_units)
-    unknown = set(units) - set(PRUNABLE_UNITS)
-    if unknown:
-        raise ValueError(
-            f"prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}"
-        )
-    cfg.prune_units = units
+    cfg.prune_units = list(prune_units)  # checked by the model (validate_config)
     cfg.teacher_params = config_params(cfg)
     reference = next(teacher.parameters())
     student = DPHuBERTModel(cfg).to(device=reference.device, dtype=reference.dtype)

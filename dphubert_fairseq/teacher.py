@@ -15,32 +15,18 @@ from fairseq.models.wav2vec.wav2vec2 import (
     Wav2Vec2Model,
 )
 
-from .errors import CheckpointError
+from .checkpoint_kind import SUPPORTED_TEXT, read_teacher_checkpoint
+from .conv_spec import format_conv_layers
+from .errors import CheckpointError, UnsupportedTeacherError
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, wav2vec2_frame_padding
-from .safe_loading import read_checkpoint
-
-SUPPORTED_TEACHERS = ("hubert", "wav2vec2")
-_SUPPORTED_TEXT = "supported teachers: hubert and wav2vec2 (Base and Large shapes, transformer layers)"
-
-
-def checkpoint_model_name(state: dict) -> str:
-    """The registered model name a fairseq checkpoint was written for."""
-    cfg = state.get("cfg")
-    if cfg is not None and cfg.get("model") is not None:
-        return str(cfg["model"].get("_name") or getattr(cfg["model"], "_name", "") or "?")
-    args = state.get("args")
-    return str(getattr(args, "arch", None) or "?")
-
-
-class UnsupportedTeacher(ValueError):
-    """A fairseq model whose architecture the plugin cannot copy."""
+from .param_count import config_params
 
 
 def _activation_name(fn) -> str:
     for name in utils.get_available_activation_fns():
         if name != "linear" and utils.get_activation_fn(name) is fn:
             return name
-    raise UnsupportedTeacher(f"unknown activation function {fn!r}")
+    raise UnsupportedTeacherError(f"unknown activation function {fn!r}")
 
 
 def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
@@ -50,21 +36,23 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
     (normalisation, sample rate) come from the task config when given.
     """
     if not isinstance(model, (HubertModel, Wav2Vec2Model)):
-        raise UnsupportedTeacher(f"model type {type(model).__name__} is not supported; {_SUPPORTED_TEXT}")
+        raise UnsupportedTeacherError(f"model type {type(model).__name__} is not supported; {SUPPORTED_TEXT}")
     if getattr(model, "input_quantizer", None) is not None:
-        raise UnsupportedTeacher(f"wav2vec2 with quantize_input is not supported; {_SUPPORTED_TEXT}")
+        raise UnsupportedTeacherError(f"wav2vec2 with quantize_input is not supported; {SUPPORTED_TEXT}")
     encoder = model.encoder
     if type(encoder) is not TransformerEncoder or isinstance(encoder, ConformerEncoder):
-        raise UnsupportedTeacher(f"encoder {type(encoder).__name__} is not supported; {_SUPPORTED_TEXT}")
+        raise UnsupportedTeacherError(f"encoder {type(encoder).__name__} is not supported; {SUPPORTED_TEXT}")
     layers = list(encoder.layers)
     for layer in layers:
         if type(layer) is not TransformerSentenceEncoderLayer:
-            raise UnsupportedTeacher(f"layer type {type(layer).__name__} is not supported; {_SUPPORTED_TEXT}")
+            raise UnsupportedTeacherError(
+                f"layer type {type(layer).__name__} is not supported; {SUPPORTED_TEXT}"
+            )
     pos_conv = encoder.pos_conv
     convs = [m for m in pos_conv.modules() if isinstance(m, nn.Conv1d)]
     if len(convs) != 1:
-        raise UnsupportedTeacher(
-            f"a positional convolution of depth {len(convs)} is not supported; {_SUPPORTED_TEXT}"
+        raise UnsupportedTeacherError(
+            f"a positional convolution of depth {len(convs)} is not supported; {SUPPORTED_TEXT}"
         )
 
     blocks = list(model.feature_extractor.conv_layers)
@@ -75,7 +63,7 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
     return DPHuBERTConfig(
         _name="dphubert",
         extractor_mode="layer_norm" if layer_norm_extractor else "default",
-        conv_feature_layers="[" + ", ".join(f"({c}, {k}, {s})" for c, k, s in conv_layers) + "]",
+        conv_feature_layers=format_conv_layers(conv_layers),
         conv_bias=blocks[0][0].bias is not None,
         encoder_layers=len(layers),
         encoder_embed_dim=embed_dim,
@@ -105,22 +93,22 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
 def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
     """Load a native fairseq HuBERT / wav2vec2 checkpoint: the model in eval mode and its architecture."""
     path = str(path)
-    state = read_checkpoint(path)
-    name = checkpoint_model_name(state)
-    if name == "dphubert":
-        raise CheckpointError(
-            f"{path}: holds a dphubert student, not a native fairseq teacher; load it with "
-            f"dphubert_fairseq.load_model, and give a HuBERT / wav2vec2 checkpoint as the teacher"
-        )
-    if name not in SUPPORTED_TEACHERS:
-        raise CheckpointError(f"{path}: model type {name!r} is not supported; {_SUPPORTED_TEXT}")
+    state = read_teacher_checkpoint(path)
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     try:
         config = config_from_fairseq(model, cfg.task)
-    except UnsupportedTeacher as err:
+    except UnsupportedTeacherError as err:
         raise CheckpointError(f"{path}: {err}") from None
     return model.eval(), config
+
+
+def count_params(model: nn.Module) -> int:
+    """Counted parameters (``param_count`` convention) of a ``dphubert`` model or a fairseq HubertModel /
+    Wav2Vec2Model."""
+    if hasattr(model, "num_params"):
+        return model.num_params()
+    return config_params(config_from_fairseq(model))
 
 
 def teacher_identity(model: nn.Module) -> str:
@@ -157,7 +145,7 @@ def teacher_hidden_states(
         states = teacher.hidden_states(source, padding_mask)
         return states if num_layers is None else states[: num_layers + 1]
     if not isinstance(teacher, (HubertModel, Wav2Vec2Model)):
-        raise TypeError(f"unsupported teacher {type(teacher).__name__}; {_SUPPORTED_TEXT}")
+        raise TypeError(f"unsupported teacher {type(teacher).__name__}; {SUPPORTED_TEXT}")
     features = teacher.feature_extractor(source).transpose(1, 2)
     features = teacher.layer_norm(features)
     if padding_mask is not None:

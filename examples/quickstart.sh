@@ -2,8 +2,10 @@
 # The main job on the embedded default: set everything up (examples/setup_env.sh, each step skipped when done),
 # then run the whole DPHuBERT pipeline on real speech with a small teacher, and write a report.
 # Usage: bash examples/quickstart.sh [OUT]   (default ./dphubert_quickstart; every output lands there)
+# The quickstart is an example of this checkout (examples/quickstart/), not part of the installed plugin:
+# it runs as `python -m examples.quickstart` with the checkout first on PYTHONPATH.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${1:-dphubert_quickstart}
 python=$(bash "$repo/examples/setup_env.sh" | tail -n 1)
-exec "$python" -m dphubert_fairseq.quickstart --out "$out"
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m examples.quickstart --out "$out"

@@ -7,7 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import fairseq_teachers  # noqa: E402
+import helpers  # noqa: E402
+from helpers import LIBRIVOX, TEACHER_SHAPES  # noqa: E402
 
 import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers the model)
 
@@ -15,8 +16,9 @@ import dphubert_fairseq  # noqa: E402,F401  (installs safe loading, registers th
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "slow: runs training in several subprocesses (kills, resubmits); the fast lane is "
-        "`bash tests/run.sh -m 'not slow'`",
+        "slow: launches fairseq command-line runs (fairseq-hydra-train, dphubert-export, the quickstart, "
+        "the benchmark scripts) or other training subprocesses; the fast lane is "
+        "`python -m pytest tests -m 'not slow'`",
     )
     # noise from third-party code on this stack, not from the plugin
     for line in (
@@ -34,17 +36,6 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", line)
 
 
-LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
-
-#: (kind, large_shape) of every supported teacher shape
-TEACHER_SHAPES = {
-    "hubert_base": ("hubert", False),
-    "hubert_large": ("hubert", True),
-    "wav2vec2_base": ("wav2vec2", False),
-    "wav2vec2_large": ("wav2vec2", True),
-}
-
-
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("teachers"))
@@ -54,9 +45,7 @@ def teacher_dir(tmp_path_factory):
 def tiny_teachers(teacher_dir):
     """Checkpoint paths of tiny teachers of every supported shape, written by fairseq's Trainer."""
     return {
-        name: fairseq_teachers.make_teacher(
-            os.path.join(teacher_dir, f"{name}.pt"), kind, "tiny", large, seed=i
-        )
+        name: helpers.make_teacher(os.path.join(teacher_dir, f"{name}.pt"), kind, "tiny", large, seed=i)
         for i, (name, (kind, large)) in enumerate(TEACHER_SHAPES.items())
     }
 
@@ -77,19 +66,6 @@ def speech():
     return clips
 
 
-def padded_batch(clips, normalize: bool = False):
-    """(B, L) batch right-padded with zeros and its (B, L) padding mask (True = padding)."""
-    if normalize:
-        clips = [(c - c.mean()) / (c.std() + 1e-5) for c in clips]
-    length = max(c.numel() for c in clips)
-    source = torch.zeros(len(clips), length)
-    mask = torch.ones(len(clips), length, dtype=torch.bool)
-    for i, c in enumerate(clips):
-        source[i, : c.numel()] = c
-        mask[i, : c.numel()] = False
-    return source, mask
-
-
 @pytest.fixture(scope="session")
 def unequal_batch(speech):
     """Three clips of unequal length (1.3 s, 2.0 s, 0.9 s) cut from real speech."""
@@ -98,18 +74,14 @@ def unequal_batch(speech):
 
 @pytest.fixture(scope="session")
 def speech_manifests(tmp_path_factory, speech):
-    """A folder of real-speech chunks with train/valid manifests (``pipeline.write_speech_manifests``)."""
-    import pipeline
-
-    return pipeline.write_speech_manifests(str(tmp_path_factory.mktemp("speech_data")))
+    """A folder of real-speech chunks with train/valid manifests (``helpers.write_speech_manifests``)."""
+    return helpers.write_speech_manifests(str(tmp_path_factory.mktemp("speech_data")))
 
 
 @pytest.fixture(scope="session")
 def pretrained_hubert(tmp_path_factory, speech_manifests):
     """A 12-layer tiny HuBERT pretrained for a few updates by stock fairseq's trainer; its checkpoint path."""
-    import pipeline
-
-    return pipeline.pretrain_tiny_hubert(speech_manifests, str(tmp_path_factory.mktemp("hubert_teacher")))
+    return helpers.pretrain_tiny_hubert(speech_manifests, str(tmp_path_factory.mktemp("hubert_teacher")))
 
 
 @pytest.fixture

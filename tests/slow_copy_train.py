@@ -35,9 +35,10 @@ def _slow_copyfileobj(marker: str, dst: str):
 
 def main() -> None:
     marker, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    import dphubert_fairseq  # noqa: F401  (the plugin's fixes, as common.user_dir would install them)
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
+
+    import dphubert_fairseq  # noqa: F401  (the plugin's fixes, as common.user_dir would install them)
 
     if mode == "plugin":
 

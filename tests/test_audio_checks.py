@@ -13,10 +13,10 @@ import pytest
 import soundfile as sf
 
 from dphubert_fairseq.data.finite_audio import FiniteAudioDataset
-from dphubert_fairseq.data.manifest_check import ManifestError
+from dphubert_fairseq.errors import ManifestError
 
 sys.path.insert(0, os.path.dirname(__file__))
-import pipeline as P  # noqa: E402
+import helpers as P  # noqa: E402
 
 RATE = 16000
 REGENERATE = "regenerate the manifest, e.g. with fairseq's examples/wav2vec/wav2vec_manifest.py"
@@ -218,6 +218,7 @@ def run_overrides(data, teacher, save_dir, max_update: int):
     ]
 
 
+@pytest.mark.slow
 def test_training_leaves_out_non_finite_audio(tmp_path, speech_manifests, speech, tiny_teachers):
     """Stock fairseq-hydra-train: two epochs of 3 batches (one holding nan_a and a clean item, one with nan_b
     only: the empty batch fairseq runs as a dummy), then validation with one empty batch (nan_valid)."""

@@ -64,16 +64,16 @@ def test_unsupported_model_type(tmp_path, tiny_teachers):
 
 
 def test_conformer_wav2vec2_is_refused(tmp_path):
-    import fairseq_teachers
+    import helpers
     from fairseq import tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    args = fairseq_teachers.training_args("wav2vec2", str(tmp_path))
+    args = helpers.training_args("wav2vec2", str(tmp_path))
     args.layer_type = "conformer"
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
-    path = fairseq_teachers.save_with_trainer(
+    path = helpers.save_with_trainer(
         str(tmp_path / "conformer.pt"), cfg, task, model, task.build_criterion(cfg.criterion)
     )
     with pytest.raises(dp.CheckpointError) as err:

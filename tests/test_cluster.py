@@ -18,7 +18,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-import pipeline as P  # noqa: E402
+import helpers as P  # noqa: E402
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install "dphubert-fairseq[slurm]"')
 
@@ -126,15 +126,8 @@ def test_killed_job_resumes_when_resubmitted(tmp_path, data: str, teacher: str):
     overrides = local_job(data, teacher, save_dir, updates, ["checkpoint.save_interval_updates=1"])
     cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train")
     cmd += ["--config-dir", "configs", "--config-name", "dphubert", *overrides]
-    env = dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [P.REPO, os.environ.get("PYTHONPATH")])),
-    )
     with open(tmp_path / "launcher.log", "w") as launcher_log:
-        launcher = subprocess.Popen(
-            cmd, cwd=P.REPO, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        launcher = P.start(cmd, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
     jobs: Set[int] = set()
     try:
         # fairseq logs "Saved checkpoint" once every copy, checkpoint_last.pt included, is complete (stock

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fairseq_teachers import build, counted_modules, counted_student_params, direct_count
+from helpers import build, counted_modules, counted_student_params, direct_count, padded_batch
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.param_count import total_params
@@ -105,7 +105,6 @@ def test_a_removed_pre_ln_block_takes_its_layer_norm_along(tiny_teachers, unequa
     """Pre-LN (Large) layers: a block closed by its whole-layer gate is removed with its LayerNorm, which has
     nothing left to normalise for; the count, the expected count and the exported modules agree on it. (The
     reference keeps and counts both LayerNorms: 2 D parameters more per removed block.)"""
-    from conftest import padded_batch
 
     from dphubert_fairseq.param_count import attention_params, ffn_params, layer_norm_params
 

@@ -17,7 +17,7 @@ import dphubert_fairseq as dp
 from dphubert_fairseq.checkpoint_recovery import checkpoint_damage, newest_intact_checkpoint
 
 sys.path.insert(0, os.path.dirname(__file__))
-import pipeline as P  # noqa: E402
+import helpers as P  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +50,8 @@ def overrides(data: str, teacher: str, save_dir: str, max_update: int) -> List[s
 
 
 def start(cmd: Sequence[str], log: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=P.REPO)
     with open(log, "w") as out:
-        return subprocess.Popen(
-            list(cmd), cwd=P.REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        return P.start(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill(proc: subprocess.Popen) -> None:

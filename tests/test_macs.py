@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_pruning import randomise_gates
+from helpers import randomise_gates
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TEACHER_SHAPES, padded_batch
+from helpers import TEACHER_SHAPES, padded_batch
 
 import dphubert_fairseq as dp
 
@@ -53,9 +53,9 @@ def test_teacher_stops_after_the_last_layer_asked_for(tiny_teachers, unequal_bat
 
 
 def test_student_of_base_sized_hubert_reproduces_teacher(teacher_dir, speech):
-    import fairseq_teachers
+    import helpers
 
-    _, _, teacher, _ = fairseq_teachers.build("hubert", teacher_dir + "/base_labels", size="base")
+    _, _, teacher, _ = helpers.build("hubert", teacher_dir + "/base_labels", size="base")
     teacher.eval()
     student = dp.student_from_teacher(teacher, prune_units=()).eval()
     source, mask = padded_batch([speech[0][:24000], speech[3][:16000]])

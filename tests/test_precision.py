@@ -98,7 +98,7 @@ def test_amp_unscales_gradients_once_with_the_recipes_composite_optimizer():
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    import pipeline as P
+    import helpers as P
 
     cfg = P.compose(
         os.path.join(P.REPO, "configs"),
@@ -129,7 +129,7 @@ def test_amp_step_equals_the_fp32_step_with_stage2s_plain_adam():
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    import pipeline as P
+    import helpers as P
 
     cfg = P.compose(
         os.path.join(P.REPO, "configs"),

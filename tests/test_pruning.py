@@ -4,48 +4,18 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import padded_batch
-from fairseq_teachers import counted_student_params
+from helpers import counted_student_params, padded_batch, randomise_gates
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.models.dphubert import as_config
-from dphubert_fairseq.param_count import total_params
 from dphubert_fairseq.pruning import max_hidden_state_deviation
 
 ALL_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
 
 
-def randomise_gates(model, seed=0):
-    """Random gate logits: a mix of closed gates and open ones with soft values well below 1, plus the
-    corner cases: every head of layer 0 and every FFN unit of layer 1 closed, and, when whole-layer gates
-    exist, the attention block of layer 2 and the FFN block of layer 0 closed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in model.gates().values():
-            gate.log_alpha.copy_(torch.randn(gate.n, generator=g) * 2.0 - 0.5)
-        layers = model.encoder.layers
-        if layers[0].self_attn.head_gate is not None:
-            layers[0].self_attn.head_gate.log_alpha.fill_(-10.0)
-        if layers[1].ffn.unit_gate is not None:
-            layers[1].ffn.unit_gate.log_alpha.fill_(-10.0)
-        if layers[0].self_attn.layer_gate is not None:
-            layers[0].self_attn.layer_gate.log_alpha.fill_(5.0)  # open: the bias-only block must survive
-            layers[1].ffn.layer_gate.log_alpha.fill_(5.0)
-            layers[2].self_attn.layer_gate.log_alpha.fill_(-10.0)
-            layers[0].ffn.layer_gate.log_alpha.fill_(-10.0)
-    return model
-
-
 def implied_count(model) -> int:
-    """The parameter count the eval masks imply: kept units per structure, plus the exact-fold extras."""
-    sizes = model.unit_sizes("eval")
-    channels = model.feature_extractor.out_channels
-    cfg = dataclasses.replace(
-        as_config(model.cfg),
-        feature_norm_channel_scale=model.feature_extractor.blocks[-1].gate is not None,
-        feature_norm_removed_channels=channels - sizes.conv_channels[-1],
-    )
-    return int(total_params(cfg, sizes))
+    """The parameter count the eval masks imply, as the model itself answers it (what the export promises)."""
+    return model.eval_mask_params()
 
 
 @pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_base"])
@@ -108,9 +78,9 @@ def test_feature_layernorm_fold_is_needed(tiny_teachers, unequal_batch):
 
 
 def test_prune_base_sized_hubert(teacher_dir, speech):
-    import fairseq_teachers
+    import helpers
 
-    _, _, teacher, _ = fairseq_teachers.build("hubert", teacher_dir + "/base_labels", size="base", seed=3)
+    _, _, teacher, _ = helpers.build("hubert", teacher_dir + "/base_labels", size="base", seed=3)
     model = randomise_gates(dp.student_from_teacher(teacher.eval())).eval()
     pruned = dp.prune(model)
     source, mask = padded_batch([speech[0][:32000], speech[1][:24000]])

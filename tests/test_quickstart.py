@@ -1,27 +1,26 @@
-"""The quickstart, at a smaller size: every phase, every output, in one folder."""
+"""The quickstart (``examples/quickstart``), at a smaller size: every phase, every output, in one folder; and
+the speech it gathers (``fairseq_runs.speech``)."""
 
 import json
 import os
-import subprocess
 import sys
 
+import helpers
 import numpy as np
+import pytest
 
 import dphubert_fairseq as dp
-from dphubert_fairseq.quickstart import speech
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fairseq_runs import speech
 
 
+@pytest.mark.slow
 def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conftest fixture skips without data)
+    """``python -m examples.quickstart`` from another folder, checkout on PYTHONPATH (as quickstart.sh runs it):
+    seven phases, fairseq's progress shown, every output in OUT, and a report that agrees with the model."""
     out = tmp_path / "qs"
-    env = dict(os.environ, PYTHONPATH=REPO)
-    done = subprocess.run(
-        [sys.executable, "-m", "dphubert_fairseq.quickstart", "--out", str(out), "--size", "tiny"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    done = helpers.run(
+        [sys.executable, "-m", "examples.quickstart", "--out", str(out), "--size", "tiny"],
+        cwd=str(tmp_path),
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -66,6 +65,7 @@ def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conft
 
 
 def test_fallback_to_generated_audio(monkeypatch):
+    """Without LibriVox clips and espeak-ng the quickstart says so and generates 1 to 4 s utterances."""
     lines = []
     monkeypatch.setattr(speech, "LIBRIVOX", "/nonexistent")
     monkeypatch.setattr(speech.shutil, "which", lambda name: None)
@@ -78,9 +78,8 @@ def test_fallback_to_generated_audio(monkeypatch):
 
 
 def test_espeak_sentences_in_several_voices():
+    """espeak-ng speaks each sentence in each voice asked for."""
     import shutil
-
-    import pytest
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")

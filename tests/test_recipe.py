@@ -17,7 +17,7 @@ from dphubert_fairseq.criterions.distill_loss import layer_loss
 from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
 
 sys.path.insert(0, os.path.dirname(__file__))
-import pipeline as P  # noqa: E402
+import helpers as P  # noqa: E402
 
 CONFIGS = ("dphubert", "dphubert_final")
 RATE = 16000

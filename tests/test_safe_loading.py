@@ -2,31 +2,25 @@
 
 import datetime
 import os
-import subprocess
 import sys
 import textwrap
 
+import helpers
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import padded_batch
 from fairseq import checkpoint_utils
 from fairseq.data.dictionary import Dictionary
+from helpers import padded_batch
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.safe_loading import TRUST_ENV
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(script: str, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.dirname(__file__))
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True
-    )
+    """``python -c SCRIPT`` in a fresh interpreter, the checkout first on its path (``helpers.run``)."""
+    return helpers.run([sys.executable, "-c", textwrap.dedent(script)], env=env_extra)
 
 
 def test_trainer_checkpoint_needs_the_plugin_and_loads_with_it(tiny_teachers):
@@ -44,9 +38,9 @@ def test_trainer_checkpoint_needs_the_plugin_and_loads_with_it(tiny_teachers):
 
 
 def test_legacy_wav2vec2_namespace_checkpoint(tmp_path, unequal_batch):
-    import fairseq_teachers
+    import helpers
 
-    path = fairseq_teachers.make_legacy_wav2vec2(str(tmp_path / "wav2vec_small.pt"), str(tmp_path))
+    path = helpers.make_legacy_wav2vec2(str(tmp_path / "wav2vec_small.pt"), str(tmp_path))
     assert torch.load(path)["args"].arch == "wav2vec2"
     teacher = dp.load_teacher(path)
     student = dp.student_from_teacher(path, prune_units=()).eval()
@@ -75,11 +69,7 @@ def _broadcast_worker(rank: int, path: str, port: int, result_dir: str) -> None:
 
 
 def test_resume_broadcast_between_workers(tiny_teachers, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = helpers.free_port()
     mp.spawn(_broadcast_worker, args=(tiny_teachers["hubert_base"], port, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0 == rank1 and rank0[0] == "hubert"

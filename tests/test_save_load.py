@@ -1,15 +1,14 @@
 """save_model writes a fairseq checkpoint that stock fairseq loads back, bit for bit."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
+import helpers
 import pytest
 import torch
-from conftest import padded_batch
 from fairseq import checkpoint_utils
-from test_pruning import randomise_gates
+from helpers import padded_batch, randomise_gates
 
 import dphubert_fairseq as dp
 
@@ -72,8 +71,7 @@ def test_fresh_process_loads_with_stock_fairseq_only(pruned, tmp_path):
     )
     workdir = tmp_path / "empty"
     workdir.mkdir()
-    env = dict(os.environ, PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True)
+    out = helpers.run([sys.executable, "-c", script], cwd=str(workdir))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ok DPHuBERTModel" in out.stdout
 

@@ -7,7 +7,6 @@ from omegaconf import OmegaConf
 import dphubert_fairseq as dp
 from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
 from dphubert_fairseq.criterions.target_projection import offset_to_target, project_to_target
-from dphubert_fairseq.pruning import eval_mask_params
 from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
 
 UNITS = ("conv", "head", "interm")
@@ -40,7 +39,7 @@ def largest_jump(model) -> int:
 def test_projection_lands_the_export_on_the_target(tiny_teachers, target):
     model = scattered_student(tiny_teachers["hubert_base"])
     full = dp.count_params(model)
-    before = 1.0 - eval_mask_params(model) / full
+    before = 1.0 - model.eval_mask_params() / full
     order = {n: torch.argsort(g.log_alpha).tolist() for n, g in model.gates().items()}
     offset = project_to_target(model, (1.0 - target) * full)
     assert (offset.item() > 0) == (before > target)  # reopens when too sparse, closes when too dense
@@ -48,11 +47,11 @@ def test_projection_lands_the_export_on_the_target(tiny_teachers, target):
     pruned = dp.prune(model)  # the export folds the masks the model now has: still exact
     assert pruned.pruning_report.exact and pruned.pruning_report.max_abs_deviation < 1e-4
     exported = dp.count_params(pruned)
-    assert exported == eval_mask_params(model)  # the projection counted what the export keeps
+    assert exported == model.eval_mask_params()  # the projection counted what the export keeps
     assert abs(exported - (1.0 - target) * full) <= largest_jump(model)
     # a second projection has nothing left to do
     again = offset_to_target(model, (1.0 - target) * full)
-    assert eval_mask_params(model) == exported
+    assert model.eval_mask_params() == exported
     assert abs(again.item()) < 0.5
 
 
@@ -104,17 +103,17 @@ def test_criterion_projects_in_the_final_phase_only(task, tiny_teachers):
     model = scattered_student(tiny_teachers["hubert_base"])
     criterion = criterion_for(task, max_update=100)  # target_projection_start 0.9: from update 90
     full = dp.count_params(model)
-    before = eval_mask_params(model)
+    before = model.eval_mask_params()
     criterion.after_optimizer_step(model, update_num=88)  # the 89th update
-    assert eval_mask_params(model) == before and criterion.projection_offset is None
+    assert model.eval_mask_params() == before and criterion.projection_offset is None
     criterion.after_optimizer_step(model, update_num=89)  # the 90th
-    assert abs(eval_mask_params(model) - 0.5 * full) <= largest_jump(model)
+    assert abs(model.eval_mask_params() - 0.5 * full) <= largest_jump(model)
     assert criterion.projection_offset is not None
 
     off = criterion_for(task, max_update=100, target_projection_start=1.0)
     model = scattered_student(tiny_teachers["hubert_base"])
     off.after_optimizer_step(model, update_num=99)
-    assert eval_mask_params(model) == before
+    assert model.eval_mask_params() == before
 
 
 def test_the_target_ramp_follows_the_run_length(task):
@@ -164,7 +163,7 @@ def test_export_summary_states_the_target_and_a_miss():
 def test_a_base_shaped_student_lands_within_a_thousandth(tmp_path):
     """The recipe's shape (HuBERT Base, conv / head / FFN gates): the projection puts the eval-mask size
     within 0.001 of the target, from gate logits spread as after training, too dense or too sparse."""
-    from fairseq_teachers import build
+    from helpers import build
 
     _, _, teacher, _ = build("hubert", str(tmp_path), size="base")
     model = dp.student_from_teacher(teacher, prune_units=UNITS)
@@ -175,7 +174,7 @@ def test_a_base_shaped_student_lands_within_a_thousandth(tmp_path):
             for gate in model.gates().values():
                 gate.log_alpha.copy_(centre + 2.0 * torch.randn(gate.n, generator=g))
         project_to_target(model, 0.25 * full)
-        assert abs(1.0 - eval_mask_params(model) / full - 0.75) < 1e-3
+        assert abs(1.0 - model.eval_mask_params() / full - 0.75) < 1e-3
 
 
 def ours(caplog):
@@ -184,7 +183,7 @@ def ours(caplog):
 
 def test_stage1_that_misses_its_target_says_so_at_its_last_update(task, tiny_teachers, caplog):
     model = scattered_student(tiny_teachers["hubert_base"])
-    reached = 1.0 - eval_mask_params(model) / dp.count_params(model)
+    reached = 1.0 - model.eval_mask_params() / dp.count_params(model)
     off = criterion_for(task, max_update=100, target_projection_start=1.0, target_sparsity=0.9)
     with caplog.at_level("INFO"):
         off.after_optimizer_step(model, update_num=98)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import dphubert_fairseq as dp
-from dphubert_fairseq.data.manifest_check import ManifestError
+from dphubert_fairseq.errors import ManifestError
 
 sys.path.insert(0, os.path.dirname(__file__))
-import pipeline as P  # noqa: E402
+import helpers as P  # noqa: E402
 
 
 @pytest.fixture
@@ -90,8 +90,9 @@ def test_normalisation_must_match_the_teacher(data, tiny_teachers):
     task_for(data, tiny_teachers["hubert_large"], normalize=True)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_manifest_before_training(data, tiny_teachers, tmp_path):
-    import pipeline as P
+    import helpers as P
 
     shutil.rmtree(data / "audio")
     (data / "audio").mkdir()

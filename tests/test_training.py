@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from dphubert_fairseq.export import model_from_training_checkpoint
 from dphubert_fairseq.pruning import max_hidden_state_deviation
 
 sys.path.insert(0, os.path.dirname(__file__))
-import pipeline as P  # noqa: E402
+import helpers as P  # noqa: E402
 
 STAGE1_UPDATES = 300
 #: what stage 1 logs every interval, to the console and to TensorBoard
@@ -32,6 +31,8 @@ STAGE1_SCALARS = (
     "lr_lagrangian",
 )
 LRS = {"default": 2e-4, "gates": 0.1, "lagrangian": 0.1}
+
+pytestmark = pytest.mark.slow  # every test here runs fairseq-hydra-train or dphubert-export
 
 
 @pytest.fixture(scope="module")
@@ -399,9 +400,7 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
     configs' c10d is for GPUs."""
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = P.free_port()
     save_dir = str(workdir / "ddp")
     common = (
         card(data, teacher, save_dir)
@@ -419,16 +418,13 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
         ]
         + P.schedule_overrides("dphubert", 1, LRS)
     )
-    cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train")
-    cmd += ["--config-dir", "configs", "--config-name", "dphubert"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = P.hydra_train_command("configs", "dphubert")
     workers = [
-        subprocess.Popen(
+        P.start(
             cmd
             + common
             + [f"distributed_training.distributed_rank={rank}", f"hydra.run.dir={save_dir}/hydra{rank}"],
-            cwd=P.REPO,
-            env=env,
+            env={"OMP_NUM_THREADS": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -12,7 +12,8 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
-from ..pruning import eval_mask_params
+from ..errors import ConfigError
+from ..param_count import config_params
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target
@@ -86,18 +87,18 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         super().__init__(task)
         self.cfg = cfg
         if not 0.0 <= cfg.target_sparsity < 1.0:
-            raise ValueError(f"criterion.target_sparsity must be in [0, 1), got {cfg.target_sparsity}")
+            raise ConfigError(f"criterion.target_sparsity must be in [0, 1), got {cfg.target_sparsity}")
         groups = parse_layer_groups(cfg.distill_layers)
         _check_stage1_layers(task, cfg, groups)
         teacher_cfg = task.teacher_config
         for layer in (layer for group in groups for layer in group):
             if not 0 <= layer <= teacher_cfg.encoder_layers:
-                raise ValueError(
+                raise ConfigError(
                     f"criterion.distill_layers: layer {layer} does not exist (the teacher has "
                     f"{teacher_cfg.encoder_layers} layers; 0 is the projection output)"
                 )
         if cfg.lagrangian and cfg.target_sparsity > 0 and getattr(task, "student_prune_units", None) == []:
-            raise ValueError(
+            raise ConfigError(
                 f"criterion.lagrangian: model.prune_units=[] gives the student no gates, so nothing can be pruned "
                 f"towards criterion.target_sparsity={cfg.target_sparsity}; give model.prune_units (e.g. "
                 "[conv,head,interm]), or set criterion.lagrangian=false for plain distillation (stage 2)"
@@ -110,7 +111,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             try:
                 self.projections.load_state_dict(initial)
             except RuntimeError:
-                raise ValueError(
+                raise ConfigError(
                     "criterion.distill_layers / prediction_heads differ from the stage-1 run whose projections "
                     "task.student_path carries; use the same settings"
                 ) from None
@@ -118,7 +119,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         self.run_length = total
         self.sparsity_warmup = _sparsity_warmup(cfg, total)
         if not 0.0 <= cfg.target_projection_start <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"criterion.target_projection_start must be in [0, 1], got {cfg.target_projection_start}"
             )
         self.lagrangian = SparsityLagrangian() if cfg.lagrangian else None
@@ -152,7 +153,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
 
     def _report_landing(self, model) -> None:
         """At the last update of stage 1: the size the export will keep against the target, loudly if missed."""
-        reached = 1.0 - eval_mask_params(model) / self.teacher_params
+        reached = 1.0 - model.eval_mask_params() / self.teacher_params
         warning = missed_target(reached, self.cfg.target_sparsity)
         if warning:
             logger.warning(warning)
@@ -216,7 +217,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             if self.projection_offset is not None:
                 log["projection_offset"] = self.projection_offset.detach().clone()
             if model.training:  # what an export would keep now (validation logs it from the masks themselves)
-                eval_params = eval_mask_params(unwrap(model), sync_free=True)
+                eval_params = unwrap(model).eval_mask_params(sync_free=True)
                 log["eval_sparsity"] = 1.0 - eval_params / self.teacher_params
         if not model.training:
             self._log_eval_masks(model, log)
@@ -225,7 +226,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     def _log_eval_masks(self, model, log: Dict[str, float]) -> None:
         """At validation: the sparsity and sizes the eval masks imply (what an export would keep)."""
         inner = unwrap(model)
-        params = eval_mask_params(inner)
+        params = inner.eval_mask_params()
         sizes = inner.unit_sizes("eval")
         log.update(
             eval_params=params,
@@ -259,13 +260,13 @@ def _check_stage1_layers(task, cfg: DPHuBERTDistillCriterionConfig, groups: List
     for one layer would map onto another wherever the shapes agree."""
     recorded = getattr(task, "initial_distill_layers", None)
     if recorded is not None and parse_layer_groups(recorded) != groups:
-        raise ValueError(
+        raise ConfigError(
             f"criterion.distill_layers={cfg.distill_layers!r} differs from the stage-1 run's {recorded!r}, whose "
             "projections task.student_path carries; use the stage-1 value"
         )
     heads = getattr(task, "initial_prediction_heads", None)
     if heads is not None and bool(heads) != bool(cfg.prediction_heads):
-        raise ValueError(
+        raise ConfigError(
             f"criterion.prediction_heads={cfg.prediction_heads} differs from the stage-1 run's {heads}, whose "
             "projections task.student_path carries; use the stage-1 value"
         )
@@ -297,13 +298,13 @@ def _sparsity_warmup(cfg, total: Optional[int]) -> int:
         return ramp or 0
     if ramp is None:
         if not total:
-            raise ValueError(
+            raise ConfigError(
                 "criterion.sparsity_warmup_updates: unset, and optimization.max_update is not set either (a "
                 "tenth of the run is the default); set one of them"
             )
         return total // 10
     if total and ramp > total:
-        raise ValueError(
+        raise ConfigError(
             f"criterion.sparsity_warmup_updates={ramp} is beyond optimization.max_update={total}: the target "
             f"would never be reached; unset it for a tenth of the run ({total // 10}), as the recipe"
         )
@@ -311,9 +312,7 @@ def _sparsity_warmup(cfg, total: Optional[int]) -> int:
 
 
 def _teacher_params(task) -> int:
-    from ..param_count import config_params
-
     params = config_params(task.teacher_config)
     if params <= 0 or math.isnan(params):
-        raise ValueError("the teacher has no parameters to count")
+        raise ConfigError("the teacher has no parameters to count")
     return params

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 def parse_layer_groups(spec: str) -> List[List[int]]:
     """``"0;4,8,12"`` -> ``[[0], [4, 8, 12]]``: each group of layers shares one projection."""
@@ -17,15 +19,15 @@ def parse_layer_groups(spec: str) -> List[List[int]]:
         try:
             groups.append([int(x) for x in part.split(",")])
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"criterion.distill_layers: cannot read {spec!r}; expected e.g. '0;4,8,12'"
             ) from None
     if not groups:
-        raise ValueError(f"criterion.distill_layers: no layer in {spec!r}")
+        raise ConfigError(f"criterion.distill_layers: no layer in {spec!r}")
     layers = [layer for group in groups for layer in group]
     repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
     if repeated:
-        raise ValueError(
+        raise ConfigError(
             f"criterion.distill_layers: layer(s) {', '.join(map(str, repeated))} appear more than once in "
             f"{spec!r}; list each teacher layer once"
         )

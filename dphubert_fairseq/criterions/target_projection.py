@@ -22,8 +22,6 @@ from typing import Optional
 import torch
 
 from ..models.dphubert import DPHuBERTModel
-from ..param_count import total_params
-from ..pruning import eval_count_config
 
 #: Offsets are searched in [-SPAN, SPAN] (logit units); gate logits live within a few units of 0.
 SPAN = 16.0
@@ -54,10 +52,9 @@ def offset_to_target(model: DPHuBERTModel, target_params: float) -> torch.Tensor
     ``target_params`` (0 when the target cannot be bracketed within ``SPAN``). A float32 scalar tensor on the
     gates' device."""
     device = model.gate_set.gates[0].log_alpha.device
-    cfg = eval_count_config(model)
 
     def eval_mask_params(logit_shift: torch.Tensor) -> torch.Tensor:
-        return total_params(cfg, model.unit_sizes("eval_counts", logit_shift))
+        return model.eval_mask_params(logit_shift=logit_shift)
 
     lo = torch.full((), -SPAN, device=device)
     hi = torch.full((), SPAN, device=device)

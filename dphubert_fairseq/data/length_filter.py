@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from fairseq.data.audio.raw_audio_dataset import FileAudioDataset
 
+from ..errors import ConfigError
+
 
 @dataclass
 class LeftOut:
@@ -29,7 +31,7 @@ def drop_long_utterances(dataset: FileAudioDataset, max_samples: int) -> LeftOut
     for the short ones), and the size buckets are rebuilt from the remaining sizes.
     """
     if not isinstance(dataset, FileAudioDataset):
-        raise ValueError(
+        raise ConfigError(
             f"task.long_utterances=drop needs manifest-based audio (FileAudioDataset), not "
             f"{type(dataset).__name__}; use task.long_utterances=crop"
         )

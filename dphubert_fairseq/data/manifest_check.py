@@ -6,15 +6,13 @@ from typing import List, Tuple
 import numpy as np
 import soundfile as sf
 
+from ..errors import ManifestError
+
 #: soundfile subtypes that decode to integer samples: they cannot hold NaN or inf, the content scan skips them
 INTEGER_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW"})
 #: samples per block of the content scan (1 MiB of float32 per channel): memory stays bounded on long files
 _SCAN_BLOCK = 1 << 18
 _REGENERATE = "regenerate the manifest, e.g. with fairseq's examples/wav2vec/wav2vec_manifest.py"
-
-
-class ManifestError(ValueError):
-    """A manifest or an audio file it lists cannot be used; the message names the file and the line."""
 
 
 def _decoded_lines(path: str) -> List[Tuple[int, str]]:

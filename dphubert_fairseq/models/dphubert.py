@@ -7,7 +7,7 @@ the config (smaller sizes, no gates) and the weights.
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,9 @@ from fairseq.models.wav2vec.wav2vec2 import MASKING_DISTRIBUTION_CHOICES
 from fairseq.modules import GradMultiply
 from omegaconf import OmegaConf
 
-from ..param_count import UnitSizes, config_params, parse_conv_layers, static_sizes, total_params
+from ..conv_spec import parse_conv_layers
+from ..errors import ConfigError
+from ..param_count import UnitSizes, config_params, static_sizes, total_params
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
 from .hard_concrete import GateSet, HardConcrete
@@ -191,19 +193,25 @@ def as_config(cfg) -> DPHuBERTConfig:
     return DPHuBERTConfig(**{k: v for k, v in values.items() if k in names})
 
 
+def validate_prune_units(units) -> None:
+    """Raise ``ConfigError`` when ``units`` names a structure the model cannot gate."""
+    unknown = set(units) - set(PRUNABLE_UNITS)
+    if unknown:
+        raise ConfigError(
+            f"model.prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}"
+        )
+
+
 def validate_config(cfg) -> None:
-    """Raise ``ValueError`` naming the key when the per-layer lists do not describe one architecture."""
+    """Raise ``ConfigError`` naming the key when the per-layer lists do not describe one architecture or
+    ``prune_units`` names an unknown structure."""
     for key in ("encoder_attention_heads", "encoder_ffn_embed_dims", "use_attention", "use_ffn"):
         if len(getattr(cfg, key)) != cfg.encoder_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"model.{key} has {len(getattr(cfg, key))} entries but model.encoder_layers is "
                 f"{cfg.encoder_layers}"
             )
-    unknown = set(cfg.prune_units) - set(PRUNABLE_UNITS)
-    if unknown:
-        raise ValueError(
-            f"model.prune_units: unknown unit(s) {sorted(unknown)}; choose from {', '.join(PRUNABLE_UNITS)}"
-        )
+    validate_prune_units(cfg.prune_units)
 
 
 class ExtractedFeatures(tuple):
@@ -389,3 +397,31 @@ class DPHuBERTModel(BaseFairseqModel):
         if not torch.is_tensor(n):
             n = torch.tensor(float(n))
         return n
+
+    def eval_count_config(self) -> DPHuBERTConfig:
+        """The config with the exact-fold extras an export of this model will have: the feature LayerNorm's
+        channel scale when the last conv layer is gated, and the removed-channels column, counted whenever the
+        last conv layer is gated (``D`` parameters more than the export has while no channel is removed)."""
+        last_gated = self.feature_extractor.blocks[-1].gate is not None
+        cfg = as_config(self.cfg)
+        cfg.feature_norm_channel_scale = self.layer_norm.channel_scale is not None or last_gated
+        cfg.feature_norm_removed_channels = self.layer_norm.removed_channels + int(last_gated)
+        return cfg
+
+    def eval_mask_params(
+        self, sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
+    ) -> Union[int, torch.Tensor]:
+        """Parameters ``pruning.prune(self)`` will give: kept units of the eval masks, plus the exact-fold
+        extras.
+
+        An int read off the masks; with ``sync_free`` a float32 scalar tensor computed from the same counts
+        without reading anything back to the host (for the training log and ``target_projection``).
+        ``logit_shift`` (implies ``sync_free``): the count if every gate logit were shifted by it."""
+        if sync_free or logit_shift is not None:
+            return total_params(self.eval_count_config(), self.unit_sizes("eval_counts", logit_shift))
+        sizes = self.unit_sizes("eval")
+        cfg = self.eval_count_config()
+        cfg.feature_norm_removed_channels = (
+            self.layer_norm.removed_channels + self.feature_extractor.out_channels - sizes.conv_channels[-1]
+        )
+        return int(total_params(cfg, sizes))

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fairseq.modules import Fp32GroupNorm, Fp32LayerNorm
 
-from ..param_count import conv_norm_kind
+from ..conv_spec import conv_norm_kind
+from ..errors import ConfigError
 from .hard_concrete import INIT_DROP_RATE, HardConcrete
 
 
@@ -73,7 +74,9 @@ class ConvFeatureExtractor(nn.Module):
     ) -> None:
         super().__init__()
         if extractor_mode not in ("default", "layer_norm"):
-            raise ValueError(f"extractor_mode must be 'default' or 'layer_norm', got {extractor_mode!r}")
+            raise ConfigError(
+                f"model.extractor_mode must be 'default' or 'layer_norm', got {extractor_mode!r}"
+            )
         blocks: List[ConvBlock] = []
         in_channels = 1
         for i, ((out_channels, kernel, stride), gated) in enumerate(zip(layers, gated_layers)):

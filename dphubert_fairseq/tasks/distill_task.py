@@ -17,7 +17,7 @@ from ..checkpoint_io import load_model_and_extra_state
 from ..data.finite_audio import FiniteAudioDataset
 from ..data.length_filter import drop_long_utterances
 from ..data.manifest_check import check_manifest
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from ..param_count import config_params
 from ..safe_loading import check_checkpoint_file
@@ -135,7 +135,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         if kwargs.get("from_checkpoint"):
             return cls(cfg)  # loading a trained student: no teacher needed
         if not cfg.teacher_path or cfg.teacher_path == MISSING:
-            raise ValueError("task.teacher_path: not set; give the teacher's fairseq checkpoint")
+            raise ConfigError("task.teacher_path: not set; give the teacher's fairseq checkpoint")
         try:
             check_checkpoint_file(cfg.teacher_path)
             if cfg.student_path:
@@ -154,12 +154,12 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         for p in teacher.parameters():
             p.requires_grad_(False)
         if bool(self.cfg.normalize) != config.normalize:
-            raise ValueError(
+            raise ConfigError(
                 f"task.normalize={self.cfg.normalize} but the teacher {self.cfg.teacher_path} was trained with "
                 f"normalize={config.normalize}; set task.normalize={str(config.normalize).lower()}"
             )
         if int(self.cfg.sample_rate) != config.sample_rate:
-            raise ValueError(
+            raise ConfigError(
                 f"task.sample_rate={self.cfg.sample_rate} but the teacher {self.cfg.teacher_path} expects "
                 f"{config.sample_rate} Hz; set task.sample_rate={config.sample_rate} and resample the data"
             )
@@ -233,7 +233,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
                 len(self.datasets[split]),
             )
             if len(self.datasets[split]) == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"{manifest}: no utterance is between task.min_sample_size={self.cfg.min_sample_size} and "
                     f"task.max_sample_size={self.cfg.max_sample_size} samples; change them, or set "
                     "task.long_utterances=crop"
@@ -249,12 +249,12 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         if from_checkpoint:
             return DPHuBERTModel(as_config(cfg))
         if cfg._name != "dphubert":
-            raise ValueError(
+            raise ConfigError(
                 f"model._name: the dphubert_distill task trains a 'dphubert' model, not {cfg._name!r}"
             )
         if self.cfg.student_path:
             if list(cfg.prune_units):
-                raise ValueError(
+                raise ConfigError(
                     "model.prune_units: stage 2 (task.student_path set) distils without pruning; set it to []"
                 )
             source, extra_state = load_model_and_extra_state(self.cfg.student_path)
@@ -268,7 +268,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             student_cfg = as_config(source.cfg)
             self._check_same_teacher(student_cfg.teacher_identity)
             if student_cfg.encoder_embed_dim != self.teacher_config.encoder_embed_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"task.student_path: the student's dimension {student_cfg.encoder_embed_dim} differs from "
                     f"the teacher's {self.teacher_config.encoder_embed_dim}"
                 )
@@ -298,7 +298,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             )
             return
         if recorded != self.teacher_identity:
-            raise ValueError(
+            raise ConfigError(
                 f"task.teacher_path: {self.cfg.teacher_path} is not the teacher stage 1 distilled from: the "
                 f"stage-1 model {self.cfg.student_path} records {recorded}, this teacher is "
                 f"{self.teacher_identity}; give stage 2 the stage-1 teacher"

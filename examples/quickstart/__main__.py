@@ -1,5 +1,6 @@
-"""``python -m dphubert_fairseq.quickstart [--out OUT] [--size default|tiny]``: the whole pipeline on an
-embedded default, with a report. Every output lands in OUT (default ./dphubert_quickstart)."""
+"""``python -m examples.quickstart [--out OUT] [--size default|tiny]`` from the repository root (or
+``bash examples/quickstart.sh [OUT]`` from anywhere): the whole pipeline on an embedded default, with a report.
+Every output lands in OUT (default ./dphubert_quickstart)."""
 
 import argparse
 import os
@@ -11,13 +12,30 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..param_count import parse_conv_layers
+from dphubert_fairseq.conv_spec import parse_conv_layers
+from fairseq_runs import (
+    CONFIGS,
+    REPO,
+    Shape,
+    composite_schedule,
+    cpu_overrides,
+    export_command,
+    hubert_pretraining_command,
+    hydra_train_command,
+    records,
+    run_length,
+    run_logged,
+)
+from fairseq_runs.speech import (
+    SAMPLE_RATE,
+    gather_speech,
+    generated_audio,
+    read_speech_clips,
+    write_manifests,
+)
+
 from . import report as reporting
 from .kmeans_labels import LABEL_RATE, write_kmeans_labels
-from .runs import composite_schedule, console_script, cpu_run, records, run_length, run_logged
-from .speech import SAMPLE_RATE, gather_speech, generated_audio, read_speech_clips, write_manifests
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -61,14 +79,16 @@ SIZES = {
 }
 
 
-def cpu_overrides(size: Size) -> List[str]:
-    return cpu_run(size.max_tokens, 16000, 64000)
+def cpu_run(size: Size) -> List[str]:
+    """One CPU process in fp32, batches of ``size.max_tokens`` samples, utterances of 1 to 4 s."""
+    return cpu_overrides(min_sample_size=16000, max_tokens=size.max_tokens, max_sample_size=64000, amp=False)
 
 
-def fairseq_hubert_configs() -> str:
-    import fairseq
-
-    return os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert", "config", "pretrain")
+def teacher_shape(size: Size) -> Shape:
+    """The teacher's HuBERT shape at this size."""
+    return Shape(
+        size.layers, size.dim, size.ffn, size.heads, size.conv, conv_pos=32, conv_pos_groups=8, final_dim=32
+    )
 
 
 class Quickstart:
@@ -89,9 +109,8 @@ class Quickstart:
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
-    def hydra_train(self, config_dir: str, config: str, overrides: List[str], log: str) -> str:
-        cmd = console_script("fairseq-hydra-train", "fairseq_cli.hydra_train")
-        cmd += ["--config-dir", config_dir, "--config-name", config, *overrides]
+    def logged(self, cmd: List[str], log: str) -> str:
+        """Run ``cmd`` from the repository root, its output in ``OUT/logs/<log>``, its progress shown."""
         return run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
 
     def distil(
@@ -101,16 +120,14 @@ class Quickstart:
         overrides = [
             *card,
             f"checkpoint.save_dir={self.path(name)}",
-            *cpu_overrides(self.size),
+            *cpu_run(self.size),
             *run_length(updates, log_every),
             *schedule,
         ]
-        return self.hydra_train(os.path.join(REPO, "configs"), config, overrides, f"{name}.log")
+        return self.logged(hydra_train_command(CONFIGS, config, overrides), f"{name}.log")
 
     def export(self, checkpoint: str, out: str, log: str) -> None:
-        # python -m from the repository root: this checkout's exporter, like the training runs' user_dir
-        cmd = [sys.executable, "-m", "dphubert_fairseq.export", checkpoint, out]
-        output = run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
+        output = self.logged(export_command(checkpoint, out), log)
         self.say("    " + output.strip().splitlines()[0])
 
     def run(self) -> Dict:
@@ -130,31 +147,15 @@ class Quickstart:
             f"teacher: pretraining a {size.layers}-layer HuBERT with stock fairseq (hubert_pretraining)"
         )
         teacher_dir = self.path("teacher")
-        self.hydra_train(
-            fairseq_hubert_configs(),
-            "hubert_base_librispeech",
-            [
-                f"task.data={data}",
-                f"task.label_dir={data}",
-                "task.labels=[km]",
-                f"model.label_rate={LABEL_RATE}",
-                *cpu_overrides(size),
-                "common.tensorboard_logdir=null",
-                "common.log_interval=25",
-                f"optimization.max_update={size.teacher_updates}",
-                "lr_scheduler.warmup_updates=20",
-                f"checkpoint.save_dir={teacher_dir}",
-                f"hydra.run.dir={teacher_dir}/hydra",
-                f"+model.encoder_layers={size.layers}",
-                f"+model.encoder_embed_dim={size.dim}",
-                f"+model.encoder_ffn_embed_dim={size.ffn}",
-                f"+model.encoder_attention_heads={size.heads}",
-                "+model.conv_pos=32",
-                "+model.conv_pos_groups=8",
-                f'model.conv_feature_layers="{size.conv}"',
-                "model.final_dim=32",
-                "dataset.validate_interval=1000",
-            ],
+        extra = cpu_run(size) + [
+            "common.log_interval=25",
+            "lr_scheduler.warmup_updates=20",
+            "dataset.validate_interval=1000",
+        ]
+        self.logged(
+            hubert_pretraining_command(
+                data, teacher_dir, teacher_shape(size), LABEL_RATE, size.teacher_updates, extra
+            ),
             "teacher.log",
         )
         teacher = os.path.join(teacher_dir, "checkpoint_last.pt")
@@ -203,9 +204,9 @@ class Quickstart:
     def report(
         self, teacher_path, final_path, stage1, stage2, description, n_train, n_valid, seconds
     ) -> Dict:
-        from .. import count_params, load_model, load_teacher, teacher_hidden_states
-        from ..export import summarize
-        from ..teacher import config_from_fairseq
+        from dphubert_fairseq import count_params, load_model, load_teacher, teacher_hidden_states
+        from dphubert_fairseq.export import summarize
+        from dphubert_fairseq.teacher import config_from_fairseq
 
         teacher, student = load_teacher(teacher_path), load_model(final_path)
         teacher_cfg = config_from_fairseq(teacher)
@@ -257,7 +258,7 @@ class Quickstart:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dphubert_fairseq.quickstart", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m examples.quickstart", description=__doc__)
     parser.add_argument("--out", default="dphubert_quickstart", help="folder for every output (created)")
     parser.add_argument("--size", choices=sorted(SIZES), default="default", help="'tiny' is for tests")
     args = parser.parse_args(argv)

@@ -1,0 +1,65 @@
+"""Patch: fairseq's checkpoint reader fails with a one-line ``CheckpointError`` that names the file.
+
+Target: ``checkpoint_utils.load_checkpoint_to_cpu`` (every checkpoint the plugin, the trainer and stock
+fine-tuning read). Before reading: the file exists, is a file and starts like a torch checkpoint
+(``safe_loading.check_checkpoint_file``), and ``DPHUBERT_SAFE_GLOBALS`` is well formed. While reading: a
+refused class, a truncated zip and a layout problem become one line (``safe_loading.describe_load_error``).
+Guard: the reader does not already fail with a ``ValueError`` naming the file for a missing file.
+"""
+
+import functools
+import os
+import pickle
+import tempfile
+
+from fairseq import checkpoint_utils
+
+from ..errors import CheckpointError, CheckpointLayoutError
+from ..safe_loading import check_checkpoint_file, check_trusted_globals, describe_load_error
+from .patch import WRITTEN_FOR, Patch, mark, marked
+
+
+def needed() -> bool:
+    missing = os.path.join(tempfile.gettempdir(), f"dphubert-no-such-checkpoint-{os.getpid()}.pt")
+    try:
+        checkpoint_utils.load_checkpoint_to_cpu(missing)
+    except ValueError as err:
+        return missing not in str(err)
+    except Exception:  # fairseq main: FileNotFoundError from deep inside
+        return True
+    return True
+
+
+def applied() -> bool:
+    return marked(checkpoint_utils.load_checkpoint_to_cpu)
+
+
+def apply() -> None:
+    original = checkpoint_utils.load_checkpoint_to_cpu
+
+    @functools.wraps(original)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        check_trusted_globals()
+        check_checkpoint_file(path)
+        try:
+            return original(path, *args, **kwargs)
+        except CheckpointLayoutError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        except (pickle.UnpicklingError, EOFError) as err:
+            raise CheckpointError(describe_load_error(path, err)) from None
+        except RuntimeError as err:
+            if "PytorchStreamReader" in str(err) or "zip archive" in str(err):
+                raise CheckpointError(describe_load_error(path, err)) from None
+            raise
+
+    checkpoint_utils.load_checkpoint_to_cpu = mark(load_checkpoint_to_cpu)
+
+
+PATCH = Patch(
+    "checkpoint_read_errors",
+    "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
+    WRITTEN_FOR,
+    needed,
+    applied,
+    apply,
+)

@@ -1,0 +1,41 @@
+"""Where the recipe's configs are: ``fairseq-hydra-train --config-dir $(python -m dphubert_fairseq.packaged_configs)``.
+
+In a source checkout (an editable install included) that is the checkout's ``configs/``, the source of truth;
+in an installed wheel, the copy of it that ``setup.py`` put into the package (``dphubert_fairseq/configs``).
+``--user-dir`` prints the plugin's folder, for ``common.user_dir=`` where fairseq cannot find the plugin by the
+configs' ``common.user_dir: dphubert_fairseq`` (see README, "Installing without a checkout").
+"""
+
+import os
+import sys
+from typing import List, Optional
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def config_dir() -> str:
+    """The folder holding ``dphubert.yaml`` and ``dphubert_final.yaml``: the checkout's ``configs/`` when the
+    package is imported from a source tree, else the copy shipped in the package."""
+    checkout = os.path.join(os.path.dirname(PACKAGE_DIR), "configs")
+    if os.path.isfile(os.path.join(checkout, "dphubert.yaml")):
+        return checkout
+    return os.path.join(PACKAGE_DIR, "configs")
+
+
+def user_dir() -> str:
+    """The plugin's own folder, a value for fairseq's ``common.user_dir`` that works from any directory."""
+    return PACKAGE_DIR
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Print :func:`config_dir` (or, with ``--user-dir``, :func:`user_dir`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ["--user-dir"]):
+        print("usage: python -m dphubert_fairseq.packaged_configs [--user-dir]", file=sys.stderr)
+        return 2
+    print(user_dir() if argv else config_dir())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""What the tests share: paths, a subprocess runner, teachers made by stock fairseq, real-speech manifests,
+small checks and model set-ups. Test modules import this module (and conftest's fixtures), never each other.
+
+Running fairseq (``run``, ``hydra_train``, ``export``, ``compose``, the override lists, reading log records) is
+``fairseq_runs``'s, shared with the quickstart and the benchmarks; it is re-exported here. ``run`` always puts
+this checkout first on ``PYTHONPATH`` and drops ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
+"""
+
+import glob
+import os
+import socket
+import sys
+from argparse import Namespace
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from fairseq_runs import (  # noqa: E402,F401  (re-exported for the tests)
+    CONFIGS,
+    CPU_OVERRIDES,
+    TINY_HUBERT,
+    bin_or_module,
+    checkout_env,
+    compose,
+    composite_schedule,
+    cpu_overrides,
+    export,
+    hydra_train,
+    hydra_train_command,
+    pretrain_tiny_hubert,
+    records,
+    run,
+    schedule_overrides,
+    start,
+)
+from fairseq_runs.speech import LIBRIVOX  # noqa: E402,F401
+
+logged = records  # fairseq's JSON log records of one kind ('train_inner', 'valid', 'train')
+
+
+# ----- small checks -----
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_one_line(message: str, starts_with: Optional[str] = None, contains: Sequence[str] = ()) -> None:
+    """The error message is one line (no traceback, no wrapped text), starting and containing as asked."""
+    assert "\n" not in message, message
+    if starts_with is not None:
+        assert message.startswith(starts_with), message
+    for part in contains:
+        assert part in message, message
+
+
+# ----- models and batches -----
+
+
+def padded_batch(clips, normalize: bool = False):
+    """(B, L) batch right-padded with zeros and its (B, L) padding mask (True = padding)."""
+    if normalize:
+        clips = [(c - c.mean()) / (c.std() + 1e-5) for c in clips]
+    length = max(c.numel() for c in clips)
+    source = torch.zeros(len(clips), length)
+    mask = torch.ones(len(clips), length, dtype=torch.bool)
+    for i, c in enumerate(clips):
+        source[i, : c.numel()] = c
+        mask[i, : c.numel()] = False
+    return source, mask
+
+
+def randomise_gates(model, seed=0):
+    """Random gate logits: a mix of closed gates and open ones with soft values well below 1, plus the
+    corner cases: every head of layer 0 and every FFN unit of layer 1 closed, and, when whole-layer gates
+    exist, the attention block of layer 2 and the FFN block of layer 0 closed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates().values():
+            gate.log_alpha.copy_(torch.randn(gate.n, generator=g) * 2.0 - 0.5)
+        layers = model.encoder.layers
+        if layers[0].self_attn.head_gate is not None:
+            layers[0].self_attn.head_gate.log_alpha.fill_(-10.0)
+        if layers[1].ffn.unit_gate is not None:
+            layers[1].ffn.unit_gate.log_alpha.fill_(-10.0)
+        if layers[0].self_attn.layer_gate is not None:
+            layers[0].self_attn.layer_gate.log_alpha.fill_(5.0)  # open: the bias-only block must survive
+            layers[1].ffn.layer_gate.log_alpha.fill_(5.0)
+            layers[2].self_attn.layer_gate.log_alpha.fill_(-10.0)
+            layers[0].ffn.layer_gate.log_alpha.fill_(-10.0)
+    return model
+
+
+# ----- teachers made by stock fairseq, saved as its trainer saves them -----
+# The configuration goes through fairseq's own command-line parser (what ``fairseq-train`` does), the model,
+# task and criterion through fairseq's builders, and the file through ``Trainer.save_checkpoint``. Weights are
+# random; LayerNorm and bias parameters are perturbed away from their 1 / 0 initial values so that tests which
+# depend on them (pruned biases, LayerNorm folding) can fail.
+
+#: (kind, large_shape) of every supported teacher shape
+TEACHER_SHAPES = {
+    "hubert_base": ("hubert", False),
+    "hubert_large": ("hubert", True),
+    "wav2vec2_base": ("wav2vec2", False),
+    "wav2vec2_large": ("wav2vec2", True),
+}
+
+TINY = [
+    "--encoder-layers",
+    "3",
+    "--encoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--encoder-attention-heads",
+    "4",
+    "--conv-feature-layers",
+    "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
+    "--conv-pos",
+    "16",
+    "--conv-pos-groups",
+    "4",
+    "--final-dim",
+    "16",
+]
+BASE = ["--final-dim", "256"]
+LARGE_SHAPE = ["--layer-norm-first", "--extractor-mode", "layer_norm", "--normalize"]
+
+
+def _write_label_dir(folder: str, num_labels: int = 10) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "dict.km.txt"), "w") as f:
+        f.writelines(f"{i} 1\n" for i in range(num_labels))
+
+
+def training_args(kind: str, folder: str, size: str = "tiny", large_shape: bool = False) -> Namespace:
+    """fairseq-train's parsed arguments for a HuBERT or wav2vec2 pretraining run."""
+    from fairseq import options
+
+    _write_label_dir(folder)
+    argv: List[str] = [folder, "--cpu", "--optimizer", "adam", "--lr", "1e-4", "--max-tokens", "100000"]
+    if kind == "hubert":
+        argv += [
+            "--task",
+            "hubert_pretraining",
+            "--arch",
+            "hubert",
+            "--criterion",
+            "hubert",
+            "--labels",
+            '["km"]',
+            "--label-dir",
+            folder,
+            "--label-rate",
+            "50",
+            "--pred-masked-weight",
+            "1",
+        ]
+    elif kind == "wav2vec2":
+        argv += ["--task", "audio_pretraining", "--arch", "wav2vec2", "--criterion", "wav2vec"]
+    else:
+        raise ValueError(kind)
+    argv += TINY if size == "tiny" else BASE
+    if large_shape:
+        argv += LARGE_SHAPE + (["--conv-bias"] if kind == "wav2vec2" else [])
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(parser, argv)
+
+
+def build(kind: str, folder: str, size: str = "tiny", large_shape: bool = False, seed: int = 0):
+    """(cfg, task, model, criterion) as fairseq's train.py builds them, with perturbed norms and biases."""
+    from fairseq import tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    torch.manual_seed(seed)
+    cfg = convert_namespace_to_omegaconf(training_args(kind, folder, size, large_shape))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "log_alpha" not in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return cfg, task, model, criterion
+
+
+def save_with_trainer(path: str, cfg, task, model, criterion, num_updates: int = 0) -> str:
+    """Write a checkpoint with fairseq's ``Trainer`` (as ``checkpoint_utils.save_checkpoint`` does)."""
+    from fairseq.trainer import Trainer
+
+    trainer = Trainer(cfg, task, model, criterion)
+    trainer.set_num_updates(num_updates)
+    trainer.consolidate_optimizer()
+    trainer.save_checkpoint(path, {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}, "val_loss": 1.0})
+    return path
+
+
+def make_teacher(path: str, kind: str, size: str = "tiny", large_shape: bool = False, seed: int = 0) -> str:
+    folder = os.path.join(os.path.dirname(path), "labels")
+    return save_with_trainer(path, *build(kind, folder, size, large_shape, seed))
+
+
+def make_legacy_wav2vec2(path: str, folder: str, size: str = "tiny", large_shape: bool = False) -> str:
+    """An old wav2vec2 release: configuration as an argparse Namespace in ``args``, no ``cfg``."""
+    from fairseq import tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = training_args("wav2vec2", folder, size, large_shape)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    state = {
+        "args": args,
+        "model": model.state_dict(),
+        "optimizer_history": [
+            {
+                "criterion_name": "Wav2vecCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 400000,
+            }
+        ],
+        "extra_state": {"train_iterator": {"epoch": 1}, "val_loss": None},
+        "last_optimizer_state": None,
+    }
+    torch.save(state, path)
+    return path
+
+
+def counted_modules(model) -> list:
+    """The modules the project's parameter count covers, in a fairseq HubertModel / Wav2Vec2Model."""
+    parts = [model.feature_extractor, model.layer_norm, model.encoder]
+    if model.post_extract_proj is not None:
+        parts.append(model.post_extract_proj)
+    return parts
+
+
+def direct_count(modules, exclude: Optional[str] = None) -> int:
+    return sum(
+        p.numel() for m in modules for n, p in m.named_parameters() if exclude is None or exclude not in n
+    )
+
+
+def counted_student_params(model) -> int:
+    """Direct sum over a dphubert model's parameters, less what the count leaves out by convention: gate
+    logits (training only) and the mask embedding (used only by fine-tuning masking)."""
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not n.endswith("log_alpha") and not n.startswith("masking.")
+    )
+
+
+# ----- data and tasks -----
+
+
+def write_speech_manifests(folder: str, chunk_seconds: float = 1.5, valid_chunks: int = 4) -> str:
+    """Cut the LibriVox clips of pocketsphinx-testdata into chunks; write them and train/valid manifests
+    (fairseq's format) plus random k-means-like labels ``*.km`` for a HuBERT teacher. Returns the folder."""
+    files = sorted(glob.glob(os.path.join(LIBRIVOX, "*.wav")))
+    if not files:
+        raise FileNotFoundError("pocketsphinx-testdata is not installed")
+    audio_dir = os.path.join(folder, "audio")
+    os.makedirs(audio_dir, exist_ok=True)
+    entries = []
+    for f in files:
+        wav, rate = sf.read(f, dtype="float32")
+        step = int(chunk_seconds * rate)
+        for first in range(0, len(wav) - step + 1, step):
+            name = f"{os.path.basename(f)[:-4]}_{first // step}.wav"
+            sf.write(os.path.join(audio_dir, name), wav[first : first + step], rate)
+            entries.append((name, step))
+    rng = np.random.default_rng(0)
+    splits = {"train": entries[valid_chunks:], "valid": entries[:valid_chunks]}
+    for split, items in splits.items():
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as tsv, open(
+            os.path.join(folder, f"{split}.km"), "w"
+        ) as km:
+            tsv.write(audio_dir + "\n")
+            for name, n in items:
+                tsv.write(f"{name}\t{n}\n")
+                frames = (n - 400) // 320 + 1
+                km.write(" ".join(str(x) for x in rng.integers(0, 10, frames)) + "\n")
+    with open(os.path.join(folder, "dict.km.txt"), "w") as d:
+        d.writelines(f"{i} 1\n" for i in range(10))
+    return folder
+
+
+def distill_task(data, teacher, **task_cfg):
+    """The ``dphubert_distill`` task as ``setup_task`` makes it for manifests in ``data`` and ``teacher``."""
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+    cfg = OmegaConf.structured(
+        DPHuBERTDistillConfig(data=str(data), teacher_path=str(teacher), tpu=False, seed=1, **task_cfg)
+    )
+    return DPHuBERTDistillTask.setup_task(cfg)
+
+
+def write_letter_labels(folder: str, text: str = "A TINY LABELLED SET") -> None:
+    """Letter transcripts (fairseq's ``.ltr`` format) for every manifest in ``folder``, and ``dict.ltr.txt``."""
+    letters = " ".join(text.replace(" ", "|")) + " |"
+    for tsv in glob.glob(os.path.join(folder, "*.tsv")):
+        with open(tsv) as f:
+            count = sum(1 for line in f) - 1
+        with open(tsv[:-4] + ".ltr", "w") as f:
+            f.writelines(letters + "\n" for _ in range(count))
+    symbols = sorted(set(letters.split()))
+    with open(os.path.join(folder, "dict.ltr.txt"), "w") as f:
+        f.writelines(f"{s} 1\n" for s in symbols)
+
+
+def tensorboard_scalars(folder: str) -> Dict[str, Dict[str, List[float]]]:
+    """``{run: {tag: values}}`` of the TensorBoard event files under ``folder`` (one sub-folder per run,
+    e.g. ``train_inner``, ``valid``), read record by record (TFRecord framing, tensorboardX's protobufs)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*", "events.out.tfevents.*"))):
+        run_tags = out.setdefault(os.path.basename(os.path.dirname(path)), {})
+        with open(path, "rb") as f:
+            while True:
+                header = f.read(12)  # uint64 length, uint32 masked crc of the length
+                if len(header) < 12:
+                    break
+                (length,) = struct.unpack("<Q", header[:8])
+                event = event_pb2.Event.FromString(f.read(length))
+                f.read(4)  # crc of the data
+                for value in event.summary.value:
+                    run_tags.setdefault(value.tag, []).append(value.simple_value)
+    return out

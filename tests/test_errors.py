@@ -1,0 +1,92 @@
+"""One exception family: every error the plugin raises for bad input is a ``DPHuBERTError`` (a ValueError) of
+the kind that names what went wrong; fairseq's patches report whether they applied."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import dphubert_fairseq as dp
+from dphubert_fairseq import errors, fairseq_patches
+from dphubert_fairseq.criterions.distill_loss import parse_layer_groups
+from dphubert_fairseq.data.manifest_check import check_manifest
+from dphubert_fairseq.models.dphubert import DPHuBERTConfig, DPHuBERTModel
+from dphubert_fairseq.safe_loading import TRUST_ENV
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ERRORS = [
+    errors.CheckpointError,
+    errors.CheckpointLayoutError,
+    errors.ManifestError,
+    errors.ConfigError,
+    errors.UnsupportedTeacherError,
+]
+
+
+def _run(script: str, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.dirname(__file__))
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: e.__name__)
+def test_every_error_is_a_value_error_and_a_dphubert_error(error):
+    assert issubclass(error, errors.DPHuBERTError) and issubclass(error, ValueError)
+    assert getattr(dp, error.__name__) is error and error.__name__ in dp.__all__
+
+
+def test_the_family_is_exported():
+    assert issubclass(dp.DPHuBERTError, ValueError) and "DPHuBERTError" in dp.__all__
+
+
+def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(dp.CheckpointError, match="no such checkpoint file"):
+        dp.load_teacher(str(tmp_path / "missing.pt"))
+
+
+def test_bad_manifest_is_a_manifest_error(tmp_path):
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{tmp_path}\nmissing.wav\t16000\n")
+    with pytest.raises(dp.ManifestError, match="missing.wav does not exist"):
+        check_manifest(str(manifest), 16000)
+
+
+def test_repeated_distill_layer_is_a_config_error():
+    with pytest.raises(dp.ConfigError, match="criterion.distill_layers: layer.*4.*more than once"):
+        parse_layer_groups("0;4,4")
+
+
+def test_unknown_prune_unit_is_a_config_error():
+    with pytest.raises(dp.ConfigError, match="model.prune_units: unknown unit.*'heads'"):
+        DPHuBERTModel(DPHuBERTConfig(prune_units=["heads"]))
+
+
+def test_malformed_trust_variable_fails_the_first_load_not_the_import(tiny_teachers):
+    path = tiny_teachers["hubert_base"]
+    out = _run(
+        f"""
+        import dphubert_fairseq as dp
+        print("imported")
+        dp.load_teacher({path!r})
+        """,
+        {TRUST_ENV: "eval"},
+    )
+    assert out.returncode != 0 and "imported" in out.stdout, out.stderr[-1500:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("dphubert_fairseq.errors.ConfigError: ") and TRUST_ENV in last and "eval" in last
+
+
+def test_every_patch_applies_on_this_fairseq():
+    status = fairseq_patches.install()
+    assert list(status) == [patch.name for patch in fairseq_patches.PATCHES]
+    assert all(status.values()), status
+    assert fairseq_patches.install() == status  # idempotent: nothing is wrapped twice
+    for patch in fairseq_patches.PATCHES:
+        assert patch.written_for == fairseq_patches.WRITTEN_FOR and patch.target.startswith(
+            ("fairseq", "torch")
+        )
