@@ -246,8 +246,8 @@ def test_training_leaves_out_non_finite_audio(tmp_path, speech_manifests, speech
 @pytest.mark.slow
 def test_a_first_batch_of_non_finite_audio_only(tmp_path, speech_manifests, speech, tiny_teachers):
     """fairseq makes its dummy batch (what an empty batch runs as) from a split's first batch; the plugin makes
-    it take the first batch that is not empty (fairseq_fixes), else the run would stop with 'Invalid dummy
-    batch: {}'."""
+    it take the first batch that is not empty (fairseq_patches/dummy_batch.py), else the run would stop with
+    'Invalid dummy batch: {}'."""
     data = nan_run_data(tmp_path / "data", speech_manifests, speech)
     # the longest utterance of valid.tsv, alone in the first batch (2 x 32000 samples > max_tokens)
     write_non_finite(data / "audio" / "nan_valid.wav", speech[0], 2 * RATE)
