@@ -35,7 +35,7 @@ def load_error(data, teacher, **kw) -> str:
     with pytest.raises(ManifestError) as err:
         task_for(data, teacher, **kw).load_dataset("train")
     message = str(err.value)
-    assert "\n" not in message
+    P.assert_one_line(message)
     return message
 
 

@@ -2,16 +2,13 @@
 
 import pytest
 import torch
+from helpers import assert_one_line
 
 import dphubert_fairseq as dp
 
 
 def _assert_one_line(err, path, *words):
-    message = str(err.value)
-    assert "\n" not in message
-    assert message.startswith(str(path))
-    for word in words:
-        assert word in message
+    assert_one_line(str(err.value), starts_with=str(path), contains=words)
     # not a chained traceback from deep inside torch
     assert err.value.__cause__ is None
     assert err.value.__context__ is None or err.value.__suppress_context__

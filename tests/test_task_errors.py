@@ -24,7 +24,7 @@ task_for = P.distill_task
 
 def one_line(err) -> str:
     message = str(err.value)
-    assert "\n" not in message
+    P.assert_one_line(message)
     return message
 
 
@@ -92,8 +92,6 @@ def test_normalisation_must_match_the_teacher(data, tiny_teachers):
 
 @pytest.mark.slow
 def test_cli_reports_bad_manifest_before_training(data, tiny_teachers, tmp_path):
-    import helpers as P
-
     shutil.rmtree(data / "audio")
     (data / "audio").mkdir()
     (data / "valid.tsv").write_text((data / "train.tsv").read_text())
