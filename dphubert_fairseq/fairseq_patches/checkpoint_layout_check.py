@@ -6,13 +6,11 @@ wrapper raises ``CheckpointLayoutError`` instead (``checkpoint_read_errors`` add
 Guard: the upgrade of an empty dict fails with such a bare error.
 """
 
-import functools
-
 from fairseq import checkpoint_utils
 
 from ..errors import CheckpointLayoutError
 from ..safe_loading import check_layout
-from .patch import WRITTEN_FOR, Patch, mark, marked
+from .patch import function_patch
 
 
 def needed() -> bool:
@@ -25,14 +23,7 @@ def needed() -> bool:
     return False
 
 
-def applied() -> bool:
-    return marked(checkpoint_utils._upgrade_state_dict)
-
-
-def apply() -> None:
-    original = checkpoint_utils._upgrade_state_dict
-
-    @functools.wraps(original)
+def _checked_upgrade(original):
     def _upgrade_state_dict(state):
         check_layout(state)
         try:
@@ -42,14 +33,9 @@ def apply() -> None:
                 f"an incomplete fairseq checkpoint (upgrading it failed: {type(err).__name__}: {err})"
             ) from None
 
-    checkpoint_utils._upgrade_state_dict = mark(_upgrade_state_dict)
+    return _upgrade_state_dict
 
 
-PATCH = Patch(
-    "checkpoint_layout_check",
-    "fairseq.checkpoint_utils._upgrade_state_dict",
-    WRITTEN_FOR,
-    needed,
-    applied,
-    apply,
+PATCH = function_patch(
+    "checkpoint_layout_check", checkpoint_utils, "_upgrade_state_dict", needed, _checked_upgrade
 )

@@ -7,7 +7,6 @@ refused class, a truncated zip and a layout problem become one line (``safe_load
 Guard: the reader does not already fail with a ``ValueError`` naming the file for a missing file.
 """
 
-import functools
 import os
 import pickle
 import tempfile
@@ -16,7 +15,7 @@ from fairseq import checkpoint_utils
 
 from ..errors import CheckpointError, CheckpointLayoutError
 from ..safe_loading import check_checkpoint_file, check_trusted_globals, describe_load_error
-from .patch import WRITTEN_FOR, Patch, mark, marked
+from .patch import function_patch
 
 
 def needed() -> bool:
@@ -30,14 +29,7 @@ def needed() -> bool:
     return True
 
 
-def applied() -> bool:
-    return marked(checkpoint_utils.load_checkpoint_to_cpu)
-
-
-def apply() -> None:
-    original = checkpoint_utils.load_checkpoint_to_cpu
-
-    @functools.wraps(original)
+def _reader_with_readable_errors(original):
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         check_trusted_globals()
         check_checkpoint_file(path)
@@ -52,14 +44,9 @@ def apply() -> None:
                 raise CheckpointError(describe_load_error(path, err)) from None
             raise
 
-    checkpoint_utils.load_checkpoint_to_cpu = mark(load_checkpoint_to_cpu)
+    return load_checkpoint_to_cpu
 
 
-PATCH = Patch(
-    "checkpoint_read_errors",
-    "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
-    WRITTEN_FOR,
-    needed,
-    applied,
-    apply,
+PATCH = function_patch(
+    "checkpoint_read_errors", checkpoint_utils, "load_checkpoint_to_cpu", needed, _reader_with_readable_errors
 )

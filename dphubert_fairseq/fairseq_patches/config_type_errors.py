@@ -7,7 +7,6 @@ ValidationError about "AnyNode".
 Guard: ``merge_with_parent`` lets omegaconf's ``ValidationError`` through (its source does not handle it).
 """
 
-import functools
 import inspect
 
 from fairseq.dataclass import utils as dataclass_utils
@@ -15,21 +14,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from ..errors import ConfigError
-from .patch import WRITTEN_FOR, Patch, mark, marked
+from .patch import function_patch
 
 
 def needed() -> bool:
     return "ValidationError" not in inspect.getsource(inspect.unwrap(dataclass_utils.merge_with_parent))
 
 
-def applied() -> bool:
-    return marked(dataclass_utils.merge_with_parent)
-
-
-def apply() -> None:
-    original = dataclass_utils.merge_with_parent
-
-    @functools.wraps(original)
+def _merge_naming_the_key(original):
     def merge_with_parent(dc, cfg, remove_missing=False):
         try:
             return original(dc, cfg, remove_missing)
@@ -46,9 +38,9 @@ def apply() -> None:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"{key or dc.__name__}: {reason}") from None
 
-    dataclass_utils.merge_with_parent = mark(merge_with_parent)
+    return merge_with_parent
 
 
-PATCH = Patch(
-    "config_type_errors", "fairseq.dataclass.utils.merge_with_parent", WRITTEN_FOR, needed, applied, apply
+PATCH = function_patch(
+    "config_type_errors", dataclass_utils, "merge_with_parent", needed, _merge_naming_the_key
 )

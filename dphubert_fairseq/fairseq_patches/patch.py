@@ -1,7 +1,9 @@
 """What one import-time patch of fairseq is: its target, the fairseq it was written against, the check that
 this fairseq still needs it, and how it is applied."""
 
+import functools
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 #: The fairseq every patch was written against and tested on.
@@ -33,3 +35,23 @@ class Patch:
     needed: Callable[[], bool]
     applied: Callable[[], bool]
     apply: Callable[[], None]
+
+
+def function_patch(
+    name: str,
+    module: ModuleType,
+    attr: str,
+    needed: Callable[[], bool],
+    wrapper_for: Callable[[Callable], Callable],
+) -> Patch:
+    """A patch that replaces the module-level function ``module.attr`` by ``wrapper_for(original)`` (given the
+    original's name and docstring, and marked so it is applied once)."""
+
+    def applied() -> bool:
+        return marked(getattr(module, attr))
+
+    def apply() -> None:
+        original = getattr(module, attr)
+        setattr(module, attr, mark(functools.wraps(original)(wrapper_for(original))))
+
+    return Patch(name, f"{module.__name__}.{attr}", WRITTEN_FOR, needed, applied, apply)

@@ -9,7 +9,6 @@ Guard: fairseq's ``load_checkpoint`` resolves the default ``checkpoint_last.pt``
 file before loading it (its source names ``checkpoint_last`` and no damage check; fairseq main has none).
 """
 
-import functools
 import inspect
 import logging
 import os
@@ -19,7 +18,7 @@ from omegaconf import open_dict
 
 from ..checkpoint_recovery import checkpoint_damage, newest_intact_checkpoint, remove_stale_temporaries
 from ..errors import CheckpointError
-from .patch import WRITTEN_FOR, Patch, mark, marked
+from .patch import function_patch
 
 logger = logging.getLogger("dphubert_fairseq")
 
@@ -29,20 +28,13 @@ def needed() -> bool:
     return "checkpoint_last" in source and "zipfile" not in source and "damage" not in source
 
 
-def applied() -> bool:
-    return marked(checkpoint_utils.load_checkpoint)
-
-
 def _restore_name(checkpoint: str, suffix: str) -> str:
     """``checkpoint_3_400-shard0.pt`` -> ``checkpoint_3_400.pt``: the name restore_file takes (fairseq adds the
     suffix)."""
     return os.path.basename(checkpoint)[: -len(suffix + ".pt")] + ".pt"
 
 
-def apply() -> None:
-    original = checkpoint_utils.load_checkpoint
-
-    @functools.wraps(original)
+def _resume_past_damage(original):
     def load_checkpoint(cfg, trainer, **passthrough_args):
         if cfg.restore_file != "checkpoint_last.pt":
             return original(cfg, trainer, **passthrough_args)
@@ -84,14 +76,9 @@ def apply() -> None:
             with open_dict(cfg):
                 cfg.restore_file = "checkpoint_last.pt"
 
-    checkpoint_utils.load_checkpoint = mark(load_checkpoint)
+    return load_checkpoint
 
 
-PATCH = Patch(
-    "resume_past_damaged_checkpoint",
-    "fairseq.checkpoint_utils.load_checkpoint",
-    WRITTEN_FOR,
-    needed,
-    applied,
-    apply,
+PATCH = function_patch(
+    "resume_past_damaged_checkpoint", checkpoint_utils, "load_checkpoint", needed, _resume_past_damage
 )
