@@ -47,7 +47,7 @@ def read_speech_clips() -> List[np.ndarray]:
     clips = []
     for path in sorted(glob.glob(os.path.join(LIBRIVOX, "*.wav"))):
         wav, rate = sf.read(path, dtype="float32")
-        clips.append(_resample(wav, rate))
+        clips.append(resample(wav, rate))
     return clips
 
 
@@ -67,7 +67,7 @@ def synthesise_sentences(voices=VOICES, sentences=SENTENCES, speeds=(150,)) -> L
                     if done.returncode != 0:
                         break  # voice not available here
                     wav, rate = sf.read(out, dtype="float32")
-                    clips.append(_resample(wav, rate))
+                    clips.append(resample(wav, rate))
     return clips
 
 
@@ -89,7 +89,7 @@ def generated_audio(seconds: float, seed: int = 0) -> List[np.ndarray]:
     return clips
 
 
-def _resample(wav: np.ndarray, rate: int) -> np.ndarray:
+def resample(wav: np.ndarray, rate: int) -> np.ndarray:
     if wav.ndim > 1:
         wav = wav.mean(axis=1)
     if rate != SAMPLE_RATE:

@@ -26,6 +26,7 @@ from fairseq_runs import (
     run_length,
     run_logged,
 )
+from fairseq_runs.kmeans_labels import LABEL_RATE, write_kmeans_labels
 from fairseq_runs.speech import (
     SAMPLE_RATE,
     gather_speech,
@@ -33,9 +34,9 @@ from fairseq_runs.speech import (
     read_speech_clips,
     write_manifests,
 )
+from fairseq_runs.timing import forward_seconds
 
 from . import report as reporting
-from .kmeans_labels import LABEL_RATE, write_kmeans_labels
 
 
 @dataclass
@@ -222,8 +223,8 @@ class Quickstart:
         timing = {
             "audio_seconds": audio.size(1) / SAMPLE_RATE,
             "threads": torch.get_num_threads(),
-            "teacher_seconds": reporting.forward_seconds(teacher, audio, teacher_hidden_states),
-            "student_seconds": reporting.forward_seconds(student, audio, teacher_hidden_states),
+            "teacher_seconds": forward_seconds(teacher, audio, teacher_hidden_states),
+            "student_seconds": forward_seconds(student, audio, teacher_hidden_states),
         }
         valid2 = records(stage2, "valid")
         curve = [

@@ -2,22 +2,7 @@
 
 import json
 import os
-import time
 from typing import Any, Dict, List
-
-import torch
-
-
-def forward_seconds(model: torch.nn.Module, source: torch.Tensor, hidden_states, repeats: int = 5) -> float:
-    """Median wall time of a no-grad forward pass (one warm-up run first)."""
-    times = []
-    with torch.inference_mode():
-        hidden_states(model, source)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            hidden_states(model, source)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def target_params(report: Dict[str, Any]) -> int:

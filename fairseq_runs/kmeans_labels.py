@@ -1,7 +1,7 @@
 """HuBERT's first-iteration targets: k-means clusters of MFCC features, one label per 10 ms frame."""
 
 import os
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import soundfile as sf
@@ -49,3 +49,22 @@ def write_kmeans_labels(folder: str, splits=("train", "valid"), clusters: int = 
                 f.write(" ".join(map(str, kmeans.predict((feats - mean) / std))) + "\n")
     with open(os.path.join(folder, "dict.km.txt"), "w") as f:
         f.writelines(f"{i} 1\n" for i in range(clusters))
+
+
+def label_prior(folder: str) -> Dict[str, float]:
+    """How well the label prior alone predicts: the cross-entropy (bits per frame) of the valid split's labels
+    under the train split's label frequencies (add-one smoothed), and the accuracy of always answering the
+    most frequent train label."""
+
+    def labels(split: str) -> np.ndarray:
+        with open(os.path.join(folder, f"{split}.km")) as f:
+            return np.array([int(x) for line in f for x in line.split()])
+
+    train, valid = labels("train"), labels("valid")
+    clusters = max(train.max(), valid.max()) + 1
+    counts = np.bincount(train, minlength=clusters) + 1.0
+    prior = counts / counts.sum()
+    return {
+        "bits": float(-np.log2(prior[valid]).mean()),
+        "accuracy": float((valid == counts.argmax()).mean()),
+    }

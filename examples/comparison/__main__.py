@@ -1,0 +1,467 @@
+"""``python -m examples.comparison [--out OUT] [--size default|tiny] [--jobs N]`` from the repository root:
+DPHuBERT against the baselines it claims to beat, all at one parameter count, on the same audio and updates,
+measured on held-out audio; a table (Markdown + JSON) and a figure in OUT (default ./dphubert_comparison).
+
+Phases: speech (espeak-ng sentences and the LibriVox clips), k-means labels, a small HuBERT teacher pretrained
+by stock fairseq (cached in OUT/teacher: a second run with the same size skips it), the students (every seed,
+``--jobs`` fairseq runs at a time), the measures, the report.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from fairseq_runs import (
+    CONFIGS,
+    REPO,
+    Shape,
+    composite_schedule,
+    cpu_overrides,
+    export_command,
+    hubert_pretraining_command,
+    hydra_train_command,
+    records,
+    run_length,
+    run_logged,
+)
+from fairseq_runs.kmeans_labels import LABEL_RATE, label_prior, write_kmeans_labels
+from fairseq_runs.speech import SAMPLE_RATE, write_manifests
+
+from . import corpus as speech
+from . import measures, students
+from .report import write_report
+
+#: the teacher: a 12-layer HuBERT of width 64 with 8 heads (so that heads can be thinned uniformly)
+TEACHER = Shape(12, 64, 256, 8, "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2", 32, 8, 32)
+#: student kinds, in the table's order; '_10pct': trained on a tenth of the training audio
+KINDS = ("dphubert", "distilhubert", "uniform", "random_structure", "dphubert_10pct", "distilhubert_10pct")
+TARGET_LAYERS = (4, 8, 12)
+
+
+@dataclass
+class Size:
+    """How big the comparison is. 'default' takes about half an hour on 2 CPU cores; 'tiny' is for tests."""
+
+    train_sentences: int
+    held_out_sentences: int
+    renditions: int  # of corpus.RENDITIONS, per voice and keyword
+    teacher_updates: int
+    stage1_updates: int
+    stage2_updates: int
+    seeds: int
+    max_tokens: int
+    teacher_lr: float = 1e-3
+    little_fraction: float = 0.1
+    target_sparsity: float = 0.75
+    lrs: Dict[str, float] = field(default_factory=lambda: {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1})
+
+    def teacher_key(self) -> Dict[str, object]:
+        """What the cached teacher depends on."""
+        return {
+            "shape": asdict(TEACHER),
+            "train_sentences": self.train_sentences,
+            "teacher_updates": self.teacher_updates,
+            "teacher_lr": self.teacher_lr,
+            "max_tokens": self.max_tokens,
+        }
+
+
+SIZES = {
+    "default": Size(320, 40, 4, 1500, 300, 100, 3, 160000),
+    "tiny": Size(16, 4, 1, 4, 8, 4, 1, 64000),
+}
+
+
+def cpu_run(size: Size) -> List[str]:
+    """One CPU process in fp32, batches of ``size.max_tokens`` samples, utterances of 1 to 4 s."""
+    return cpu_overrides(min_sample_size=16000, max_tokens=size.max_tokens, max_sample_size=64000, amp=False)
+
+
+def git_commit() -> str:
+    """This checkout's commit, with '+changes' when the work tree differs from it."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+class Comparison:
+    def __init__(self, out: str, size: Size, jobs: int, command: str) -> None:
+        self.out, self.size, self.jobs, self.command = os.path.abspath(out), size, jobs, command
+        self.started = time.time()
+        self.phase = 0
+        self.lock = threading.Lock()
+        os.makedirs(self.out, exist_ok=True)
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            print(line, flush=True)
+
+    def begin(self, what: str) -> None:
+        self.phase += 1
+        self.say(f"[{self.phase}/6 {time.time() - self.started:5.0f}s] {what}")
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def logged(self, cmd: List[str], log: str, name: str = "", parallel: bool = True) -> str:
+        """Run ``cmd`` from the repository root, its output in ``OUT/logs/<log>``, its validation records
+        shown. ``parallel``: it runs next to others (one thread each when ``--jobs`` > 1)."""
+        one_thread = parallel and self.jobs > 1
+        env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if one_thread else None
+
+        def show(line: str) -> None:
+            if "[valid]" in line or not name:
+                self.say(f"    {name}{': ' if name else ''}{line.strip()}")
+
+        return run_logged(cmd, self.path("logs", log), cwd=REPO, show=show, env=env)
+
+    # ----- data and teacher -----
+
+    def speech_and_teacher(self):
+        size = self.size
+        self.begin("speech: espeak-ng sentences, held-out sentences and keywords, LibriVox clips")
+        corpus = speech.make_corpus(size.train_sentences, size.held_out_sentences, renditions=size.renditions)
+        self.say("    " + corpus.description)
+        key = size.teacher_key()
+        cache = self.path("teacher.json")
+        cached = json.load(open(cache)) if os.path.exists(cache) else None
+        teacher = self.path("teacher", "checkpoint_last.pt")
+        if cached and cached["key"] == key and os.path.exists(teacher):
+            self.begin("labels: cached with the teacher")
+            self.begin(f"teacher: cached ({os.path.relpath(teacher)}, {json.dumps(key['shape'])})")
+            return corpus, teacher, cached["quality"]
+        data = self.path("data")
+        n_valid = len(corpus.valid)
+        write_manifests(
+            corpus.train + corpus.valid, data, valid_fraction=n_valid / (len(corpus.train) + n_valid)
+        )
+        self.write_little_data(data)
+        self.begin("labels: k-means of MFCC features (HuBERT's first iteration)")
+        write_kmeans_labels(data)
+        self.begin(
+            f"teacher: pretraining a 12-layer HuBERT with stock fairseq ({size.teacher_updates} updates)"
+        )
+        extra = cpu_run(size) + [
+            "common.log_interval=100",
+            f"optimization.lr=[{size.teacher_lr}]",
+            f"lr_scheduler.warmup_updates={max(1, size.teacher_updates // 10)}",
+            f"dataset.validate_interval_updates={max(1, size.teacher_updates // 3)}",
+            "dataset.validate_interval=1000",
+            # masking 30% of frames and a loss on the unmasked frames too: at this scale the Base recipe's
+            # masked-only loss (80% masked) stays at the label prior for the whole run
+            "model.mask_prob=0.3",
+            "criterion.pred_nomask_weight=1.0",
+        ]
+        output = self.logged(
+            hubert_pretraining_command(
+                data, self.path("teacher"), TEACHER, LABEL_RATE, size.teacher_updates, extra
+            ),
+            "teacher.log",
+            parallel=False,
+        )
+        quality = teacher_quality(records(output, "valid")[-1], label_prior(data))
+        self.say(
+            f"    teacher: {quality['loss_bits']:.3f} bits per frame (masked {quality['masked_bits']:.3f}), "
+            f"label prior {quality['prior_bits']:.3f} bits"
+        )
+        with open(cache, "w") as f:
+            json.dump({"key": key, "quality": quality}, f, indent=2)
+        return corpus, teacher, quality
+
+    def write_little_data(self, data: str) -> None:
+        """``OUT/data_10pct``: a random tenth of the training utterances (the same files), the same valid set."""
+        little = self.path("data_10pct")
+        os.makedirs(little, exist_ok=True)
+        with open(os.path.join(data, "train.tsv")) as f:
+            root, *lines = f.read().splitlines()
+        keep = max(2, round(self.size.little_fraction * len(lines)))
+        chosen = sorted(np.random.default_rng(0).choice(len(lines), keep, replace=False))
+        with open(os.path.join(little, "train.tsv"), "w") as f:
+            f.write("\n".join([root] + [lines[i] for i in chosen]) + "\n")
+        with open(os.path.join(data, "valid.tsv")) as src, open(
+            os.path.join(little, "valid.tsv"), "w"
+        ) as dst:
+            dst.write(src.read())
+
+    # ----- students -----
+
+    def distil(
+        self, name: str, config: str, card: List[str], updates: int, extra: List[str], seed: int
+    ) -> str:
+        overrides = [
+            *card,
+            f"checkpoint.save_dir={self.path('runs', name)}",
+            *cpu_run(self.size),
+            *run_length(updates, max(1, updates // 10)),
+            f"common.seed={seed}",
+            "common.tensorboard_logdir=null",
+            *extra,
+        ]
+        return self.logged(hydra_train_command(CONFIGS, config, overrides), f"{name}.log", name)
+
+    def export(self, name: str, out: str) -> str:
+        self.logged(export_command(self.path("runs", name, "checkpoint_last.pt"), out), f"{name}.export.log")
+        return out
+
+    def dphubert(self, name: str, data: str, teacher: str, seed: int) -> Dict[str, object]:
+        """Stage 1 (target sparsity), export, stage 2, export."""
+        size = self.size
+        card = [f"task.data={data}", f"task.teacher_path={teacher}"]
+        n1, n2 = size.stage1_updates, size.stage2_updates
+        self.distil(
+            f"{name}_stage1",
+            "dphubert",
+            card,
+            n1,
+            [
+                f"criterion.target_sparsity={size.target_sparsity}",
+                f"criterion.sparsity_warmup_updates={max(1, n1 * 2 // 3)}",
+                *composite_schedule(size.lrs, max(1, n1 // 60)),
+            ],
+            seed,
+        )
+        structure = self.export(f"{name}_stage1", self.path("models", f"{name}_stage1.pt"))
+        self.distil(
+            f"{name}_stage2",
+            "dphubert_final",
+            card + [f"task.student_path={structure}"],
+            n2,
+            [
+                f"optimization.lr=[{size.lrs['default'] / 2}]",
+                f"lr_scheduler.warmup_updates={max(1, n2 // 10)}",
+            ],
+            seed,
+        )
+        return {
+            "model": self.export(f"{name}_stage2", self.path("models", f"{name}.pt")),
+            "structure": structure,
+        }
+
+    def baseline(
+        self, name: str, data: str, teacher: str, student: str, seed: int, prediction_heads: bool
+    ) -> Dict[str, object]:
+        """Distil a built student (``students``) for as many updates as DPHuBERT's two stages together."""
+        size = self.size
+        updates = size.stage1_updates + size.stage2_updates
+        layers = (
+            ",".join(map(str, TARGET_LAYERS))
+            if prediction_heads
+            else "0;" + ",".join(map(str, TARGET_LAYERS))
+        )
+        self.distil(
+            name,
+            "dphubert_final",
+            [f"task.data={data}", f"task.teacher_path={teacher}", f"task.student_path={student}"],
+            updates,
+            [
+                f"optimization.lr=[{size.lrs['default']}]",
+                f"lr_scheduler.warmup_updates={max(1, updates // 60)}",
+                f'criterion.distill_layers="{layers}"',
+                f"criterion.prediction_heads={str(prediction_heads).lower()}",
+            ],
+            seed,
+        )
+        return {"model": self.export(name, self.path("models", f"{name}.pt"))}
+
+    def train_students(self, teacher_path: str) -> List[Dict[str, object]]:
+        from dphubert_fairseq import count_params, load_model, load_teacher, save_model
+
+        size = self.size
+        data, little = self.path("data"), self.path("data_10pct")
+        os.makedirs(self.path("models"), exist_ok=True)
+        teacher = students.teacher_as_student(load_teacher(teacher_path))
+        target = round((1 - size.target_sparsity) * count_params(teacher))
+        built = {
+            "distilhubert": save_model(
+                students.distilhubert_student(teacher, target), self.path("models", "distilhubert_init.pt")
+            ),
+            "uniform": save_model(
+                students.uniform_student(teacher, target), self.path("models", "uniform_init.pt")
+            ),
+        }
+        jobs: List[Dict[str, object]] = []
+        for seed in range(1, size.seeds + 1):
+            jobs.append(
+                {
+                    "kind": "dphubert",
+                    "seed": seed,
+                    "run": lambda n, s: self.dphubert(n, data, teacher_path, s),
+                }
+            )
+            jobs.append(
+                {
+                    "kind": "dphubert_10pct",
+                    "seed": seed,
+                    "run": lambda n, s: self.dphubert(n, little, teacher_path, s),
+                }
+            )
+        for seed in range(1, size.seeds + 1):
+            for kind, path, folder, heads in (
+                ("distilhubert", built["distilhubert"], data, True),
+                ("uniform", built["uniform"], data, False),
+                ("distilhubert_10pct", built["distilhubert"], little, True),
+            ):
+                jobs.append(
+                    {
+                        "kind": kind,
+                        "seed": seed,
+                        "run": lambda n, s, p=path, d=folder, h=heads: self.baseline(
+                            n, d, teacher_path, p, s, h
+                        ),
+                    }
+                )
+        futures: Dict[tuple, concurrent.futures.Future] = {}
+
+        def random_structure(name: str, seed: int) -> Dict[str, object]:
+            structure = futures[("dphubert", seed)].result()["structure"]
+            model = students.random_structure(load_model(structure), seed)
+            init = save_model(model, self.path("models", f"{name}_init.pt"))
+            return self.baseline(name, data, teacher_path, init, seed, False)
+
+        for seed in range(1, size.seeds + 1):  # last: each waits for its DPHuBERT structure
+            jobs.append({"kind": "random_structure", "seed": seed, "run": random_structure})
+
+        def run(job: Dict[str, object]) -> Dict[str, object]:
+            name = f"{job['kind']}_seed{job['seed']}"
+            start = time.time()
+            result = job["run"](name, job["seed"])
+            seconds = time.time() - start
+            self.say(f"    done: {name} in {seconds:.0f} s")
+            return {"kind": job["kind"], "seed": job["seed"], "name": name, "seconds": seconds, **result}
+
+        with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+            for job in jobs:  # submitted in order: every DPHuBERT run starts before any random_structure run
+                futures[(job["kind"], job["seed"])] = pool.submit(run, job)
+            return [futures[(job["kind"], job["seed"])].result() for job in jobs]
+
+    # ----- measures -----
+
+    def measure(self, corpus, teacher_path: str, trained: List[Dict[str, object]]) -> List[Dict[str, object]]:
+        from dphubert_fairseq import load_teacher
+        from dphubert_fairseq.checkpoint_io import load_model_and_extra_state
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        teacher = students.teacher_as_student(load_teacher(teacher_path))
+        audio = torch.from_numpy(np.concatenate(corpus.held_out)[: 10 * SAMPLE_RATE]).unsqueeze(0)
+        kws_train, speaker_train = measures.probe_splits(
+            corpus.word_labels, speech.HELD_OUT_VOICES, speech.KEYWORDS[6:]
+        )
+        keywords = [w["keyword"] for w in corpus.word_labels]
+        voices = [w["voice"] for w in corpus.word_labels]
+
+        def probes(features: np.ndarray) -> Dict[str, object]:
+            return {
+                "keyword": measures.linear_probe(features, keywords, kws_train),
+                "speaker": measures.linear_probe(features, voices, speaker_train),
+            }
+
+        rows = [{"kind": "mfcc", "seed": None, "probes": probes(measures.pooled_mfcc(corpus.words))}]
+        rows.append(
+            {
+                "kind": "teacher",
+                "seed": None,
+                **measures.size_and_cost(teacher, audio),
+                "layers": {str(l): {"l1": 0.0, "cos": 1.0} for l in TARGET_LAYERS},
+                "probes": probes(measures.pooled_layers(teacher, corpus.words)),
+            }
+        )
+        for run in trained:
+            model, extra = load_model_and_extra_state(run["model"])
+            proj = measures.projections(extra, model.encoder_embed_dim)
+            similarity = measures.layer_similarity(teacher, model, proj, corpus.held_out, TARGET_LAYERS)
+            rows.append(
+                {
+                    "kind": run["kind"],
+                    "seed": run["seed"],
+                    **measures.size_and_cost(model, audio),
+                    "layers": {str(l): v for l, v in similarity.items()},
+                    "probes": probes(measures.pooled_layers(model, corpus.words)),
+                    "train_seconds": run["seconds"],
+                    "heads": list(model.cfg.encoder_attention_heads),
+                    "ffn_dims": list(model.cfg.encoder_ffn_embed_dims),
+                }
+            )
+            self.say(
+                f"    {run['name']}: {rows[-1]['params']:,} parameters, cos@{TARGET_LAYERS[-1]} "
+                f"{similarity[TARGET_LAYERS[-1]]['cos']:.3f}, keywords {rows[-1]['probes']['keyword']['accuracy']:.3f}, "
+                f"speaker {rows[-1]['probes']['speaker']['accuracy']:.3f}"
+            )
+        return rows
+
+    def run(self) -> Dict[str, object]:
+        corpus, teacher_path, quality = self.speech_and_teacher()
+        self.begin(
+            f"students: {len(KINDS)} kinds x {self.size.seeds} seed(s), {self.jobs} fairseq run(s) at a time"
+        )
+        trained = self.train_students(teacher_path)
+        self.begin("measures on held-out audio")
+        rows = self.measure(corpus, teacher_path, trained)
+        self.begin("report")
+        result = {
+            "command": self.command,
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d"),
+            "size": asdict(self.size),
+            "jobs": self.jobs,
+            "threads": {"training": 1 if self.jobs > 1 else torch.get_num_threads(), "measures": 1},
+            "data": corpus.description,
+            "teacher": {"shape": asdict(TEACHER), **quality},
+            "target_layers": list(TARGET_LAYERS),
+            "rows": rows,
+            "wall_seconds": time.time() - self.started,
+        }
+        for path in write_report(result, self.out):
+            self.say(f"wrote {os.path.relpath(path)}")
+        return result
+
+
+def teacher_quality(record: Dict[str, str], prior: Dict[str, float]) -> Dict[str, float]:
+    """The teacher's last validation record (fairseq's HuBERT criterion: losses in bits per frame, the masked
+    and unmasked parts each divided by all frames) against the loss and accuracy of predicting the prior."""
+    masked, unmasked = float(record["valid_count_m_0"]), float(record["valid_count_u_0"])
+    frames = masked + unmasked
+    return {
+        "loss_bits": float(record["valid_loss"]) - float(record.get("valid_loss_features_pen", 0.0)),
+        "masked_bits": float(record["valid_loss_m_0"]) * frames / masked,
+        "unmasked_bits": float(record["valid_loss_u_0"]) * frames / unmasked,
+        "masked_accuracy": float(record["valid_correct_m_0"]),
+        "unmasked_accuracy": float(record["valid_correct_u_0"]),
+        "prior_bits": prior["bits"],
+        "prior_accuracy": prior["accuracy"],
+        "updates": int(record["valid_num_updates"]),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.comparison", description=__doc__)
+    parser.add_argument("--out", default="dphubert_comparison", help="folder for every output (created)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="'tiny' is for tests")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="fairseq runs at a time (one thread each when > 1)"
+    )
+    args = parser.parse_args(argv)
+    command = "python -m examples.comparison " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        Comparison(args.out, SIZES[args.size], max(1, args.jobs), command.strip()).run()
+    except RuntimeError as err:
+        print(f"comparison failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The comparison's report: per model kind, the mean and spread over seeds of every measure; a Markdown table,
+the JSON of every run, a figure, and plain statements of which differences are outside the seed-to-seed
+noise."""
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+LABELS = {
+    "teacher": "teacher (upper line)",
+    "dphubert": "DPHuBERT (stage 1 + 2)",
+    "distilhubert": "DistilHuBERT-style (2 layers + heads)",
+    "uniform": "uniformly thinned (magnitude)",
+    "random_structure": "DPHuBERT structure, random init",
+    "dphubert_10pct": "DPHuBERT, 10% of the audio",
+    "distilhubert_10pct": "DistilHuBERT-style, 10% of the audio",
+    "mfcc": "MFCC (probes only)",
+}
+ORDER = list(LABELS)
+#: pairs compared in the statements: (DPHuBERT variant, baseline)
+PAIRS = [
+    ("dphubert", "distilhubert"),
+    ("dphubert", "uniform"),
+    ("dphubert", "random_structure"),
+    ("dphubert_10pct", "distilhubert_10pct"),
+]
+
+
+def measure_values(row: Dict, layers: Sequence[int]) -> Dict[str, float]:
+    """The scalar measures of one row (absent ones left out)."""
+    out = {}
+    for key in ("params", "macs", "cpu_seconds", "train_seconds"):
+        if key in row:
+            out[key] = float(row[key])
+    for layer in layers:
+        if "layers" in row:
+            out[f"cos@{layer}"] = row["layers"][str(layer)]["cos"]
+            out[f"l1@{layer}"] = row["layers"][str(layer)]["l1"]
+    for probe in ("keyword", "speaker"):
+        out[f"{probe}_accuracy"] = row["probes"][probe]["accuracy"]
+    return out
+
+
+def aggregate(rows: List[Dict], layers: Sequence[int]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{kind: {measure: {mean, std, min, max, n}}}``; std is the sample standard deviation over seeds (0 for
+    one run)."""
+    by_kind: Dict[str, List[Dict[str, float]]] = {}
+    for row in rows:
+        by_kind.setdefault(row["kind"], []).append(measure_values(row, layers))
+    out = {}
+    for kind, values in by_kind.items():
+        out[kind] = {}
+        for key in values[0]:
+            xs = np.array([v[key] for v in values])
+            out[kind][key] = {
+                "mean": float(xs.mean()),
+                "std": float(xs.std(ddof=1)) if len(xs) > 1 else 0.0,
+                "min": float(xs.min()),
+                "max": float(xs.max()),
+                "n": int(len(xs)),
+            }
+    return out
+
+
+def statements(summary: Dict, layers: Sequence[int]) -> List[str]:
+    """For each pair and measure: the difference of the means, and whether it is larger than the two kinds'
+    standard deviations together (outside the noise) or not."""
+    lines = []
+    measures = ["keyword_accuracy", "speaker_accuracy"] + [f"cos@{layer}" for layer in layers]
+    for ours, other in PAIRS:
+        if ours not in summary or other not in summary:
+            continue
+        parts = []
+        for key in measures:
+            a, b = summary[ours][key], summary[other][key]
+            diff = a["mean"] - b["mean"]
+            if min(a["n"], b["n"]) < 2:
+                verdict = "one seed, no spread to judge"
+            elif abs(diff) > a["std"] + b["std"]:
+                verdict = "outside the noise"
+            else:
+                verdict = "inside the noise"
+            parts.append(f"{key} {diff:+.3f} ({verdict})")
+        lines.append(f"- {LABELS[ours]} minus {LABELS[other]}: " + "; ".join(parts))
+    return lines
+
+
+def _cell(stat: Optional[Dict[str, float]], fmt: str, scale: float = 1.0) -> str:
+    if stat is None:
+        return ""
+    text = format(stat["mean"] * scale, fmt)
+    return text + (f" ± {format(stat['std'] * scale, fmt)}" if stat["n"] > 1 else "")
+
+
+def markdown(result: Dict, summary: Dict) -> str:
+    layers = result["target_layers"]
+    t = result["teacher"]
+    size = result["size"]
+    lines = [
+        "# DPHuBERT against its baselines, at one parameter count",
+        "",
+        f"`{result['command']}`, commit `{result['commit']}`, {result['date']}; wall time "
+        f"{result['wall_seconds'] / 60:.0f} min ({result['jobs']} fairseq runs at a time).",
+        "",
+        f"Data: {result['data']}.",
+        f"Teacher: a 12-layer HuBERT (width {t['shape']['dim']}, {t['shape']['heads']} heads, FFN {t['shape']['ffn']}) "
+        f"pretrained by stock fairseq for {t['updates']} updates: validation loss {t['loss_bits']:.3f} bits per "
+        f"frame (masked frames {t['masked_bits']:.3f}, unmasked {t['unmasked_bits']:.3f}) against "
+        f"{t['prior_bits']:.3f} for predicting the label prior; accuracy on masked frames "
+        f"{t['masked_accuracy']:.3f} against {t['prior_accuracy']:.3f} for the most frequent label.",
+        f"Students: target sparsity {size['target_sparsity']}; DPHuBERT {size['stage1_updates']} stage-1 + "
+        f"{size['stage2_updates']} stage-2 updates, every baseline {size['stage1_updates'] + size['stage2_updates']} "
+        f"updates on the same audio; {size['seeds']} seed(s) each (mean ± sample standard deviation).",
+        "",
+        "| model | parameters | MACs, 10 s | CPU ms, 10 s | "
+        + " | ".join(f"cos@{layer}" for layer in layers)
+        + " | "
+        + " | ".join(f"L1@{layer}" for layer in layers)
+        + " | keyword acc. | speaker acc. |",
+        "|---" * (6 + 2 * len(layers)) + "|",
+    ]
+    for kind in ORDER:
+        if kind not in summary:
+            continue
+        s = summary[kind]
+        cells = [
+            LABELS[kind],
+            _cell(s.get("params"), ",.0f"),
+            _cell(s.get("macs"), ".1f", 1e-6) + ("M" if "macs" in s else ""),
+            _cell(s.get("cpu_seconds"), ".1f", 1e3),
+            *[_cell(s.get(f"cos@{layer}"), ".3f") for layer in layers],
+            *[_cell(s.get(f"l1@{layer}"), ".3f") for layer in layers],
+            _cell(s["keyword_accuracy"], ".3f"),
+            _cell(s["speaker_accuracy"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Differences of the means (DPHuBERT variant minus baseline); outside the noise when larger than the two "
+        "standard deviations added:",
+        "",
+        *statements(summary, layers),
+        "",
+        "![comparison](comparison.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def figure(summary: Dict, layers: Sequence[int], path: str) -> None:
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(
+        logging.WARNING
+    )  # fairseq's logging setup lets its DEBUG through
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ORDER if k in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, probe in zip(axes[:2], ("keyword", "speaker")):
+        stats = [summary[k][f"{probe}_accuracy"] for k in kinds]
+        ax.bar(range(len(kinds)), [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3)
+        ax.set_xticks(range(len(kinds)))
+        ax.set_xticklabels([LABELS[k] for k in kinds], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("accuracy on held-out items")
+        ax.set_title(f"{probe} probe (mean ± std over seeds)")
+        ax.set_ylim(0, 1)
+    ax = axes[2]
+    for kind in kinds:
+        if f"cos@{layers[0]}" not in summary[kind] or kind == "teacher":
+            continue
+        stats = [summary[kind][f"cos@{layer}"] for layer in layers]
+        ax.errorbar(
+            layers,
+            [s["mean"] for s in stats],
+            yerr=[s["std"] for s in stats],
+            capsize=3,
+            marker="o",
+            label=LABELS[kind],
+        )
+    ax.set_xticks(list(layers))
+    ax.set_xlabel("teacher layer")
+    ax.set_ylabel("cosine similarity to the teacher")
+    ax.set_title("layer similarity, held-out audio")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: Dict, folder: str) -> List[str]:
+    """``results.json`` (every run and the summary), ``results.md`` and ``comparison.png`` in ``folder``."""
+    layers = result["target_layers"]
+    summary = aggregate(result["rows"], layers)
+    result = dict(result, summary=summary, statements=statements(summary, layers))
+    paths = [os.path.join(folder, name) for name in ("results.json", "results.md", "comparison.png")]
+    with open(paths[0], "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    with open(paths[1], "w") as f:
+        f.write(markdown(result, summary))
+    figure(summary, layers, paths[2])
+    return paths

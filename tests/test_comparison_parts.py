@@ -1,0 +1,147 @@
+"""The comparison's parts (``examples/comparison``) that decide what is compared: the baseline students (unit
+selection by magnitude, the parameter count reached), the probe, the label prior, the statistics of the
+report and the sentences."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dphubert_fairseq as dp
+from examples.comparison import corpus, measures, report, students
+from fairseq_runs.kmeans_labels import label_prior
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teachers):
+    return students.teacher_as_student(dp.load_teacher(tiny_teachers["hubert_base"]))
+
+
+def test_teacher_as_student_computes_what_the_teacher_computes(tiny_teachers, teacher):
+    native = dp.load_teacher(tiny_teachers["hubert_base"])
+    source = torch.randn(2, 8000)
+    for a, b in zip(dp.teacher_hidden_states(native, source), teacher.hidden_states(source)):
+        assert torch.equal(a, b)
+    assert teacher.cfg.teacher_identity.startswith("HubertModel sha256:")
+
+
+def test_selected_units_are_the_largest_and_compute_as_in_the_teacher(teacher):
+    every = students.select_units(teacher, [0, 1], [4, 4], [64, 64])
+    source = torch.randn(1, 8000)
+    for a, b in zip(teacher.hidden_states(source)[:3], every.hidden_states(source)):
+        assert torch.equal(a, b)
+    picked = students.select_units(teacher, [1], [2], [5])
+    attn = teacher.encoder.layers[1].self_attn
+    d = teacher.cfg.attention_head_dim
+    norms = [
+        sum(p.weight[h * d : (h + 1) * d].pow(2).sum() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        + attn.out_proj.weight[:, h * d : (h + 1) * d].pow(2).sum()
+        for h in range(4)
+    ]
+    top = sorted(sorted(range(4), key=lambda h: -norms[h])[:2])
+    expected = torch.cat([attn.q_proj.weight[h * d : (h + 1) * d] for h in top])
+    assert torch.equal(picked.encoder.layers[0].self_attn.q_proj.weight, expected)
+    fc1 = teacher.encoder.layers[1].ffn.fc1.weight
+    fc2 = teacher.encoder.layers[1].ffn.fc2.weight
+    units = sorted(sorted(range(64), key=lambda j: -(fc1[j].pow(2).sum() + fc2[:, j].pow(2).sum()))[:5])
+    assert torch.equal(picked.encoder.layers[0].ffn.fc1.weight, fc1[units])
+    assert picked.cfg.encoder_layers == 1 and picked.num_params() < teacher.num_params()
+
+
+@pytest.mark.parametrize("fraction", [0.55, 0.8])
+def test_uniform_student_has_equal_layers_at_the_count(teacher, fraction):
+    target = round(fraction * teacher.num_params())
+    student = students.uniform_student(teacher, target)
+    assert abs(student.num_params() - target) <= 0.01 * target
+    assert student.cfg.encoder_layers == teacher.cfg.encoder_layers
+    assert len(set(student.cfg.encoder_attention_heads)) == 1
+    assert max(student.cfg.encoder_ffn_embed_dims) - min(student.cfg.encoder_ffn_embed_dims) <= 1
+
+
+def test_uniform_student_refuses_a_count_it_cannot_reach(teacher):
+    with pytest.raises(ValueError, match="every layer kept with one head and one FFN unit is already"):
+        students.uniform_student(teacher, round(0.2 * teacher.num_params()))
+
+
+def test_distilhubert_student_is_the_first_layers_at_the_count(teacher):
+    target = round(0.7 * teacher.num_params())
+    student = students.distilhubert_student(teacher, target, layers=2)
+    assert abs(student.num_params() - target) <= 0.01 * target
+    assert student.cfg.encoder_layers == 2 and student.cfg.encoder_attention_heads == [4, 4]
+    assert torch.equal(
+        student.feature_extractor.blocks[0].conv.weight, teacher.feature_extractor.blocks[0].conv.weight
+    )
+    for fraction in (0.2, 1.0):
+        with pytest.raises(
+            ValueError, match="a 2-layer student of this teacher has [0-9,]+ to [0-9,]+ parameters"
+        ):
+            students.distilhubert_student(teacher, round(fraction * teacher.num_params()), layers=2)
+
+
+def test_random_structure_keeps_the_architecture_not_the_weights(teacher):
+    structure = students.uniform_student(teacher, round(0.5 * teacher.num_params()))
+    fresh = students.random_structure(structure, seed=3)
+    assert fresh.cfg.encoder_ffn_embed_dims == structure.cfg.encoder_ffn_embed_dims
+    assert fresh.num_params() == structure.num_params()
+    assert not torch.equal(fresh.encoder.layers[0].ffn.fc1.weight, structure.encoder.layers[0].ffn.fc1.weight)
+    again = students.random_structure(structure, seed=3)
+    assert torch.equal(fresh.encoder.layers[0].ffn.fc1.weight, again.encoder.layers[0].ffn.fc1.weight)
+
+
+def test_probe_finds_the_informative_layer():
+    rng = np.random.default_rng(0)
+    labels = [str(i % 4) for i in range(200)]
+    centres = rng.normal(size=(4, 16)) * 3
+    informative = np.stack([centres[int(y)] for y in labels]) + rng.normal(size=(200, 16))
+    features = np.stack([rng.normal(size=(200, 16)), informative, rng.normal(size=(200, 16))], axis=1)
+    train = np.arange(200) < 120
+    result = measures.linear_probe(features, labels, train)
+    assert result["accuracy"] > 0.95
+    assert np.argmax(result["layer_weights"]) == 1 and math.isclose(
+        sum(result["layer_weights"]), 1, rel_tol=1e-6
+    )
+    assert (result["train_items"], result["test_items"], result["classes"]) == (120, 80, 4)
+    shuffled = measures.linear_probe(features, list(rng.permutation(labels)), train)
+    assert shuffled["accuracy"] < 0.5  # nothing to learn: near chance (0.25)
+
+
+def test_label_prior_against_a_worked_example(tmp_path):
+    (tmp_path / "train.km").write_text("0 0\n0 1\n")
+    (tmp_path / "valid.km").write_text("0 1\n")
+    prior = label_prior(str(tmp_path))
+    # add-one counts [4, 2]: p = [2/3, 1/3]; valid labels 0 and 1
+    assert prior["bits"] == pytest.approx((-math.log2(2 / 3) - math.log2(1 / 3)) / 2)
+    assert prior["accuracy"] == 0.5
+
+
+def test_report_statistics_and_noise_statements():
+    def row(kind, seed, acc):
+        return {
+            "kind": kind,
+            "seed": seed,
+            "params": 100,
+            "probes": {"keyword": {"accuracy": acc}, "speaker": {"accuracy": acc}},
+            "layers": {"4": {"l1": 0.1, "cos": acc}},
+        }
+
+    rows = (
+        [row("dphubert", s, a) for s, a in ((1, 0.8), (2, 0.9))]
+        + [row("distilhubert", s, a) for s, a in ((1, 0.5), (2, 0.52))]
+        + [row("uniform", s, a) for s, a in ((1, 0.8), (2, 0.86))]
+    )
+    summary = report.aggregate(rows, [4])
+    stat = summary["dphubert"]["keyword_accuracy"]
+    assert stat["mean"] == pytest.approx(0.85) and stat["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    lines = report.statements(summary, [4])
+    assert "keyword_accuracy +0.340 (outside the noise)" in lines[0]
+    assert "keyword_accuracy +0.020 (inside the noise)" in lines[1]
+
+
+def test_sentences_are_distinct_reproducible_and_honour_exclusions():
+    first = corpus.sentences(50, seed=0)
+    assert len(set(first)) == 50 and corpus.sentences(50, seed=0) == first
+    other = corpus.sentences(50, seed=1, exclude=first)
+    assert not set(other) & set(first)
+    with pytest.raises(ValueError, match="at most"):
+        corpus.sentences(10**7, seed=0)
