@@ -15,8 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from dataclasses import asdict, replace
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ import torch
 from fairseq_runs import (
     CONFIGS,
     REPO,
-    Shape,
     composite_schedule,
     cpu_overrides,
     export_command,
@@ -39,47 +38,8 @@ from fairseq_runs.speech import SAMPLE_RATE, write_manifests
 
 from . import corpus as speech
 from . import measures, students
+from .plan import KINDS, SIZES, TARGET_LAYERS, TEACHER, Size
 from .report import write_report
-
-#: the teacher: a 12-layer HuBERT of width 64 with 8 heads (so that heads can be thinned uniformly)
-TEACHER = Shape(12, 64, 256, 8, "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2", 32, 8, 32)
-#: student kinds, in the table's order; '_10pct': trained on a tenth of the training audio
-KINDS = ("dphubert", "distilhubert", "uniform", "random_structure", "dphubert_10pct", "distilhubert_10pct")
-TARGET_LAYERS = (4, 8, 12)
-
-
-@dataclass
-class Size:
-    """How big the comparison is. 'default' takes about half an hour on 2 CPU cores; 'tiny' is for tests."""
-
-    train_sentences: int
-    held_out_sentences: int
-    renditions: int  # of corpus.RENDITIONS, per voice and keyword
-    teacher_updates: int
-    stage1_updates: int
-    stage2_updates: int
-    seeds: int
-    max_tokens: int
-    teacher_lr: float = 1e-3
-    little_fraction: float = 0.1
-    target_sparsity: float = 0.75
-    lrs: Dict[str, float] = field(default_factory=lambda: {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1})
-
-    def teacher_key(self) -> Dict[str, object]:
-        """What the cached teacher depends on."""
-        return {
-            "shape": asdict(TEACHER),
-            "train_sentences": self.train_sentences,
-            "teacher_updates": self.teacher_updates,
-            "teacher_lr": self.teacher_lr,
-            "max_tokens": self.max_tokens,
-        }
-
-
-SIZES = {
-    "default": Size(320, 40, 4, 1500, 300, 100, 3, 160000),
-    "tiny": Size(16, 4, 1, 4, 8, 4, 1, 64000),
-}
 
 
 def cpu_run(size: Size) -> List[str]:
@@ -98,8 +58,10 @@ def git_commit() -> str:
 
 
 class Comparison:
-    def __init__(self, out: str, size: Size, jobs: int, command: str) -> None:
+    def __init__(self, out: str, size: Size, jobs: int, command: str, kinds: Sequence[str] = KINDS) -> None:
         self.out, self.size, self.jobs, self.command = os.path.abspath(out), size, jobs, command
+        self.kinds = [kind for kind in KINDS if kind in kinds]
+        self.commit = git_commit()  # the code that runs, taken before anything else can change
         self.started = time.time()
         self.phase = 0
         self.lock = threading.Lock()
@@ -292,37 +254,24 @@ class Comparison:
                 students.uniform_student(teacher, target), self.path("models", "uniform_init.pt")
             ),
         }
-        jobs: List[Dict[str, object]] = []
-        for seed in range(1, size.seeds + 1):
-            jobs.append(
-                {
-                    "kind": "dphubert",
-                    "seed": seed,
-                    "run": lambda n, s: self.dphubert(n, data, teacher_path, s),
-                }
-            )
-            jobs.append(
-                {
-                    "kind": "dphubert_10pct",
-                    "seed": seed,
-                    "run": lambda n, s: self.dphubert(n, little, teacher_path, s),
-                }
-            )
-        for seed in range(1, size.seeds + 1):
-            for kind, path, folder, heads in (
-                ("distilhubert", built["distilhubert"], data, True),
-                ("uniform", built["uniform"], data, False),
-                ("distilhubert_10pct", built["distilhubert"], little, True),
-            ):
-                jobs.append(
-                    {
-                        "kind": kind,
-                        "seed": seed,
-                        "run": lambda n, s, p=path, d=folder, h=heads: self.baseline(
-                            n, d, teacher_path, p, s, h
-                        ),
-                    }
-                )
+        runs = {
+            "dphubert": lambda n, s: self.dphubert(n, data, teacher_path, s),
+            "dphubert_10pct": lambda n, s: self.dphubert(n, little, teacher_path, s),
+            "distilhubert": lambda n, s: self.baseline(n, data, teacher_path, built["distilhubert"], s, True),
+            "uniform": lambda n, s: self.baseline(n, data, teacher_path, built["uniform"], s, False),
+            "distilhubert_10pct": lambda n, s: self.baseline(
+                n, little, teacher_path, built["distilhubert"], s, True
+            ),
+        }
+        seeds = range(1, size.seeds + 1)
+        # DPHuBERT first: every DPHuBERT run starts before any random_structure run, which waits for it
+        jobs = [
+            {"kind": kind, "seed": seed, "run": runs[kind]}
+            for group in (("dphubert", "dphubert_10pct"), ("distilhubert", "uniform", "distilhubert_10pct"))
+            for seed in seeds
+            for kind in group
+            if kind in self.kinds
+        ]
         futures: Dict[tuple, concurrent.futures.Future] = {}
 
         def random_structure(name: str, seed: int) -> Dict[str, object]:
@@ -331,8 +280,8 @@ class Comparison:
             init = save_model(model, self.path("models", f"{name}_init.pt"))
             return self.baseline(name, data, teacher_path, init, seed, False)
 
-        for seed in range(1, size.seeds + 1):  # last: each waits for its DPHuBERT structure
-            jobs.append({"kind": "random_structure", "seed": seed, "run": random_structure})
+        if "random_structure" in self.kinds:  # last: each waits for its DPHuBERT structure
+            jobs += [{"kind": "random_structure", "seed": seed, "run": random_structure} for seed in seeds]
 
         def run(job: Dict[str, object]) -> Dict[str, object]:
             name = f"{job['kind']}_seed{job['seed']}"
@@ -343,7 +292,7 @@ class Comparison:
             return {"kind": job["kind"], "seed": job["seed"], "name": name, "seconds": seconds, **result}
 
         with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
-            for job in jobs:  # submitted in order: every DPHuBERT run starts before any random_structure run
+            for job in jobs:  # in order (see above)
                 futures[(job["kind"], job["seed"])] = pool.submit(run, job)
             return [futures[(job["kind"], job["seed"])].result() for job in jobs]
 
@@ -405,7 +354,7 @@ class Comparison:
     def run(self) -> Dict[str, object]:
         corpus, teacher_path, quality = self.speech_and_teacher()
         self.begin(
-            f"students: {len(KINDS)} kinds x {self.size.seeds} seed(s), {self.jobs} fairseq run(s) at a time"
+            f"students: {len(self.kinds)} kinds x {self.size.seeds} seed(s), {self.jobs} fairseq run(s) at a time"
         )
         trained = self.train_students(teacher_path)
         self.begin("measures on held-out audio")
@@ -413,7 +362,7 @@ class Comparison:
         self.begin("report")
         result = {
             "command": self.command,
-            "commit": git_commit(),
+            "commit": self.commit,
             "date": time.strftime("%Y-%m-%d"),
             "size": asdict(self.size),
             "jobs": self.jobs,
@@ -449,14 +398,27 @@ def teacher_quality(record: Dict[str, str], prior: Dict[str, float]) -> Dict[str
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.comparison", description=__doc__)
     parser.add_argument("--out", default="dphubert_comparison", help="folder for every output (created)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="'tiny' is for tests")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="default",
+        help="'default': the committed results (about 25 min on 2 cores); 'long': four times the student "
+        "updates; 'tiny': for tests",
+    )
     parser.add_argument(
         "--jobs", type=int, default=2, help="fairseq runs at a time (one thread each when > 1)"
     )
+    parser.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the students to train (default: all)"
+    )
+    parser.add_argument("--seeds", type=int, help="seeds per student (default: the size's)")
     args = parser.parse_args(argv)
+    if "random_structure" in args.kinds and "dphubert" not in args.kinds:
+        parser.error("--kinds: random_structure needs dphubert (it trains DPHuBERT's structure)")
+    size = SIZES[args.size] if args.seeds is None else replace(SIZES[args.size], seeds=max(1, args.seeds))
     command = "python -m examples.comparison " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        Comparison(args.out, SIZES[args.size], max(1, args.jobs), command.strip()).run()
+        Comparison(args.out, size, max(1, args.jobs), command.strip(), args.kinds).run()
     except RuntimeError as err:
         print(f"comparison failed: {err}", file=sys.stderr)
         return 1
