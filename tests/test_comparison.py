@@ -66,6 +66,8 @@ def test_comparison_tiny_end_to_end(tmp_path):
     assert set(summary) == {"mfcc", "teacher", *KINDS}
     assert summary["dphubert"]["keyword_accuracy"]["n"] == seeds
     assert len(result["statements"]) == 4
+    keyword_items = next(r for r in rows if r["kind"] == "mfcc")["probes"]["keyword"]["test_items"]
+    assert result["resolution"]["keyword_accuracy"] == pytest.approx(1 / keyword_items)
     assert result["command"].startswith("python -m examples.comparison") and result["commit"]
 
     table = (out / "results.md").read_text()
@@ -73,6 +75,12 @@ def test_comparison_tiny_end_to_end(tmp_path):
         assert f"| {label} |" in table
     assert result["commit"] in table and "![comparison](comparison.png)" in table
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the report rendered again from results.json alone, recording the code that rendered it
+    (out / "results.md").unlink()
+    rendered = helpers.run(cmd[:3] + ["--out", str(out), "--report-only"], cwd=str(tmp_path))
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert "this report rendered from its results.json by commit" in (out / "results.md").read_text()
 
     again = helpers.run(cmd, cwd=str(tmp_path), timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

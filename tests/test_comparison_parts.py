@@ -136,6 +136,15 @@ def test_report_statistics_and_noise_statements():
     lines = report.statements(summary, [4])
     assert "keyword_accuracy +0.340 (outside the noise)" in lines[0]
     assert "keyword_accuracy +0.020 (inside the noise)" in lines[1]
+    # one seed each side with no spread: a difference of less than one test item is not a difference
+    single = report.aggregate(
+        [row("dphubert", 1, 0.81), row("uniform", 1, 0.80), row("distilhubert", 1, 0.5)], [4]
+    )
+    single["dphubert"]["keyword_accuracy"]["n"] = single["uniform"]["keyword_accuracy"]["n"] = 2
+    judged = report.statements(single, [4], {"keyword_accuracy": 1 / 50})
+    assert "keyword_accuracy +0.010 (inside the noise)" in judged[1]
+    rows_with_items = [{"probes": {p: {"test_items": 120} for p in ("keyword", "speaker")}}]
+    assert report.resolutions(rows_with_items) == {"keyword_accuracy": 1 / 120, "speaker_accuracy": 1 / 120}
 
 
 def test_sentences_are_distinct_reproducible_and_honour_exclusions():

@@ -395,6 +395,20 @@ def teacher_quality(record: Dict[str, str], prior: Dict[str, float]) -> Dict[str
     }
 
 
+def rerender(out: str) -> int:
+    """Write the report of ``OUT/results.json`` again with this checkout's report code, which it records."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        print(f"--report-only: {path} does not exist; run the comparison into {out} first", file=sys.stderr)
+        return 1
+    with open(path) as f:
+        result = json.load(f)
+    result["report_commit"] = git_commit()
+    for written in write_report(result, out):
+        print(f"wrote {os.path.relpath(written)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.comparison", description=__doc__)
     parser.add_argument("--out", default="dphubert_comparison", help="folder for every output (created)")
@@ -412,9 +426,16 @@ def main(argv=None) -> int:
         "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the students to train (default: all)"
     )
     parser.add_argument("--seeds", type=int, help="seeds per student (default: the size's)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="render OUT/results.md and OUT/comparison.png again from OUT/results.json (nothing is run)",
+    )
     args = parser.parse_args(argv)
     if "random_structure" in args.kinds and "dphubert" not in args.kinds:
         parser.error("--kinds: random_structure needs dphubert (it trains DPHuBERT's structure)")
+    if args.report_only:
+        return rerender(args.out)
     size = SIZES[args.size] if args.seeds is None else replace(SIZES[args.size], seeds=max(1, args.seeds))
     command = "python -m examples.comparison " + " ".join(argv if argv is not None else sys.argv[1:])
     try:

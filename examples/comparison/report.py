@@ -44,6 +44,14 @@ def measure_values(row: Dict, layers: Sequence[int]) -> Dict[str, float]:
     return out
 
 
+def resolutions(rows: List[Dict]) -> Dict[str, float]:
+    """The smallest step each probe's accuracy can take: one test item."""
+    return {
+        f"{probe}_accuracy": 1.0 / max(row["probes"][probe]["test_items"] for row in rows)
+        for probe in ("keyword", "speaker")
+    }
+
+
 def aggregate(rows: List[Dict], layers: Sequence[int]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{kind: {measure: {mean, std, min, max, n}}}``; std is the sample standard deviation over seeds (0 for
     one run)."""
@@ -65,9 +73,13 @@ def aggregate(rows: List[Dict], layers: Sequence[int]) -> Dict[str, Dict[str, Di
     return out
 
 
-def statements(summary: Dict, layers: Sequence[int]) -> List[str]:
+def statements(
+    summary: Dict, layers: Sequence[int], resolution: Optional[Dict[str, float]] = None
+) -> List[str]:
     """For each pair and measure: the difference of the means, and whether it is larger than the two kinds'
-    standard deviations together (outside the noise) or not."""
+    standard deviations together and than the measure's ``resolution`` (a probe's one test item): outside
+    the noise, or not."""
+    resolution = resolution or {}
     lines = []
     measures = ["keyword_accuracy", "speaker_accuracy"] + [f"cos@{layer}" for layer in layers]
     for ours, other in PAIRS:
@@ -79,7 +91,7 @@ def statements(summary: Dict, layers: Sequence[int]) -> List[str]:
             diff = a["mean"] - b["mean"]
             if min(a["n"], b["n"]) < 2:
                 verdict = "one seed, no spread to judge"
-            elif abs(diff) > a["std"] + b["std"]:
+            elif abs(diff) > max(a["std"] + b["std"], resolution.get(key, 0.0)):
                 verdict = "outside the noise"
             else:
                 verdict = "inside the noise"
@@ -103,7 +115,12 @@ def markdown(result: Dict, summary: Dict) -> str:
         "# DPHuBERT against its baselines, at one parameter count",
         "",
         f"`{result['command']}`, commit `{result['commit']}`, {result['date']}; wall time "
-        f"{result['wall_seconds'] / 60:.0f} min ({result['jobs']} fairseq runs at a time).",
+        f"{result['wall_seconds'] / 60:.0f} min ({result['jobs']} fairseq runs at a time)"
+        + (
+            f"; this report rendered from its results.json by commit `{result['report_commit']}`."
+            if result.get("report_commit")
+            else "."
+        ),
         "",
         f"Data: {result['data']}.",
         f"Teacher: a 12-layer HuBERT (width {t['shape']['dim']}, {t['shape']['heads']} heads, FFN {t['shape']['ffn']}) "
@@ -140,9 +157,11 @@ def markdown(result: Dict, summary: Dict) -> str:
     lines += [
         "",
         "Differences of the means (DPHuBERT variant minus baseline); outside the noise when larger than the two "
-        "standard deviations added:",
+        "standard deviations added and, for a probe, than one test item "
+        + ", ".join(f"({1 / r:.0f} items: {r:.3f})" for r in result["resolution"].values())
+        + ":",
         "",
-        *statements(summary, layers),
+        *result["statements"],
         "",
         "![comparison](comparison.png)",
         "",
@@ -197,7 +216,10 @@ def write_report(result: Dict, folder: str) -> List[str]:
     """``results.json`` (every run and the summary), ``results.md`` and ``comparison.png`` in ``folder``."""
     layers = result["target_layers"]
     summary = aggregate(result["rows"], layers)
-    result = dict(result, summary=summary, statements=statements(summary, layers))
+    resolution = resolutions(result["rows"])
+    result = dict(
+        result, summary=summary, resolution=resolution, statements=statements(summary, layers, resolution)
+    )
     paths = [os.path.join(folder, name) for name in ("results.json", "results.md", "comparison.png")]
     with open(paths[0], "w") as f:
         json.dump(result, f, indent=2)
