@@ -158,7 +158,9 @@ def markdown(result: Dict, summary: Dict) -> str:
         "",
         "Differences of the means (DPHuBERT variant minus baseline); outside the noise when larger than the two "
         "standard deviations added and, for a probe, than one test item "
-        + ", ".join(f"({1 / r:.0f} items: {r:.3f})" for r in result["resolution"].values())
+        + ", ".join(
+            f"{key.split('_')[0]} {r:.3f} ({1 / r:.0f} items)" for key, r in result["resolution"].items()
+        )
         + ":",
         "",
         *result["statements"],
