@@ -56,6 +56,10 @@ def test_comparison_tiny_end_to_end(tmp_path):
             model = dp.load_model(str(out / "models" / f"{row['kind']}_seed{row['seed']}.pt"))
             assert model.num_params() == row["params"]
             assert len(row["probes"]["keyword"]["layer_weights"]) == model.cfg.encoder_layers + 1
+    for row in (r for r in rows if r["kind"] in ("dphubert", "dphubert_10pct")):
+        end = row["stage1_end"]  # how stage 1 ended, recorded with the result
+        assert abs(end["eval_sparsity"] - SIZES["tiny"].target_sparsity) <= 0.02
+        assert 0 <= end["export_max_abs_deviation"] < 1e-3
     distil = next(r for r in rows if r["kind"] == "distilhubert")
     assert distil["heads"] == [8, 8] and len(distil["ffn_dims"]) == 2
 
@@ -85,3 +89,6 @@ def test_comparison_tiny_end_to_end(tmp_path):
     again = helpers.run(cmd, cwd=str(tmp_path), timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "teacher: cached" in again.stdout and "pretraining" not in again.stdout
+    # the students train again from the start: nothing of the first run's checkpoints is resumed
+    log = (out / "logs" / "dphubert_seed1_stage1.log").read_text()
+    assert "No existing checkpoint found" in log and "Loaded checkpoint" not in log

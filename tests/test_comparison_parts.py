@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dphubert_fairseq as dp
+from dphubert_fairseq.criterions.distill_loss import DistillationProjections
 from examples.comparison import corpus, measures, report, students
 from fairseq_runs.kmeans_labels import label_prior
 
@@ -40,12 +41,24 @@ def test_selected_units_are_the_largest_and_compute_as_in_the_teacher(teacher):
         for h in range(4)
     ]
     top = sorted(sorted(range(4), key=lambda h: -norms[h])[:2])
-    expected = torch.cat([attn.q_proj.weight[h * d : (h + 1) * d] for h in top])
-    assert torch.equal(picked.encoder.layers[0].self_attn.q_proj.weight, expected)
-    fc1 = teacher.encoder.layers[1].ffn.fc1.weight
-    fc2 = teacher.encoder.layers[1].ffn.fc2.weight
+    kept = picked.encoder.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        source = getattr(attn, name)
+        assert torch.equal(
+            getattr(kept, name).weight, torch.cat([source.weight[h * d : (h + 1) * d] for h in top])
+        )
+        assert torch.equal(
+            getattr(kept, name).bias, torch.cat([source.bias[h * d : (h + 1) * d] for h in top])
+        )
+    out_cols = torch.cat([attn.out_proj.weight[:, h * d : (h + 1) * d] for h in top], dim=1)
+    assert torch.equal(kept.out_proj.weight, out_cols) and torch.equal(kept.out_proj.bias, attn.out_proj.bias)
+    ffn = teacher.encoder.layers[1].ffn
+    fc1, fc2 = ffn.fc1.weight, ffn.fc2.weight
     units = sorted(sorted(range(64), key=lambda j: -(fc1[j].pow(2).sum() + fc2[:, j].pow(2).sum()))[:5])
-    assert torch.equal(picked.encoder.layers[0].ffn.fc1.weight, fc1[units])
+    assert units != list(range(5))  # the selection is not the identity's first units
+    new = picked.encoder.layers[0].ffn
+    assert torch.equal(new.fc1.weight, fc1[units]) and torch.equal(new.fc1.bias, ffn.fc1.bias[units])
+    assert torch.equal(new.fc2.weight, fc2[:, units]) and torch.equal(new.fc2.bias, ffn.fc2.bias)
     assert picked.cfg.encoder_layers == 1 and picked.num_params() < teacher.num_params()
 
 
@@ -154,3 +167,52 @@ def test_sentences_are_distinct_reproducible_and_honour_exclusions():
     assert not set(other) & set(first)
     with pytest.raises(ValueError, match="at most"):
         corpus.sentences(10**7, seed=0)
+
+
+def test_layer_similarity_against_direct_arithmetic(teacher):
+    clips = [np.random.default_rng(i).standard_normal(4000 + 800 * i).astype(np.float32) for i in range(2)]
+    same = measures.layer_similarity(teacher, teacher, None, clips, [1, 3])
+    for value in same.values():
+        assert value["l1"] == pytest.approx(0.0, abs=1e-7) and value["cos"] == pytest.approx(1.0, abs=1e-6)
+    # a projection that doubles every state: cosine still 1, L1 the mean |h| over all frames of all clips
+    proj = DistillationProjections([[1, 3]], teacher.encoder_embed_dim, prediction_heads=False)
+    with torch.no_grad():
+        proj.proj[0].weight.mul_(2.0)
+    doubled = measures.layer_similarity(teacher, teacher, proj, clips, [1, 3])
+    for layer in (1, 3):
+        with torch.no_grad():
+            states = [teacher.hidden_states(torch.from_numpy(c)[None])[layer][0] for c in clips]
+        frames = torch.cat(states)
+        assert doubled[layer]["l1"] == pytest.approx(frames.abs().mean().item(), rel=1e-5)
+        assert doubled[layer]["cos"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_teacher_quality_undoes_fairseqs_normalisation():
+    record = {
+        "valid_loss": "3.0",
+        "valid_loss_features_pen": "0.1",
+        "valid_count_m_0": "20",
+        "valid_count_u_0": "80",
+        "valid_loss_m_0": "0.9",  # 4.5 bits per masked frame, divided by all 100 frames
+        "valid_loss_u_0": "2.0",  # 2.5 bits per unmasked frame
+        "valid_correct_m_0": "0.25",
+        "valid_correct_u_0": "0.5",
+        "valid_num_updates": "1500",
+    }
+    quality = measures.teacher_quality(record, {"bits": 5.5, "accuracy": 0.03})
+    assert quality["loss_bits"] == pytest.approx(2.9)
+    assert quality["masked_bits"] == pytest.approx(4.5) and quality["unmasked_bits"] == pytest.approx(2.5)
+    assert (quality["masked_accuracy"], quality["prior_bits"], quality["updates"]) == (0.25, 5.5, 1500)
+
+
+def test_probe_splits_hold_out_voices_and_words():
+    labels = [
+        {"keyword": k, "voice": v, "rendition": 0}
+        for v in corpus.TRAIN_VOICES + corpus.HELD_OUT_VOICES
+        for k in corpus.KEYWORDS
+    ]
+    kws, speaker = measures.probe_splits(labels, corpus.HELD_OUT_VOICES, corpus.KEYWORDS[6:])
+    assert {w["voice"] for w, t in zip(labels, kws) if not t} == set(corpus.HELD_OUT_VOICES)
+    assert not {w["voice"] for w, t in zip(labels, kws) if t} & set(corpus.HELD_OUT_VOICES)
+    assert {w["keyword"] for w, t in zip(labels, speaker) if not t} == set(corpus.KEYWORDS[6:])
+    assert {w["voice"] for w, t in zip(labels, speaker) if not t} == {w["voice"] for w in labels}

@@ -1,4 +1,5 @@
-"""``python -m examples.comparison [--out OUT] [--size default|tiny] [--jobs N]`` from the repository root:
+"""``python -m examples.comparison [--out OUT] [--size default|long|tiny] [--jobs N] [--kinds KIND ...]
+[--seeds N] [--report-only]`` (or ``bash examples/comparison.sh [OUT] [OPTIONS]``):
 DPHuBERT against the baselines it claims to beat, all at one parameter count, on the same audio and updates,
 measured on held-out audio; a table (Markdown + JSON) and a figure in OUT (default ./dphubert_comparison).
 
@@ -11,6 +12,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,7 +40,7 @@ from fairseq_runs.speech import SAMPLE_RATE, write_manifests
 
 from . import corpus as speech
 from . import measures, students
-from .plan import KINDS, SIZES, TARGET_LAYERS, TEACHER, Size
+from .plan import KINDS, LABEL_CLUSTERS, SIZES, TARGET_LAYERS, TEACHER, TEACHER_OVERRIDES, Size
 from .report import write_report
 
 
@@ -97,11 +99,14 @@ class Comparison:
         self.begin("speech: espeak-ng sentences, held-out sentences and keywords, LibriVox clips")
         corpus = speech.make_corpus(size.train_sentences, size.held_out_sentences, renditions=size.renditions)
         self.say("    " + corpus.description)
-        key = size.teacher_key()
+        key = size.teacher_key(corpus.description)
         cache = self.path("teacher.json")
         cached = json.load(open(cache)) if os.path.exists(cache) else None
         teacher = self.path("teacher", "checkpoint_last.pt")
-        if cached and cached["key"] == key and os.path.exists(teacher):
+        needed = [teacher] + [
+            self.path(d, f"{s}.tsv") for d in ("data", "data_10pct") for s in ("train", "valid")
+        ]
+        if cached and cached["key"] == key and all(os.path.exists(p) for p in needed):
             self.begin("labels: cached with the teacher")
             self.begin(f"teacher: cached ({os.path.relpath(teacher)}, {json.dumps(key['shape'])})")
             return corpus, teacher, cached["quality"]
@@ -112,9 +117,9 @@ class Comparison:
         )
         self.write_little_data(data)
         self.begin("labels: k-means of MFCC features (HuBERT's first iteration)")
-        write_kmeans_labels(data)
+        write_kmeans_labels(data, clusters=LABEL_CLUSTERS)
         self.begin(
-            f"teacher: pretraining a 12-layer HuBERT with stock fairseq ({size.teacher_updates} updates)"
+            f"teacher: pretraining a {TEACHER.layers}-layer HuBERT with stock fairseq ({size.teacher_updates} updates)"
         )
         extra = cpu_run(size) + [
             "common.log_interval=100",
@@ -122,11 +127,9 @@ class Comparison:
             f"lr_scheduler.warmup_updates={max(1, size.teacher_updates // 10)}",
             f"dataset.validate_interval_updates={max(1, size.teacher_updates // 3)}",
             "dataset.validate_interval=1000",
-            # masking 30% of frames and a loss on the unmasked frames too: at this scale the Base recipe's
-            # masked-only loss (80% masked) stays at the label prior for the whole run
-            "model.mask_prob=0.3",
-            "criterion.pred_nomask_weight=1.0",
+            *TEACHER_OVERRIDES,
         ]
+        shutil.rmtree(self.path("teacher"), ignore_errors=True)  # fairseq would resume a stale checkpoint
         output = self.logged(
             hubert_pretraining_command(
                 data, self.path("teacher"), TEACHER, LABEL_RATE, size.teacher_updates, extra
@@ -134,7 +137,7 @@ class Comparison:
             "teacher.log",
             parallel=False,
         )
-        quality = teacher_quality(records(output, "valid")[-1], label_prior(data))
+        quality = measures.teacher_quality(records(output, "valid")[-1], label_prior(data))
         self.say(
             f"    teacher: {quality['loss_bits']:.3f} bits per frame (masked {quality['masked_bits']:.3f}), "
             f"label prior {quality['prior_bits']:.3f} bits"
@@ -163,6 +166,9 @@ class Comparison:
     def distil(
         self, name: str, config: str, card: List[str], updates: int, extra: List[str], seed: int
     ) -> str:
+        """One fairseq run of ``configs/<config>.yaml`` into a fresh ``OUT/runs/<name>`` (fairseq would resume
+        a checkpoint left there by an earlier comparison); its output."""
+        shutil.rmtree(self.path("runs", name), ignore_errors=True)
         overrides = [
             *card,
             f"checkpoint.save_dir={self.path('runs', name)}",
@@ -174,16 +180,20 @@ class Comparison:
         ]
         return self.logged(hydra_train_command(CONFIGS, config, overrides), f"{name}.log", name)
 
-    def export(self, name: str, out: str) -> str:
-        self.logged(export_command(self.path("runs", name, "checkpoint_last.pt"), out), f"{name}.export.log")
-        return out
+    def export(self, name: str, out: str) -> Dict[str, object]:
+        """``dphubert-export`` of run ``name`` to ``out``; its summary (sizes, exactness)."""
+        summary = out[: -len(".pt")] + ".json"
+        checkpoint = self.path("runs", name, "checkpoint_last.pt")
+        self.logged(export_command(checkpoint, out, summary), f"{name}.export.log")
+        with open(summary) as f:
+            return json.load(f)
 
     def dphubert(self, name: str, data: str, teacher: str, seed: int) -> Dict[str, object]:
         """Stage 1 (target sparsity), export, stage 2, export."""
         size = self.size
         card = [f"task.data={data}", f"task.teacher_path={teacher}"]
         n1, n2 = size.stage1_updates, size.stage2_updates
-        self.distil(
+        stage1 = self.distil(
             f"{name}_stage1",
             "dphubert",
             card,
@@ -195,7 +205,8 @@ class Comparison:
             ],
             seed,
         )
-        structure = self.export(f"{name}_stage1", self.path("models", f"{name}_stage1.pt"))
+        structure = self.path("models", f"{name}_stage1.pt")
+        exported = self.export(f"{name}_stage1", structure)
         self.distil(
             f"{name}_stage2",
             "dphubert_final",
@@ -207,9 +218,20 @@ class Comparison:
             ],
             seed,
         )
+        model = self.path("models", f"{name}.pt")
+        self.export(f"{name}_stage2", model)
+        logged = records(stage1, "train_inner")
+        last = logged[-1] if logged else {}
+        gates = {
+            key: float(last[key])
+            for key in ("expected_sparsity", "eval_sparsity", "projection_offset")
+            if key in last
+        }
         return {
-            "model": self.export(f"{name}_stage2", self.path("models", f"{name}.pt")),
+            "model": model,
             "structure": structure,
+            # how stage 1 ended: the gates at its last logged update, and how exactly the export reproduces them
+            "stage1_end": {**gates, "export_max_abs_deviation": exported["max_abs_deviation"]},
         }
 
     def baseline(
@@ -236,7 +258,9 @@ class Comparison:
             ],
             seed,
         )
-        return {"model": self.export(name, self.path("models", f"{name}.pt"))}
+        model = self.path("models", f"{name}.pt")
+        self.export(name, model)
+        return {"model": model}
 
     def train_students(self, teacher_path: str) -> List[Dict[str, object]]:
         from dphubert_fairseq import count_params, load_model, load_teacher, save_model
@@ -340,6 +364,7 @@ class Comparison:
                     "layers": {str(l): v for l, v in similarity.items()},
                     "probes": probes(measures.pooled_layers(model, corpus.words)),
                     "train_seconds": run["seconds"],
+                    **({"stage1_end": run["stage1_end"]} if "stage1_end" in run else {}),
                     "heads": list(model.cfg.encoder_attention_heads),
                     "ffn_dims": list(model.cfg.encoder_ffn_embed_dims),
                 }
@@ -378,23 +403,6 @@ class Comparison:
         return result
 
 
-def teacher_quality(record: Dict[str, str], prior: Dict[str, float]) -> Dict[str, float]:
-    """The teacher's last validation record (fairseq's HuBERT criterion: losses in bits per frame, the masked
-    and unmasked parts each divided by all frames) against the loss and accuracy of predicting the prior."""
-    masked, unmasked = float(record["valid_count_m_0"]), float(record["valid_count_u_0"])
-    frames = masked + unmasked
-    return {
-        "loss_bits": float(record["valid_loss"]) - float(record.get("valid_loss_features_pen", 0.0)),
-        "masked_bits": float(record["valid_loss_m_0"]) * frames / masked,
-        "unmasked_bits": float(record["valid_loss_u_0"]) * frames / unmasked,
-        "masked_accuracy": float(record["valid_correct_m_0"]),
-        "unmasked_accuracy": float(record["valid_correct_u_0"]),
-        "prior_bits": prior["bits"],
-        "prior_accuracy": prior["accuracy"],
-        "updates": int(record["valid_num_updates"]),
-    }
-
-
 def rerender(out: str) -> int:
     """Write the report of ``OUT/results.json`` again with this checkout's report code, which it records."""
     path = os.path.join(out, "results.json")
@@ -416,7 +424,7 @@ def main(argv=None) -> int:
         "--size",
         choices=sorted(SIZES),
         default="default",
-        help="'default': the committed results (about 25 min on 2 cores); 'long': four times the student "
+        help="'default': the committed results (25 to 30 min on 2 cores); 'long': four times the student "
         "updates; 'tiny': for tests",
     )
     parser.add_argument(

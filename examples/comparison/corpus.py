@@ -172,7 +172,6 @@ class Corpus:
     train: List[np.ndarray]
     valid: List[np.ndarray]
     held_out: List[np.ndarray]
-    held_out_voices: List[str]  # the voice of each held-out utterance ('' for none)
     words: List[np.ndarray]
     word_labels: List[Dict[str, object]]  # keyword, voice, rendition of each word
     description: str
@@ -213,4 +212,4 @@ def make_corpus(
         + (f" + {len(librivox)} LibriVox clips" if librivox else "")
         + f", {seconds:.0f} s in {len(train)} train + {len(valid)} valid utterances"
     )
-    return Corpus(train, valid, held_out, held_voices, words, word_labels, description)
+    return Corpus(train, valid, held_out, words, word_labels, description)

@@ -135,3 +135,24 @@ def probe_splits(word_labels: List[Dict[str, object]], test_voices: Sequence[str
     kws = np.array([w["voice"] not in test_voices for w in word_labels])
     speaker = np.array([w["keyword"] not in test_words for w in word_labels])
     return kws, speaker
+
+
+def teacher_quality(record: Dict[str, str], prior: Dict[str, float]) -> Dict[str, float]:
+    """The teacher's validation record against the loss and accuracy of predicting the label prior.
+
+    fairseq's HuBERT criterion logs its loss in bits per frame; ``loss_m_0`` / ``loss_u_0`` (the masked and
+    unmasked parts, each divided by all frames), ``count_*`` and ``correct_*`` (accuracies) are means over the
+    validation batches, so the per-part figures are close to, not exactly, the ratios of sums. The total
+    (``loss_bits``, without the feature penalty) is exact."""
+    masked, unmasked = float(record["valid_count_m_0"]), float(record["valid_count_u_0"])
+    frames = masked + unmasked
+    return {
+        "loss_bits": float(record["valid_loss"]) - float(record.get("valid_loss_features_pen", 0.0)),
+        "masked_bits": float(record["valid_loss_m_0"]) * frames / masked,
+        "unmasked_bits": float(record["valid_loss_u_0"]) * frames / unmasked,
+        "masked_accuracy": float(record["valid_correct_m_0"]),
+        "unmasked_accuracy": float(record["valid_correct_u_0"]),
+        "prior_bits": prior["bits"],
+        "prior_accuracy": prior["accuracy"],
+        "updates": int(record["valid_num_updates"]),
+    }

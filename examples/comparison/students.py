@@ -129,8 +129,8 @@ def _ffn_total_for(cfg, layers: int, heads: List[int], target: int, limit: int) 
 
 def uniform_student(teacher_model: DPHuBERTModel, target_params: int) -> DPHuBERTModel:
     """Every layer kept with the same heads and FFN units (up to one unit), cut by one fraction to
-    ``target_params``: the head count is the teacher's times the fraction that FFN units alone would need,
-    rounded (at least 1); the FFN units then make up the count."""
+    ``target_params``: the fraction ``f`` whose ``round(H f)`` heads (at least 1) and ``round(F f)`` FFN units per
+    layer come closest to the count; the FFN units are then adjusted to make it up within one unit."""
     cfg = as_config(teacher_model.cfg)
     layers, full_heads = cfg.encoder_layers, cfg.encoder_attention_heads[0]
     full_ffn = cfg.encoder_ffn_embed_dims[0]
