@@ -230,8 +230,13 @@ class Comparison:
         return {
             "model": model,
             "structure": structure,
-            # how stage 1 ended: the gates at its last logged update, and how exactly the export reproduces them
-            "stage1_end": {**gates, "export_max_abs_deviation": exported["max_abs_deviation"]},
+            # how stage 1 ended: the gates as its last logged update saw them (before that update's landing
+            # step), the sparsity its export kept and how exactly the export reproduces the gated model
+            "stage1_end": {
+                **gates,
+                "export_sparsity": exported["sparsity"],
+                "export_max_abs_deviation": exported["max_abs_deviation"],
+            },
         }
 
     def baseline(
