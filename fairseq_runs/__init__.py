@@ -178,6 +178,12 @@ def cpu_overrides(
 CPU_OVERRIDES = cpu_overrides()
 
 
+def short_utterance_overrides(max_tokens: int) -> List[str]:
+    """What the quickstart and the comparison run with: one CPU process in fp32, batches of ``max_tokens``
+    samples, utterances of 1 to 4 s."""
+    return cpu_overrides(min_sample_size=16000, max_tokens=max_tokens, max_sample_size=64000, amp=False)
+
+
 def run_length(updates: int, log_every: int) -> List[str]:
     """A run of ``updates`` updates, logging every ``log_every``, validating and saving once at the end."""
     return [

@@ -12,7 +12,8 @@ import helpers
 import pytest
 
 import dphubert_fairseq as dp
-from examples.comparison.plan import KINDS, SIZES, TARGET_LAYERS
+from dphubert_fairseq.param_count import attention_params
+from examples.comparison.plan import KINDS, SIZES, TARGET_LAYERS, TEACHER
 from examples.comparison.report import LABELS
 
 
@@ -36,7 +37,10 @@ def test_comparison_tiny_end_to_end(tmp_path):
         **{k: seeds for k in KINDS},
     }
     teacher = next(r for r in rows if r["kind"] == "teacher")
-    dphubert = next(r for r in rows if r["kind"] == "dphubert")
+    target = round((1 - SIZES["tiny"].target_sparsity) * teacher["params"])
+    one_head = attention_params(TEACHER.dim, TEACHER.dim // TEACHER.heads, 1) - attention_params(
+        TEACHER.dim, TEACHER.dim // TEACHER.heads, 0
+    )
     for row in rows:
         for probe in ("keyword", "speaker"):
             p = row["probes"][probe]
@@ -50,8 +54,13 @@ def test_comparison_tiny_end_to_end(tmp_path):
         for value in row["layers"].values():
             assert value["l1"] >= 0 and -1.0 <= value["cos"] <= 1.0 + 1e-6
         if row["kind"] != "teacher":
-            # every student at the DPHuBERT result's parameter count, within 1%, and loadable as saved
-            assert abs(row["params"] - dphubert["params"]) <= 0.01 * dphubert["params"]
+            # every student at the target's parameter count and loadable as saved: the built ones within 1%,
+            # the DPHuBERT ones within one head of it (the landing step's guarantee is one unit, and a head is
+            # the largest unit of this teacher; the tiny run lands with a single landing update)
+            if row["kind"] in ("dphubert", "dphubert_10pct", "random_structure"):
+                assert abs(row["params"] - target) <= one_head
+            else:
+                assert abs(row["params"] - target) <= 0.01 * target
             assert row["params"] < teacher["params"] and row["macs"] < teacher["macs"]
             model = dp.load_model(str(out / "models" / f"{row['kind']}_seed{row['seed']}.pt"))
             assert model.num_params() == row["params"]

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, replace
 from typing import Dict, List, Sequence
@@ -27,26 +26,21 @@ from fairseq_runs import (
     CONFIGS,
     REPO,
     composite_schedule,
-    cpu_overrides,
     export_command,
     hubert_pretraining_command,
     hydra_train_command,
     records,
     run_length,
-    run_logged,
+    short_utterance_overrides,
 )
 from fairseq_runs.kmeans_labels import LABEL_RATE, label_prior, write_kmeans_labels
+from fairseq_runs.phased_run import PhasedRun, exit_code
 from fairseq_runs.speech import SAMPLE_RATE, write_manifests
 
 from . import corpus as speech
 from . import measures, students
 from .plan import KINDS, LABEL_CLUSTERS, SIZES, TARGET_LAYERS, TEACHER, TEACHER_OVERRIDES, Size
 from .report import write_report
-
-
-def cpu_run(size: Size) -> List[str]:
-    """One CPU process in fp32, batches of ``size.max_tokens`` samples, utterances of 1 to 4 s."""
-    return cpu_overrides(min_sample_size=16000, max_tokens=size.max_tokens, max_sample_size=64000, amp=False)
 
 
 def git_commit() -> str:
@@ -59,30 +53,18 @@ def git_commit() -> str:
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-class Comparison:
+class Comparison(PhasedRun):
+    """The six phases; ``jobs`` fairseq runs at a time in the students' phase."""
+
     def __init__(self, out: str, size: Size, jobs: int, command: str, kinds: Sequence[str] = KINDS) -> None:
-        self.out, self.size, self.jobs, self.command = os.path.abspath(out), size, jobs, command
+        super().__init__(out, phases=6)
+        self.size, self.jobs, self.command = size, jobs, command
         self.kinds = [kind for kind in KINDS if kind in kinds]
         self.commit = git_commit()  # the code that runs, taken before anything else can change
-        self.started = time.time()
-        self.phase = 0
-        self.lock = threading.Lock()
-        os.makedirs(self.out, exist_ok=True)
 
-    def say(self, line: str) -> None:
-        with self.lock:
-            print(line, flush=True)
-
-    def begin(self, what: str) -> None:
-        self.phase += 1
-        self.say(f"[{self.phase}/6 {time.time() - self.started:5.0f}s] {what}")
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.out, *parts)
-
-    def logged(self, cmd: List[str], log: str, name: str = "", parallel: bool = True) -> str:
-        """Run ``cmd`` from the repository root, its output in ``OUT/logs/<log>``, its validation records
-        shown. ``parallel``: it runs next to others (one thread each when ``--jobs`` > 1)."""
+    def run_quietly(self, cmd: List[str], log: str, name: str = "", parallel: bool = True) -> str:
+        """``logged`` with only validation records shown, prefixed with ``name``. ``parallel``: it runs next to
+        others (one thread each when ``--jobs`` > 1)."""
         one_thread = parallel and self.jobs > 1
         env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if one_thread else None
 
@@ -90,7 +72,7 @@ class Comparison:
             if "[valid]" in line or not name:
                 self.say(f"    {name}{': ' if name else ''}{line.strip()}")
 
-        return run_logged(cmd, self.path("logs", log), cwd=REPO, show=show, env=env)
+        return self.logged(cmd, log, show=show, env=env)
 
     # ----- data and teacher -----
 
@@ -121,7 +103,7 @@ class Comparison:
         self.begin(
             f"teacher: pretraining a {TEACHER.layers}-layer HuBERT with stock fairseq ({size.teacher_updates} updates)"
         )
-        extra = cpu_run(size) + [
+        extra = short_utterance_overrides(size.max_tokens) + [
             "common.log_interval=100",
             f"optimization.lr=[{size.teacher_lr}]",
             f"lr_scheduler.warmup_updates={max(1, size.teacher_updates // 10)}",
@@ -130,7 +112,7 @@ class Comparison:
             *TEACHER_OVERRIDES,
         ]
         shutil.rmtree(self.path("teacher"), ignore_errors=True)  # fairseq would resume a stale checkpoint
-        output = self.logged(
+        output = self.run_quietly(
             hubert_pretraining_command(
                 data, self.path("teacher"), TEACHER, LABEL_RATE, size.teacher_updates, extra
             ),
@@ -172,19 +154,19 @@ class Comparison:
         overrides = [
             *card,
             f"checkpoint.save_dir={self.path('runs', name)}",
-            *cpu_run(self.size),
+            *short_utterance_overrides(self.size.max_tokens),
             *run_length(updates, max(1, updates // 10)),
             f"common.seed={seed}",
             "common.tensorboard_logdir=null",
             *extra,
         ]
-        return self.logged(hydra_train_command(CONFIGS, config, overrides), f"{name}.log", name)
+        return self.run_quietly(hydra_train_command(CONFIGS, config, overrides), f"{name}.log", name)
 
     def export(self, name: str, out: str) -> Dict[str, object]:
         """``dphubert-export`` of run ``name`` to ``out``; its summary (sizes, exactness)."""
         summary = out[: -len(".pt")] + ".json"
         checkpoint = self.path("runs", name, "checkpoint_last.pt")
-        self.logged(export_command(checkpoint, out, summary), f"{name}.export.log")
+        self.run_quietly(export_command(checkpoint, out, summary), f"{name}.export.log")
         with open(summary) as f:
             return json.load(f)
 
@@ -451,12 +433,9 @@ def main(argv=None) -> int:
         return rerender(args.out)
     size = SIZES[args.size] if args.seeds is None else replace(SIZES[args.size], seeds=max(1, args.seeds))
     command = "python -m examples.comparison " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        Comparison(args.out, size, max(1, args.jobs), command.strip(), args.kinds).run()
-    except RuntimeError as err:
-        print(f"comparison failed: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(
+        Comparison(args.out, size, max(1, args.jobs), command.strip(), args.kinds).run, "comparison"
+    )
 
 
 if __name__ == "__main__":

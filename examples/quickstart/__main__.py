@@ -15,18 +15,17 @@ import torch
 from dphubert_fairseq.conv_spec import parse_conv_layers
 from fairseq_runs import (
     CONFIGS,
-    REPO,
     Shape,
     composite_schedule,
-    cpu_overrides,
     export_command,
     hubert_pretraining_command,
     hydra_train_command,
     records,
     run_length,
-    run_logged,
+    short_utterance_overrides,
 )
 from fairseq_runs.kmeans_labels import LABEL_RATE, write_kmeans_labels
+from fairseq_runs.phased_run import PhasedRun, exit_code
 from fairseq_runs.speech import (
     SAMPLE_RATE,
     gather_speech,
@@ -80,11 +79,6 @@ SIZES = {
 }
 
 
-def cpu_run(size: Size) -> List[str]:
-    """One CPU process in fp32, batches of ``size.max_tokens`` samples, utterances of 1 to 4 s."""
-    return cpu_overrides(min_sample_size=16000, max_tokens=size.max_tokens, max_sample_size=64000, amp=False)
-
-
 def teacher_shape(size: Size) -> Shape:
     """The teacher's HuBERT shape at this size."""
     return Shape(
@@ -92,27 +86,10 @@ def teacher_shape(size: Size) -> Shape:
     )
 
 
-class Quickstart:
+class Quickstart(PhasedRun):
     def __init__(self, out: str, size: Size) -> None:
-        self.out = os.path.abspath(out)
+        super().__init__(out, phases=7)
         self.size = size
-        self.started = time.time()
-        self.phase = 0
-        os.makedirs(self.out, exist_ok=True)
-
-    def say(self, line: str) -> None:
-        print(line, flush=True)
-
-    def begin(self, what: str) -> None:
-        self.phase += 1
-        self.say(f"[{self.phase}/7 {time.time() - self.started:5.0f}s] {what}")
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.out, *parts)
-
-    def logged(self, cmd: List[str], log: str) -> str:
-        """Run ``cmd`` from the repository root, its output in ``OUT/logs/<log>``, its progress shown."""
-        return run_logged(cmd, self.path("logs", log), cwd=REPO, show=self.say)
 
     def distil(
         self, config: str, name: str, card: List[str], updates: int, log_every: int, schedule: List[str]
@@ -121,7 +98,7 @@ class Quickstart:
         overrides = [
             *card,
             f"checkpoint.save_dir={self.path(name)}",
-            *cpu_run(self.size),
+            *short_utterance_overrides(self.size.max_tokens),
             *run_length(updates, log_every),
             *schedule,
         ]
@@ -148,7 +125,7 @@ class Quickstart:
             f"teacher: pretraining a {size.layers}-layer HuBERT with stock fairseq (hubert_pretraining)"
         )
         teacher_dir = self.path("teacher")
-        extra = cpu_run(size) + [
+        extra = short_utterance_overrides(size.max_tokens) + [
             "common.log_interval=25",
             "lr_scheduler.warmup_updates=20",
             "dataset.validate_interval=1000",
@@ -263,12 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="dphubert_quickstart", help="folder for every output (created)")
     parser.add_argument("--size", choices=sorted(SIZES), default="default", help="'tiny' is for tests")
     args = parser.parse_args(argv)
-    try:
-        Quickstart(args.out, SIZES[args.size]).run()
-    except RuntimeError as err:
-        print(f"quickstart failed: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(Quickstart(args.out, SIZES[args.size]).run, "quickstart")
 
 
 if __name__ == "__main__":
