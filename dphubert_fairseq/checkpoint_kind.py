@@ -1,19 +1,40 @@
-"""What a fairseq checkpoint holds: a ``dphubert`` student, a native teacher the plugin supports, or neither.
-Decided here once, from the model name the checkpoint's config records."""
+"""What a checkpoint holds: a ``dphubert`` student, a teacher the plugin supports (a native fairseq HuBERT /
+wav2vec2, or a WavLM checkpoint as WavLM's authors release it), or neither. Decided here once, from the
+model name the checkpoint's config records (WavLM's: from its layout)."""
 
 from .errors import CheckpointError
-from .safe_loading import read_checkpoint
+from .safe_loading import read_checkpoint, read_torch_file
 
 #: The model name of the plugin's own checkpoints (training runs and exports).
 STUDENT = "dphubert"
 #: Model names of the native fairseq teachers the plugin copies.
 SUPPORTED_TEACHERS = ("hubert", "wav2vec2")
-SUPPORTED_TEXT = "supported teachers: hubert and wav2vec2 (Base and Large shapes, transformer layers)"
+#: The name given to WavLM checkpoints: ``{"cfg": WavLM's config as a flat dict, "model": state dict}``.
+WAVLM = "wavlm"
+SUPPORTED_TEXT = (
+    "supported teachers: fairseq hubert and wav2vec2, and WavLM checkpoints as released "
+    "(Base and Large shapes, transformer layers)"
+)
+
+
+def is_wavlm_checkpoint(state: object) -> bool:
+    """Whether a loaded torch file has WavLM's release layout: a flat config dict (no fairseq ``model``
+    section) with WavLM's relative position keys, and a state dict."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return False
+    cfg = state.get("cfg")
+    return (
+        isinstance(cfg, dict)
+        and "model" not in cfg
+        and any(k in cfg for k in ("relative_position_embedding", "gru_rel_pos", "num_buckets"))
+    )
 
 
 def checkpoint_model_name(state: dict) -> str:
     """The registered model name a loaded fairseq checkpoint was written for (``"?"`` when it records none)."""
     cfg = state.get("cfg")
+    if isinstance(cfg, dict) and cfg.get("_name") == WAVLM:
+        return WAVLM
     if cfg is not None and cfg.get("model") is not None:
         return str(cfg["model"].get("_name") or getattr(cfg["model"], "_name", "") or "?")
     args = state.get("args")
@@ -21,8 +42,14 @@ def checkpoint_model_name(state: dict) -> str:
 
 
 def read_teacher_checkpoint(path: str) -> dict:
-    """The loaded checkpoint ``path`` (see ``safe_loading.read_checkpoint``), which must hold a supported
-    native teacher; ``CheckpointError`` naming the file otherwise."""
+    """The loaded checkpoint ``path``, which must hold a supported teacher: a WavLM checkpoint as read
+    weights-only, a fairseq one as ``safe_loading.read_checkpoint`` reads it; ``CheckpointError`` naming the
+    file otherwise (``checkpoint_model_name`` says what it holds; ``WAVLM`` for WavLM's layout)."""
+    raw = read_torch_file(path)
+    if is_wavlm_checkpoint(raw):
+        raw["cfg"] = dict(raw["cfg"], _name=WAVLM)
+        return raw
+    del raw  # a fairseq checkpoint: read again through fairseq (upgrades, config conversion)
     state = read_checkpoint(path)
     name = checkpoint_model_name(state)
     if name == STUDENT:

@@ -10,6 +10,8 @@ which is where the time goes. Each is one MAC (``2 MACs = FLOPs`` as ``torch.uti
   output frames as computed, before fairseq trims the extra one of even kernels;
 - attention with ``H`` heads of ``d``: q, k, v ``3 * T * D * H d``; scores ``T^2 H d``; weighted values
   ``T^2 H d``; out projection ``T * H d * D``;
+- WavLM's relative position bias gate (per attention): ``T * H * s * 8``, ``s = D / H_teacher`` the input
+  slice each head's gate reads; the bias table lookup and its scaling are elementwise;
 - FFN with ``F`` units: ``2 * T * D * F``.
 
 Not counted: normalisations, activations, biases, dropout, softmax, the conv front end's GELU and GroupNorm;
@@ -57,6 +59,10 @@ def attention_macs(frames: int, embed_dim: int, head_dim: int, num_heads: int) -
     return 4 * frames * embed_dim * inner + 2 * frames * frames * inner
 
 
+def relative_position_gate_macs(frames: int, slice_dim: int, num_heads: int) -> int:
+    return frames * num_heads * slice_dim * 8
+
+
 def ffn_macs(frames: int, embed_dim: int, ffn_dim: int) -> int:
     return 2 * frames * embed_dim * ffn_dim
 
@@ -81,11 +87,13 @@ def count_macs(cfg, num_samples: int, sizes: UnitSizes = None) -> MacCount:
         count.feature_projection = frames * features * dim
     computed = frames + 1 - cfg.conv_pos % 2
     count.pos_conv = computed * dim * (dim // cfg.conv_pos_groups) * cfg.conv_pos
+    gated_bias = cfg.relative_position_buckets > 0 and cfg.gru_rel_pos
     for heads, ffn_dim, keep_att, keep_ffn in zip(
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep
     ):
-        count.attention.append(
-            int(keep_att) * attention_macs(frames, dim, cfg.attention_head_dim, int(heads))
-        )
+        attention = attention_macs(frames, dim, cfg.attention_head_dim, int(heads))
+        if gated_bias:
+            attention += relative_position_gate_macs(frames, dim // cfg.relative_position_heads, int(heads))
+        count.attention.append(int(keep_att) * attention)
         count.ffn.append(int(keep_ffn) * ffn_macs(frames, dim, int(ffn_dim)))
     return count

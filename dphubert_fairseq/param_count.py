@@ -58,6 +58,17 @@ def attention_params(embed_dim: int, head_dim: int, num_heads: Number) -> Number
     return (embed_dim + 1) * 3 * inner + inner * embed_dim + embed_dim
 
 
+def relative_position_gate_params(slice_dim: int, num_heads: Number) -> Number:
+    """WavLM's bias gate in one attention: ``grep_linear`` (a head's input slice to 8, with bias) and one
+    ``grep_a`` per head."""
+    return (slice_dim + 1) * 8 + num_heads
+
+
+def relative_position_table_params(num_buckets: int, teacher_heads: int) -> int:
+    """WavLM's relative position bias table, one for the encoder: a bias per bucket and teacher head."""
+    return num_buckets * teacher_heads
+
+
 def ffn_params(embed_dim: int, ffn_dim: Number) -> Number:
     """fc1 and fc2 with bias (fc2's bias survives 0 units)."""
     return (embed_dim + 1) * ffn_dim + (ffn_dim + 1) * embed_dim
@@ -148,6 +159,11 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep
     )
     attention = attention_params(embed_dim, cfg.attention_head_dim, heads)
+    if cfg.relative_position_buckets > 0:
+        teacher_heads = cfg.relative_position_heads
+        n = n + relative_position_table_params(cfg.relative_position_buckets, teacher_heads)
+        if cfg.gru_rel_pos:
+            attention = attention + relative_position_gate_params(embed_dim // teacher_heads, heads)
     ffn = ffn_params(embed_dim, ffn_dims)
     if cfg.layer_norm_first:
         attention, ffn = attention + block_norm, ffn + block_norm

@@ -33,6 +33,7 @@ from .conv_spec import format_conv_layers
 from .errors import ConfigError, DPHuBERTError
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from .models.hard_concrete import HardConcrete
+from .models.prunable_wavlm_attention import PrunableWavLMSelfAttention
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +198,10 @@ def _fold_attention(
     attn = model.encoder.layers[i].self_attn
     if attn is None:
         return 0, 0
+    prefix = f"encoder.layers.{i}.self_attn."
     in_projs = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}
-    return _fold_block(
-        f"encoder.layers.{i}.self_attn.",
+    units = _fold_block(
+        prefix,
         in_projs,
         "out_proj",
         attn.out_proj,
@@ -210,6 +212,17 @@ def _fold_attention(
         state,
         multiple,
     )
+    if isinstance(attn, PrunableWavLMSelfAttention) and units[1]:
+        # the kept heads keep their teacher indices (bias columns, gate input slices) and their grep_a
+        kept = _units_to_keep(
+            _mask(attn.head_gate, attn.num_heads, attn.out_proj.bias), attn.head_gate, multiple
+        )
+        state[prefix + "head_index"] = attn.head_index[kept]
+        if attn.grep_linear is not None:
+            state[prefix + "grep_a"] = attn.grep_a[:, kept]
+            state[prefix + "grep_linear.weight"] = attn.grep_linear.weight
+            state[prefix + "grep_linear.bias"] = attn.grep_linear.bias
+    return units
 
 
 def _fold_ffn(

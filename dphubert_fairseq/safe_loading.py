@@ -15,6 +15,7 @@ import collections
 import importlib
 import inspect
 import os
+import pickle
 import re
 import sys
 import typing
@@ -189,6 +190,21 @@ def check_trusted_globals() -> None:
     variable's value gave when it was read, if any."""
     if _trusted_globals_problem is not None:
         raise ConfigError(_trusted_globals_problem)
+
+
+def read_torch_file(path: str) -> object:
+    """Whatever a torch file holds, loaded to CPU weights-only (checked and refused as ``read_checkpoint``
+    does), for files that are not fairseq checkpoints (WavLM's, the reference implementation's)."""
+    check_trusted_globals()
+    check_checkpoint_file(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise CheckpointError(describe_load_error(path, err)) from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" in str(err) or "zip archive" in str(err):
+            raise CheckpointError(describe_load_error(path, err)) from None
+        raise
 
 
 def read_checkpoint(path: str) -> dict:

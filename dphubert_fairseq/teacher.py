@@ -1,8 +1,14 @@
-"""Native fairseq teachers (HuBERT, wav2vec2): loading, their architecture as a ``DPHuBERTConfig``, and their
-hidden states exactly as the distillation uses them."""
+"""Teachers: native fairseq HuBERT / wav2vec2 and WavLM checkpoints as released. Loading, their architecture
+as a ``DPHuBERTConfig``, their weights under the ``dphubert`` model's names, and their hidden states exactly
+as the distillation uses them.
+
+fairseq has no WavLM: a WavLM teacher is loaded as an ungated ``dphubert`` model with WavLM's relative
+position bias (``models/prunable_wavlm_attention.py``), whose parity with WavLM's own code is tested.
+"""
 
 import hashlib
-from typing import List, Optional, Tuple
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,11 +21,47 @@ from fairseq.models.wav2vec.wav2vec2 import (
     Wav2Vec2Model,
 )
 
-from .checkpoint_kind import SUPPORTED_TEXT, read_teacher_checkpoint
-from .conv_spec import format_conv_layers
+from .checkpoint_kind import SUPPORTED_TEXT, WAVLM, checkpoint_model_name, read_teacher_checkpoint
+from .conv_spec import format_conv_layers, parse_conv_layers
 from .errors import CheckpointError, UnsupportedTeacherError
-from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, wav2vec2_frame_padding
+from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config, wav2vec2_frame_padding
 from .param_count import config_params
+
+# fairseq / WavLM state-dict name -> dphubert name; names matching no rule keep theirs, and those the dphubert
+# model lacks are the teacher's pretraining-only parts (final_proj, label_embs_concat, quantizer, ...)
+_RENAMES = [
+    (
+        re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)$"),
+        r"feature_extractor.blocks.\1.conv.\2",
+    ),
+    (
+        re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)$"),
+        r"feature_extractor.blocks.\1.norm.\2",
+    ),
+    (
+        re.compile(r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$"),
+        r"feature_extractor.blocks.\1.norm.\2",
+    ),
+    (re.compile(r"^encoder\.layers\.(\d+)\.(fc1|fc2)\.(weight|bias)$"), r"encoder.layers.\1.ffn.\2.\3"),
+    (re.compile(r"^mask_emb$"), "masking.mask_emb"),
+    # WavLM keeps its bias table in layer 0's attention; the dphubert encoder holds it for every layer
+    (
+        re.compile(r"^encoder\.layers\.0\.self_attn\.relative_attention_bias\.weight$"),
+        "encoder.relative_attention_bias.weight",
+    ),
+]
+
+
+def dphubert_state(teacher_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A fairseq HuBERT / wav2vec2 or a WavLM state dict under the dphubert model's names."""
+    out = {}
+    for name, value in teacher_state.items():
+        for pattern, replacement in _RENAMES:
+            if pattern.match(name):
+                name = pattern.sub(replacement, name)
+                break
+        out[name] = value
+    return out
 
 
 def _activation_name(fn) -> str:
@@ -30,11 +72,16 @@ def _activation_name(fn) -> str:
 
 
 def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
-    """The architecture of a fairseq HubertModel / Wav2Vec2Model as a ``DPHuBERTConfig`` (no gates).
+    """The architecture of a fairseq HubertModel / Wav2Vec2Model as a ``DPHuBERTConfig`` (no gates); of an
+    ungated ``dphubert`` model (a loaded WavLM teacher), its own config.
 
     Read from the modules themselves, so it works however the model was built; the input conventions
     (normalisation, sample rate) come from the task config when given.
     """
+    if isinstance(model, DPHuBERTModel):  # a WavLM teacher, or any ungated dphubert model
+        if model.gates():
+            raise UnsupportedTeacherError("a gated dphubert model is a student in training, not a teacher")
+        return as_config(model.cfg)
     if not isinstance(model, (HubertModel, Wav2Vec2Model)):
         raise UnsupportedTeacherError(f"model type {type(model).__name__} is not supported; {SUPPORTED_TEXT}")
     if getattr(model, "input_quantizer", None) is not None:
@@ -90,10 +137,105 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
     )
 
 
+#: WavLM's documented config defaults, for keys a checkpoint's config leaves out.
+WAVLM_DEFAULTS: Dict[str, Any] = {
+    "extractor_mode": "default",
+    "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+    "conv_bias": False,
+    "encoder_layers": 12,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "dropout_input": 0.0,
+    "conv_pos": 128,
+    "conv_pos_groups": 16,
+    "relative_position_embedding": False,
+    "num_buckets": 320,
+    "max_distance": 1280,
+    "gru_rel_pos": False,
+    "normalize": False,
+}
+
+
+def config_from_wavlm(wavlm_cfg: Dict[str, Any]) -> DPHuBERTConfig:
+    """The architecture of a WavLM checkpoint's config (a flat dict, as WavLM's release writes it) as a
+    ``DPHuBERTConfig`` (no gates)."""
+    c = dict(WAVLM_DEFAULTS, **{k: v for k, v in wavlm_cfg.items() if v is not None})
+    if c["activation_fn"] not in utils.get_available_activation_fns() or c["activation_fn"] == "glu":
+        raise UnsupportedTeacherError(f"WavLM with activation_fn {c['activation_fn']!r} is not supported")
+    layers, dim, heads = (
+        int(c["encoder_layers"]),
+        int(c["encoder_embed_dim"]),
+        int(c["encoder_attention_heads"]),
+    )
+    channels = parse_conv_layers(c["conv_feature_layers"])[-1][0]
+    relative = bool(c["relative_position_embedding"])
+    return DPHuBERTConfig(
+        _name="dphubert",
+        extractor_mode=c["extractor_mode"],
+        conv_feature_layers=format_conv_layers(parse_conv_layers(c["conv_feature_layers"])),
+        conv_bias=bool(c["conv_bias"]),
+        encoder_layers=layers,
+        encoder_embed_dim=dim,
+        attention_head_dim=dim // heads,
+        encoder_attention_heads=[heads] * layers,
+        encoder_ffn_embed_dims=[int(c["encoder_ffn_embed_dim"])] * layers,
+        use_attention=[1] * layers,
+        use_ffn=[1] * layers,
+        layer_norm_first=bool(c["layer_norm_first"]),
+        activation_fn=c["activation_fn"],
+        conv_pos=int(c["conv_pos"]),
+        conv_pos_groups=int(c["conv_pos_groups"]),
+        relative_position_buckets=int(c["num_buckets"]) if relative else 0,
+        relative_position_max_distance=int(c["max_distance"]),
+        relative_position_heads=heads if relative else 0,
+        gru_rel_pos=bool(c["gru_rel_pos"]),
+        post_extract_proj=channels != dim,
+        dropout=float(c["dropout"]),
+        attention_dropout=float(c["attention_dropout"]),
+        activation_dropout=float(c["activation_dropout"]),
+        dropout_input=float(c["dropout_input"]),
+        feature_grad_mult=1.0,
+        frame_padding="hubert",  # WavLM derives frame padding as HuBERT does
+        normalize=bool(c["normalize"]),
+        sample_rate=16000,
+    )
+
+
+def wavlm_teacher(state: Dict[str, Any]) -> Tuple[DPHuBERTModel, DPHuBERTConfig]:
+    """An ungated ``dphubert`` model computing what the WavLM checkpoint ``state`` (loaded) computes."""
+    config = config_from_wavlm(state["cfg"])
+    model = DPHuBERTModel(config)
+    weights = dphubert_state(state["model"])
+    own = model.state_dict()
+    for i in range(config.encoder_layers):  # WavLM's rescale_init variant has no k_proj bias: it is zero
+        name = f"encoder.layers.{i}.self_attn.k_proj.bias"
+        weights.setdefault(name, torch.zeros_like(own[name]))
+    unexpected = [k for k in weights if k not in own]
+    missing = [k for k in own if k not in weights and not k.endswith("head_index")]
+    if unexpected or missing:
+        what = f"unexpected weights {unexpected[:3]}" if unexpected else f"missing weights {missing[:3]}"
+        raise UnsupportedTeacherError(f"not the WavLM its config describes: {what}")
+    model.load_state_dict(weights, strict=False)
+    return model, config
+
+
 def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
-    """Load a native fairseq HuBERT / wav2vec2 checkpoint: the model in eval mode and its architecture."""
+    """Load a teacher checkpoint (native fairseq HuBERT / wav2vec2, or WavLM as released): the model in eval
+    mode and its architecture."""
     path = str(path)
     state = read_teacher_checkpoint(path)
+    if checkpoint_model_name(state) == WAVLM:
+        try:
+            model, config = wavlm_teacher(state)
+        except (UnsupportedTeacherError, ValueError, KeyError, SyntaxError) as err:
+            raise CheckpointError(f"{path}: WavLM checkpoint: {err}") from None
+        return model.eval(), config
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     try:

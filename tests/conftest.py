@@ -51,6 +51,15 @@ def tiny_teachers(teacher_dir):
 
 
 @pytest.fixture(scope="session")
+def wavlm_teachers(teacher_dir):
+    """Checkpoint paths of tiny WavLM teachers (``helpers.WAVLM_SHAPES``), made by WavLM's own code."""
+    return {
+        name: helpers.make_wavlm_teacher(os.path.join(teacher_dir, f"{name}.pt"), large, seed=10 + i)
+        for i, (name, large) in enumerate(helpers.WAVLM_SHAPES.items())
+    }
+
+
+@pytest.fixture(scope="session")
 def speech():
     """Real read speech (LibriVox clips of Debian's pocketsphinx-testdata), float32 at 16 kHz, if installed."""
     import soundfile as sf

@@ -209,6 +209,59 @@ def make_teacher(path: str, kind: str, size: str = "tiny", large_shape: bool = F
     return save_with_trainer(path, *build(kind, folder, size, large_shape, seed))
 
 
+# ----- WavLM teachers, made by WavLM's own code (s3prl's copy, installed with the "superb" extra) -----
+
+#: WavLM shapes, tiny: Base (and Base+, the same architecture) and Large (pre-LayerNorm, LayerNorm extractor)
+WAVLM_SHAPES = {"wavlm_base": False, "wavlm_large": True}
+
+
+def wavlm_config(large_shape: bool = False) -> Dict[str, object]:
+    """A tiny WavLM config as WavLM's release stores it (a flat dict). 32 buckets up to distance 64, so that
+    a 2 s clip (about 100 frames) uses the log-spaced and the clamped buckets too."""
+    cfg = {
+        "encoder_layers": 3,
+        "encoder_embed_dim": 32,
+        "encoder_ffn_embed_dim": 64,
+        "encoder_attention_heads": 4,
+        "conv_feature_layers": "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
+        "conv_pos": 16,
+        "conv_pos_groups": 4,
+        "relative_position_embedding": True,
+        "num_buckets": 32,
+        "max_distance": 64,
+        "gru_rel_pos": True,
+        "extractor_mode": "default",
+        "layer_norm_first": False,
+        "conv_bias": False,
+        "normalize": False,
+    }
+    if large_shape:
+        cfg.update(extractor_mode="layer_norm", layer_norm_first=True, conv_bias=True, normalize=True)
+    return cfg
+
+
+def build_wavlm(large_shape: bool = False, seed: int = 0):
+    """WavLM's own model (s3prl's copy) with a tiny config and random weights, every parameter perturbed
+    (LayerNorms, biases, the bias gates' ``grep_a``), in eval mode."""
+    import pytest
+
+    wavlm = pytest.importorskip("s3prl.upstream.wavlm.WavLM", reason="s3prl (the 'superb' extra) is needed")
+    torch.manual_seed(seed)
+    model = wavlm.WavLM(wavlm.WavLMConfig(wavlm_config(large_shape)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def make_wavlm_teacher(path: str, large_shape: bool = False, seed: int = 0) -> str:
+    """A WavLM checkpoint in the layout WavLM's authors release: ``{"cfg": flat dict, "model": state dict}``."""
+    model = build_wavlm(large_shape, seed)
+    torch.save({"cfg": dict(model.cfg.__dict__), "model": model.state_dict()}, path)
+    return path
+
+
 def make_legacy_wav2vec2(path: str, folder: str, size: str = "tiny", large_shape: bool = False) -> str:
     """An old wav2vec2 release: configuration as an argparse Namespace in ``args``, no ``cfg``."""
     from fairseq import tasks
@@ -305,6 +358,54 @@ def distill_task(data, teacher, **task_cfg):
         DPHuBERTDistillConfig(data=str(data), teacher_path=str(teacher), tpu=False, seed=1, **task_cfg)
     )
     return DPHuBERTDistillTask.setup_task(cfg)
+
+
+CTC_RECIPES = {
+    # stock fairseq fine-tuning recipes: (config folder under fairseq/examples, config name, extra overrides)
+    "wav2vec_ctc": ("wav2vec/config/finetuning", "base_10m", []),
+    "hubert_ctc": (
+        "hubert/config/finetune",
+        "base_10h",
+        ["task.label_dir={data}", "common.tensorboard_logdir=null"],
+    ),
+}
+
+
+def stock_ctc_command(recipe: str, data: str, pruned: str, out_dir: str) -> List[str]:
+    """fairseq-hydra-train with fairseq's own CTC recipe ``recipe`` (``CTC_RECIPES``) on the exported model
+    ``pruned``, the plugin loaded through common.user_dir: 4 CPU updates on the letter labels of ``data``
+    (``write_letter_labels``), validated and saved at the end, in ``out_dir``."""
+    import fairseq
+
+    folder, name, extra = CTC_RECIPES[recipe]
+    return bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train") + [
+        "--config-dir",
+        os.path.join(os.path.dirname(fairseq.__file__), "examples", folder),
+        "--config-name",
+        name,
+        f"task.data={data}",
+        f"model.w2v_path={pruned}",
+        f"common.user_dir={REPO}/dphubert_fairseq",
+        f"checkpoint.save_dir={out_dir}",
+        f"hydra.run.dir={out_dir}/hydra",
+        "dataset.valid_subset=valid",
+        "common.fp16=false",
+        "common.cpu=true",
+        "distributed_training.distributed_world_size=1",
+        "dataset.num_workers=0",
+        "dataset.max_tokens=48000",
+        "dataset.required_batch_size_multiple=1",
+        "optimization.max_update=4",
+        "optimization.update_freq=[1]",
+        "model.freeze_finetune_updates=0",
+        "dataset.validate_after_updates=0",
+        "dataset.validate_interval_updates=4",
+        "common.log_interval=1",
+        "checkpoint.save_interval_updates=4",
+        *[e.format(data=data) for e in extra],
+        # the recipes' channel spans (64) are sized for D=768; fairseq's span sampler fails on this D=32 model
+        "model.mask_channel_length=8",
+    ]
 
 
 def write_letter_labels(folder: str, text: str = "A TINY LABELLED SET") -> None:

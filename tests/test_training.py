@@ -453,58 +453,17 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
     assert int(records[0]["bsz"]) > int(single[0]["bsz"])
 
 
-CTC_RECIPES = {
-    # stock fairseq fine-tuning recipes: (config folder under fairseq/examples, config name, extra overrides)
-    "wav2vec_ctc": ("wav2vec/config/finetuning", "base_10m", []),
-    "hubert_ctc": (
-        "hubert/config/finetune",
-        "base_10h",
-        ["task.label_dir={data}", "common.tensorboard_logdir=null"],
-    ),
-}
-
-
-@pytest.mark.parametrize("recipe", list(CTC_RECIPES))
+@pytest.mark.parametrize("recipe", list(P.CTC_RECIPES))
 def test_exported_model_finetunes_with_stock_ctc(stage1, workdir, data, recipe):
     """fairseq's own CTC recipes on the exported model, plugin loaded through common.user_dir, a few updates
     on a tiny labelled set (hubert_ctc needs the plugin's fix for fairseq issue 4916)."""
-    import fairseq
-
     save_dir, _ = stage1
     pruned = str(workdir / "for_ctc.pt")
     if not os.path.exists(pruned):
         assert P.export(os.path.join(save_dir, "checkpoint_last.pt"), pruned).returncode == 0
     P.write_letter_labels(data)
-    folder, name, extra = CTC_RECIPES[recipe]
     out_dir = str(workdir / recipe)
-    cmd = P.bin_or_module("fairseq-hydra-train", "fairseq_cli.hydra_train") + [
-        "--config-dir",
-        os.path.join(os.path.dirname(fairseq.__file__), "examples", folder),
-        "--config-name",
-        name,
-        f"task.data={data}",
-        f"model.w2v_path={pruned}",
-        f"common.user_dir={P.REPO}/dphubert_fairseq",
-        f"checkpoint.save_dir={out_dir}",
-        f"hydra.run.dir={out_dir}/hydra",
-        "dataset.valid_subset=valid",
-        "common.fp16=false",
-        "common.cpu=true",
-        "distributed_training.distributed_world_size=1",
-        "dataset.num_workers=0",
-        "dataset.max_tokens=48000",
-        "dataset.required_batch_size_multiple=1",
-        "optimization.max_update=4",
-        "optimization.update_freq=[1]",
-        "model.freeze_finetune_updates=0",
-        "dataset.validate_after_updates=0",
-        "dataset.validate_interval_updates=4",
-        "common.log_interval=1",
-        "checkpoint.save_interval_updates=4",
-        *[e.format(data=data) for e in extra],
-        # the recipes' channel spans (64) are sized for D=768; fairseq's span sampler fails on this D=32 model
-        "model.mask_channel_length=8",
-    ]
+    cmd = P.stock_ctc_command(recipe, data, pruned, out_dir)
     out = P.run(cmd, cwd=str(workdir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = P.logged(out.stdout, "train_inner")

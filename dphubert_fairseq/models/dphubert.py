@@ -78,6 +78,31 @@ class DPHuBERTConfig(FairseqDataclass):
     conv_pos_batch_norm: bool = field(
         default=False, metadata={"help": "positional convolution with BatchNorm instead of weight norm"}
     )
+    relative_position_buckets: int = field(
+        default=0,
+        metadata={
+            "help": "WavLM: buckets of the relative position bias table (320 in WavLM); 0: no relative "
+            "position bias (HuBERT, wav2vec2)"
+        },
+    )
+    relative_position_max_distance: int = field(
+        default=800,
+        metadata={"help": "WavLM: distance (frames) from which all distances share the last bucket"},
+    )
+    relative_position_heads: int = field(
+        default=0,
+        metadata={
+            "help": "WavLM: the teacher's heads per layer, the bias table's columns; each attention reads the "
+            "columns of the heads it kept (its head_index buffer)"
+        },
+    )
+    gru_rel_pos: bool = field(
+        default=True,
+        metadata={
+            "help": "WavLM: each attention scales the bias per head and frame by a gate that reads its input "
+            "(WavLM's gru_rel_pos)"
+        },
+    )
     post_extract_proj: bool = field(
         default=True,
         metadata={"help": "a Linear maps the CNN channels to D (fairseq adds it when they differ)"},
@@ -212,6 +237,19 @@ def validate_config(cfg) -> None:
                 f"{cfg.encoder_layers}"
             )
     validate_prune_units(cfg.prune_units)
+    if cfg.relative_position_buckets > 0:
+        heads = cfg.relative_position_heads
+        if heads < 1 or cfg.encoder_embed_dim % heads:
+            raise ConfigError(
+                f"model.relative_position_heads is {heads}; it must be the teacher's head count, which divides "
+                f"model.encoder_embed_dim ({cfg.encoder_embed_dim})"
+            )
+        wider = [h for h in cfg.encoder_attention_heads if h > heads]
+        if wider:
+            raise ConfigError(
+                f"model.encoder_attention_heads has {wider[0]} heads in a layer, more than the "
+                f"{heads} of model.relative_position_heads"
+            )
 
 
 class ExtractedFeatures(tuple):

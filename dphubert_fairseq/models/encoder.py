@@ -11,10 +11,13 @@ from fairseq.modules import LayerNorm
 from .encoder_layer import PrunableEncoderLayer
 from .prunable_attention import PrunableSelfAttention
 from .prunable_ffn import PrunableFeedForward
+from .prunable_wavlm_attention import PrunableWavLMSelfAttention
+from .relative_position import RelativePositionBias
 
 
 class PrunableTransformerEncoder(nn.Module):
-    """fairseq's wav2vec2 ``TransformerEncoder`` with per-layer sizes. Batch-first throughout.
+    """fairseq's wav2vec2 ``TransformerEncoder`` with per-layer sizes, or WavLM's (``relative_position_buckets``
+    > 0: the relative position bias table lives here and every layer's attention reads it). Batch-first.
 
     ``forward((B, T, D), (B, T) padding mask) -> ([h_1, ..., h_L], final)``: each ``h_i`` is layer i's output
     ``(B, T, D)``; ``final`` is ``h_L`` passed through the encoder LayerNorm for pre-LN models, else ``h_L``.
@@ -29,18 +32,28 @@ class PrunableTransformerEncoder(nn.Module):
         self.pos_conv = make_conv_pos(
             embed_dim, cfg.conv_pos, cfg.conv_pos_groups, is_batch_norm=cfg.conv_pos_batch_norm
         )
+        self.relative_attention_bias = None
+        if cfg.relative_position_buckets > 0:
+            self.relative_attention_bias = RelativePositionBias(
+                cfg.relative_position_buckets, cfg.relative_position_heads, cfg.relative_position_max_distance
+            )
         layers = []
         for i in range(cfg.encoder_layers):
             self_attn = None
             if cfg.use_attention[i]:
-                self_attn = PrunableSelfAttention(
+                gates = dict(head_gate="head" in prune_units, layer_gate="attlayer" in prune_units)
+                sizes = (
                     embed_dim,
                     cfg.encoder_attention_heads[i],
                     cfg.attention_head_dim,
                     cfg.attention_dropout,
-                    head_gate="head" in prune_units,
-                    layer_gate="attlayer" in prune_units,
                 )
+                if self.relative_attention_bias is not None:
+                    self_attn = PrunableWavLMSelfAttention(
+                        *sizes, cfg.relative_position_heads, gated=cfg.gru_rel_pos, **gates
+                    )
+                else:
+                    self_attn = PrunableSelfAttention(*sizes, **gates)
             ffn = None
             if cfg.use_ffn[i]:
                 ffn = PrunableFeedForward(
@@ -65,10 +78,13 @@ class PrunableTransformerEncoder(nn.Module):
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = F.dropout(x, p=self.dropout, training=self.training)
+        bias = None
+        if self.relative_attention_bias is not None:
+            bias = self.relative_attention_bias(x.size(1))  # (H_teacher, T, T), shared by every layer
         outputs = []
         for layer in self.layers:
             if not (self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop):
-                x = layer(x, padding_mask)
+                x = layer(x, padding_mask, bias)
             outputs.append(x)  # a dropped layer passes its input on: the list keeps one entry per layer
         final = self.layer_norm(x) if self.layer_norm_first else x
         return outputs, final

@@ -37,15 +37,22 @@ class PrunableEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        position_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``position_bias``: the encoder's relative position bias (WavLM), passed to the attention."""
         if self.layer_norm_first:
             if self.self_attn is not None:
-                x = x + self.dropout1(self.self_attn(self.self_attn_layer_norm(x), key_padding_mask))
+                attn_in = self.self_attn_layer_norm(x)
+                x = x + self.dropout1(self.self_attn(attn_in, key_padding_mask, position_bias))
             if self.ffn is not None:
                 x = x + self.dropout3(self.ffn(self.final_layer_norm(x)))
             return x
         if self.self_attn is not None:
-            x = x + self.dropout1(self.self_attn(x, key_padding_mask))
+            x = x + self.dropout1(self.self_attn(x, key_padding_mask, position_bias))
         x = self.self_attn_layer_norm(x)
         if self.ffn is not None:
             x = x + self.dropout3(self.ffn(x))

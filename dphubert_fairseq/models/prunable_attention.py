@@ -54,7 +54,25 @@ class PrunableSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def attention_mask(
+        self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """The mask ``scaled_dot_product_attention`` gets: ``(B, 1, 1, T)`` bool, True = may attend, or None.
+        ``position_bias`` is for attentions that use one (``PrunableWavLMSelfAttention``); this one has none."""
+        if position_bias is not None:
+            raise ValueError("this attention has no relative position bias; got one")
+        if key_padding_mask is None:
+            return None
+        return ~key_padding_mask[:, None, None, :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        position_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``position_bias``: the encoder's relative position bias ``(H_teacher, T, T)``, for attentions that
+        use one."""
         batch, time, _ = x.shape
         if self.num_heads == 0:
             out = self.out_proj.bias.to(x.dtype).expand(batch, time, self.embed_dim)
@@ -63,9 +81,9 @@ class PrunableSelfAttention(nn.Module):
             q = self.q_proj(x).view(shape).transpose(1, 2)
             k = self.k_proj(x).view(shape).transpose(1, 2)
             v = self.v_proj(x).view(shape).transpose(1, 2)
-            attn_mask = None
-            if key_padding_mask is not None:
-                attn_mask = ~key_padding_mask[:, None, None, :]  # True = may attend
+            attn_mask = self.attention_mask(x, key_padding_mask, position_bias)
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(q.dtype)  # an additive bias must match the query's (autocast) dtype
             ctx = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
             )  # (B, H, T, head_dim)
