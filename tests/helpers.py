@@ -25,6 +25,7 @@ from fairseq_runs import (  # noqa: E402,F401  (re-exported for the tests)
     CONFIGS,
     CPU_OVERRIDES,
     TINY_HUBERT,
+    Shape,
     bin_or_module,
     checkout_env,
     compose,
@@ -38,6 +39,7 @@ from fairseq_runs import (  # noqa: E402,F401  (re-exported for the tests)
     run,
     schedule_overrides,
     start,
+    wavlm,  # noqa: E402
 )
 from fairseq_runs.speech import LIBRIVOX  # noqa: E402,F401
 
@@ -209,57 +211,31 @@ def make_teacher(path: str, kind: str, size: str = "tiny", large_shape: bool = F
     return save_with_trainer(path, *build(kind, folder, size, large_shape, seed))
 
 
-# ----- WavLM teachers, made by WavLM's own code (s3prl's copy, installed with the "superb" extra) -----
+# ----- WavLM teachers, made by WavLM's own code (fairseq_runs.wavlm) -----
 
 #: WavLM shapes, tiny: Base (and Base+, the same architecture) and Large (pre-LayerNorm, LayerNorm extractor)
 WAVLM_SHAPES = {"wavlm_base": False, "wavlm_large": True}
+#: 32 buckets up to distance 64: a 2 s clip (about 100 frames) uses the log-spaced and the shared buckets too
+TINY_WAVLM = Shape(
+    3, 32, 64, 4, "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2", conv_pos=16, conv_pos_groups=4
+)
 
 
-def wavlm_config(large_shape: bool = False) -> Dict[str, object]:
-    """A tiny WavLM config as WavLM's release stores it (a flat dict). 32 buckets up to distance 64, so that
-    a 2 s clip (about 100 frames) uses the log-spaced and the clamped buckets too."""
-    cfg = {
-        "encoder_layers": 3,
-        "encoder_embed_dim": 32,
-        "encoder_ffn_embed_dim": 64,
-        "encoder_attention_heads": 4,
-        "conv_feature_layers": "[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
-        "conv_pos": 16,
-        "conv_pos_groups": 4,
-        "relative_position_embedding": True,
-        "num_buckets": 32,
-        "max_distance": 64,
-        "gru_rel_pos": True,
-        "extractor_mode": "default",
-        "layer_norm_first": False,
-        "conv_bias": False,
-        "normalize": False,
-    }
-    if large_shape:
-        cfg.update(extractor_mode="layer_norm", layer_norm_first=True, conv_bias=True, normalize=True)
-    return cfg
+def _tiny_wavlm_config(large_shape: bool):
+    import pytest
+
+    pytest.importorskip("s3prl", reason="WavLM's code (s3prl, the 'superb' extra) is needed")
+    return wavlm.wavlm_config(TINY_WAVLM, large_shape, num_buckets=32, max_distance=64)
 
 
 def build_wavlm(large_shape: bool = False, seed: int = 0):
-    """WavLM's own model (s3prl's copy) with a tiny config and random weights, every parameter perturbed
-    (LayerNorms, biases, the bias gates' ``grep_a``), in eval mode."""
-    import pytest
-
-    wavlm = pytest.importorskip("s3prl.upstream.wavlm.WavLM", reason="s3prl (the 'superb' extra) is needed")
-    torch.manual_seed(seed)
-    model = wavlm.WavLM(wavlm.WavLMConfig(wavlm_config(large_shape)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    """A tiny WavLM made by WavLM's own code (skips the test when s3prl, the 'superb' extra, is missing)."""
+    return wavlm.build_wavlm(_tiny_wavlm_config(large_shape), seed)
 
 
 def make_wavlm_teacher(path: str, large_shape: bool = False, seed: int = 0) -> str:
-    """A WavLM checkpoint in the layout WavLM's authors release: ``{"cfg": flat dict, "model": state dict}``."""
-    model = build_wavlm(large_shape, seed)
-    torch.save({"cfg": dict(model.cfg.__dict__), "model": model.state_dict()}, path)
-    return path
+    """The same, saved in the layout WavLM's authors release (``{"cfg": flat dict, "model": state dict}``)."""
+    return wavlm.write_wavlm_checkpoint(path, _tiny_wavlm_config(large_shape), seed)
 
 
 def make_legacy_wav2vec2(path: str, folder: str, size: str = "tiny", large_shape: bool = False) -> str:

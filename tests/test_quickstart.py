@@ -64,6 +64,38 @@ def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conft
     assert sorted(os.listdir(tmp_path)) == ["qs"]  # nothing outside the output folder
 
 
+@pytest.mark.slow
+def test_quickstart_tiny_with_a_wavlm_teacher(tmp_path, speech):  # noqa: F811
+    """``--teacher wavlm``: DPWavLM from a WavLM checkpoint in its release layout (random weights, said so)."""
+    pytest.importorskip("s3prl", reason="WavLM's code (s3prl, the 'superb' extra) is needed")
+    out = tmp_path / "qs"
+    done = helpers.run(
+        [
+            sys.executable,
+            "-m",
+            "examples.quickstart",
+            "--out",
+            str(out),
+            "--size",
+            "tiny",
+            "--teacher",
+            "wavlm",
+        ],
+        cwd=str(tmp_path),
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RANDOM weights" in done.stdout and "RANDOM weights" in (out / "report.md").read_text()
+    assert not (out / "data" / "train.km").exists()  # no labels: nothing is pretrained
+    teacher = dp.load_teacher(str(out / "teacher" / "wavlm_random.pt"))
+    student = dp.load_model(str(out / "dphubert.pt"))
+    assert student.cfg.relative_position_buckets == teacher.cfg.relative_position_buckets == 320
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["kind"] == "wavlm" and report["teacher"]["params"] == dp.count_params(teacher)
+    assert report["student"]["params"] == dp.count_params(student) < report["teacher"]["params"]
+    assert "DEBUG" not in done.stdout + done.stderr
+
+
 def test_fallback_to_generated_audio(monkeypatch):
     """Without LibriVox clips and espeak-ng the quickstart says so and generates 1 to 4 s utterances."""
     lines = []

@@ -1,6 +1,10 @@
-"""``python -m examples.quickstart [--out OUT] [--size default|tiny]`` from the repository root (or
-``bash examples/quickstart.sh [OUT]`` from anywhere): the whole pipeline on an embedded default, with a report.
-Every output lands in OUT (default ./dphubert_quickstart)."""
+"""``python -m examples.quickstart [--out OUT] [--size default|tiny] [--teacher hubert|wavlm]`` from the
+repository root (or ``bash examples/quickstart.sh [OUT] [OPTIONS]`` from anywhere): the whole pipeline on an
+embedded default, with a report. Every output lands in OUT (default ./dphubert_quickstart).
+
+``--teacher wavlm`` distils a WavLM-shaped teacher (DPWavLM) instead of a HuBERT pretrained here: a checkpoint
+in WavLM's release layout made by WavLM's own code (s3prl's copy) with *random weights*. It shows that the
+pipeline takes WavLM checkpoints as released; what the student learns from a random teacher means nothing."""
 
 import argparse
 import os
@@ -34,6 +38,7 @@ from fairseq_runs.speech import (
     write_manifests,
 )
 from fairseq_runs.timing import forward_seconds
+from fairseq_runs.wavlm import wavlm_config, write_wavlm_checkpoint
 
 from . import report as reporting
 
@@ -86,10 +91,14 @@ def teacher_shape(size: Size) -> Shape:
     )
 
 
+TEACHERS = ("hubert", "wavlm")
+
+
 class Quickstart(PhasedRun):
-    def __init__(self, out: str, size: Size) -> None:
+    def __init__(self, out: str, size: Size, teacher: str = "hubert") -> None:
         super().__init__(out, phases=7)
         self.size = size
+        self.teacher_kind = teacher
 
     def distil(
         self, config: str, name: str, card: List[str], updates: int, log_every: int, schedule: List[str]
@@ -108,19 +117,19 @@ class Quickstart(PhasedRun):
         output = self.logged(export_command(checkpoint, out), log)
         self.say("    " + output.strip().splitlines()[0])
 
-    def run(self) -> Dict:
-        size, data = self.size, self.path("data")
-        self.begin("speech: gathering and writing manifests")
-        utterances, description = gather_speech(
-            size.seconds_of_audio, log=self.say, synthesised=size.synthesised
-        )
-        n_train, n_valid = write_manifests(utterances, data)
-        seconds = sum(len(u) for u in utterances) / SAMPLE_RATE
-        self.say(f"    {description}: {n_train} train + {n_valid} valid utterances, {seconds:.0f} s")
-
+    def teacher(self, data: str) -> str:
+        """Phases 2 and 3: the teacher's labels and the teacher; its checkpoint."""
+        size = self.size
+        if self.teacher_kind == "wavlm":
+            self.begin("labels: none needed (the WavLM teacher is not pretrained here)")
+            self.begin(f"teacher: a {size.layers}-layer WavLM Base-shaped checkpoint with RANDOM weights")
+            path = self.path("teacher", "wavlm_random.pt")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_wavlm_checkpoint(path, wavlm_config(teacher_shape(size)))
+            self.say(f"    {path}: WavLM's release layout, made by WavLM's own code; not a trained model")
+            return path
         self.begin("labels: k-means of MFCC features (HuBERT's first iteration)")
         write_kmeans_labels(data)
-
         self.begin(
             f"teacher: pretraining a {size.layers}-layer HuBERT with stock fairseq (hubert_pretraining)"
         )
@@ -136,8 +145,19 @@ class Quickstart(PhasedRun):
             ),
             "teacher.log",
         )
-        teacher = os.path.join(teacher_dir, "checkpoint_last.pt")
+        return os.path.join(teacher_dir, "checkpoint_last.pt")
 
+    def run(self) -> Dict:
+        size, data = self.size, self.path("data")
+        self.begin("speech: gathering and writing manifests")
+        utterances, description = gather_speech(
+            size.seconds_of_audio, log=self.say, synthesised=size.synthesised
+        )
+        n_train, n_valid = write_manifests(utterances, data)
+        seconds = sum(len(u) for u in utterances) / SAMPLE_RATE
+        self.say(f"    {description}: {n_train} train + {n_valid} valid utterances, {seconds:.0f} s")
+
+        teacher = self.teacher(data)
         self.begin(
             f"stage 1: distillation + pruning to sparsity {size.target_sparsity} "
             "(fairseq-hydra-train --config-dir configs --config-name dphubert)"
@@ -189,6 +209,7 @@ class Quickstart(PhasedRun):
         teacher, student = load_teacher(teacher_path), load_model(final_path)
         teacher_cfg = config_from_fairseq(teacher)
         original = {
+            "kind": self.teacher_kind,
             "params": count_params(teacher),
             "heads": list(teacher_cfg.encoder_attention_heads),
             "ffn_dims": list(teacher_cfg.encoder_ffn_embed_dims),
@@ -239,8 +260,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.quickstart", description=__doc__)
     parser.add_argument("--out", default="dphubert_quickstart", help="folder for every output (created)")
     parser.add_argument("--size", choices=sorted(SIZES), default="default", help="'tiny' is for tests")
+    parser.add_argument(
+        "--teacher",
+        choices=TEACHERS,
+        default="hubert",
+        help="'hubert': pretrained here with stock fairseq; 'wavlm': a WavLM checkpoint with random weights, "
+        "made by WavLM's own code (needs the 'superb' extra)",
+    )
     args = parser.parse_args(argv)
-    return exit_code(Quickstart(args.out, SIZES[args.size]).run, "quickstart")
+    return exit_code(Quickstart(args.out, SIZES[args.size], args.teacher).run, "quickstart")
 
 
 if __name__ == "__main__":

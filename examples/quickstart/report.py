@@ -4,6 +4,12 @@ import json
 import os
 from typing import Any, Dict, List
 
+TEACHER_TEXT = {
+    "hubert": "Teacher: a HuBERT pretrained here by stock fairseq (hubert_pretraining).",
+    "wavlm": "Teacher: a WavLM-shaped checkpoint with RANDOM weights, in WavLM's release layout (the "
+    "mechanics of DPWavLM only; a random teacher teaches nothing).",
+}
+
 
 def target_params(report: Dict[str, Any]) -> int:
     """The parameter count the target sparsity asks for."""
@@ -17,6 +23,8 @@ def markdown(report: Dict[str, Any]) -> str:
         "",
         f"Data: {report['data']['description']}; {report['data']['train_utterances']} training and "
         f"{report['data']['valid_utterances']} validation utterances, {report['data']['seconds']:.0f} s.",
+        "",
+        TEACHER_TEXT[report["teacher"].get("kind", "hubert")],
         "",
         "| | teacher | pruned student |",
         "|---|---|---|",
