@@ -8,11 +8,13 @@ from .safe_loading import read_checkpoint, read_torch_file
 #: The model name of the plugin's own checkpoints (training runs and exports).
 STUDENT = "dphubert"
 #: Model names of the native fairseq teachers the plugin copies.
-SUPPORTED_TEACHERS = ("hubert", "wav2vec2")
+#: fairseq's data2vec audio model (registered by its example, ``teacher.import_data2vec``)
+DATA2VEC_AUDIO = "data2vec_audio"
+SUPPORTED_TEACHERS = ("hubert", "wav2vec2", DATA2VEC_AUDIO)
 #: The name given to WavLM checkpoints: ``{"cfg": WavLM's config as a flat dict, "model": state dict}``.
 WAVLM = "wavlm"
 SUPPORTED_TEXT = (
-    "supported teachers: fairseq hubert and wav2vec2, and WavLM checkpoints as released "
+    "supported teachers: fairseq hubert, wav2vec2 and data2vec_audio, and WavLM checkpoints as released "
     "(Base and Large shapes, transformer layers)"
 )
 

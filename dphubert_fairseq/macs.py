@@ -7,7 +7,8 @@ which is where the time goes. Each is one MAC (``2 MACs = FLOPs`` as ``torch.uti
   ``T_{-1}`` the number of samples, ``C_in`` of the first block 1;
 - feature projection: ``T * F * D``, ``F`` its input features (CNN channels, + 1 column after an exact export);
 - positional convolution (padding ``kernel // 2``): ``(T + 1 - kernel % 2) * D * (D / groups) * kernel``
-  output frames as computed, before fairseq trims the extra one of even kernels;
+  output frames as computed, before fairseq trims the extra one of even kernels; times its layers
+  (data2vec's ``conv_pos_depth``);
 - attention with ``H`` heads of ``d``: q, k, v ``3 * T * D * H d``; scores ``T^2 H d``; weighted values
   ``T^2 H d``; out projection ``T * H d * D``;
 - WavLM's relative position bias gate (per attention): ``T * H * s * 8``, ``s = D / H_teacher`` the input
@@ -86,7 +87,7 @@ def count_macs(cfg, num_samples: int, sizes: UnitSizes = None) -> MacCount:
         features = in_channels + (1 if cfg.feature_norm_removed_channels > 0 else 0)
         count.feature_projection = frames * features * dim
     computed = frames + 1 - cfg.conv_pos % 2
-    count.pos_conv = computed * dim * (dim // cfg.conv_pos_groups) * cfg.conv_pos
+    count.pos_conv = cfg.conv_pos_depth * computed * dim * (dim // cfg.conv_pos_groups) * cfg.conv_pos
     gated_bias = cfg.relative_position_buckets > 0 and cfg.gru_rel_pos
     for heads, ffn_dim, keep_att, keep_ffn in zip(
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep

@@ -74,10 +74,13 @@ def ffn_params(embed_dim: int, ffn_dim: Number) -> Number:
     return (embed_dim + 1) * ffn_dim + (ffn_dim + 1) * embed_dim
 
 
-def pos_conv_params(embed_dim: int, kernel: int, groups: int, batch_norm: bool) -> int:
+def pos_conv_params(embed_dim: int, kernel: int, groups: int, batch_norm: bool, depth: int = 1) -> int:
     """fairseq's positional convolution: weight-normalised grouped conv (g over the kernel axis, v) with bias,
-    or BatchNorm + plain conv in its batch-norm variant."""
+    or BatchNorm + plain conv in its batch-norm variant; with ``depth`` > 1, data2vec's stack of ``depth``
+    plain grouped convs with bias (its LayerNorms have no parameters)."""
     weight = embed_dim * (embed_dim // groups) * kernel
+    if depth > 1:
+        return depth * (weight + embed_dim)
     if batch_norm:
         return 2 * embed_dim + weight + embed_dim
     return kernel + weight + embed_dim
@@ -153,7 +156,9 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
         )
     else:
         n = n + layer_norm_params(in_channels)
-    n = n + pos_conv_params(embed_dim, cfg.conv_pos, cfg.conv_pos_groups, cfg.conv_pos_batch_norm)
+    n = n + pos_conv_params(
+        embed_dim, cfg.conv_pos, cfg.conv_pos_groups, cfg.conv_pos_batch_norm, cfg.conv_pos_depth
+    )
     block_norm = layer_norm_params(embed_dim)
     heads, ffn_dims, keep_att, keep_ffn = _per_layer_vectors(
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep

@@ -7,12 +7,14 @@ position bias (``models/prunable_wavlm_attention.py``), whose parity with WavLM'
 """
 
 import hashlib
+import importlib
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from fairseq import checkpoint_utils, utils
+from fairseq.models import MODEL_REGISTRY
 from fairseq.models.hubert.hubert import HubertModel
 from fairseq.models.wav2vec.wav2vec2 import (
     ConformerEncoder,
@@ -21,7 +23,13 @@ from fairseq.models.wav2vec.wav2vec2 import (
     Wav2Vec2Model,
 )
 
-from .checkpoint_kind import SUPPORTED_TEXT, WAVLM, checkpoint_model_name, read_teacher_checkpoint
+from .checkpoint_kind import (
+    DATA2VEC_AUDIO,
+    SUPPORTED_TEXT,
+    WAVLM,
+    checkpoint_model_name,
+    read_teacher_checkpoint,
+)
 from .conv_spec import format_conv_layers, parse_conv_layers
 from .errors import CheckpointError, UnsupportedTeacherError
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config, wav2vec2_frame_padding
@@ -64,6 +72,26 @@ def dphubert_state(teacher_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
     return out
 
 
+def is_data2vec_audio(model: nn.Module) -> bool:
+    """Whether ``model`` is fairseq's data2vec audio model (never true before ``import_data2vec`` registered
+    it, so nothing imports fairseq's examples needlessly)."""
+    registered = MODEL_REGISTRY.get("data2vec_audio")
+    return registered is not None and isinstance(model, registered)
+
+
+def is_native_teacher(model: nn.Module) -> bool:
+    """Whether ``model`` is a fairseq model the plugin copies: HuBERT, wav2vec2, data2vec audio."""
+    return isinstance(model, (HubertModel, Wav2Vec2Model)) or is_data2vec_audio(model)
+
+
+def import_data2vec() -> None:
+    """Register fairseq's data2vec audio model. fairseq ships it as an example, meant to be loaded with
+    ``--user-dir examples/data2vec``, which also imports the example's image task and with it torchvision;
+    the audio model's own module needs neither (and costs seconds to import, so only data2vec checkpoints
+    do)."""
+    importlib.import_module("fairseq.examples.data2vec.models.data2vec_audio")
+
+
 def _activation_name(fn) -> str:
     for name in utils.get_available_activation_fns():
         if name != "linear" and utils.get_activation_fn(name) is fn:
@@ -82,7 +110,7 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
         if model.gates():
             raise UnsupportedTeacherError("a gated dphubert model is a student in training, not a teacher")
         return as_config(model.cfg)
-    if not isinstance(model, (HubertModel, Wav2Vec2Model)):
+    if not is_native_teacher(model):
         raise UnsupportedTeacherError(f"model type {type(model).__name__} is not supported; {SUPPORTED_TEXT}")
     if getattr(model, "input_quantizer", None) is not None:
         raise UnsupportedTeacherError(f"wav2vec2 with quantize_input is not supported; {SUPPORTED_TEXT}")
@@ -97,9 +125,9 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
             )
     pos_conv = encoder.pos_conv
     convs = [m for m in pos_conv.modules() if isinstance(m, nn.Conv1d)]
-    if len(convs) != 1:
+    if len(convs) > 1 and not is_data2vec_audio(model):
         raise UnsupportedTeacherError(
-            f"a positional convolution of depth {len(convs)} is not supported; {SUPPORTED_TEXT}"
+            f"a positional convolution of depth {len(convs)} outside data2vec is not supported; {SUPPORTED_TEXT}"
         )
 
     blocks = list(model.feature_extractor.conv_layers)
@@ -123,6 +151,7 @@ def config_from_fairseq(model: nn.Module, task_cfg=None) -> DPHuBERTConfig:
         activation_fn=_activation_name(layers[0].activation_fn),
         conv_pos=convs[0].kernel_size[0],
         conv_pos_groups=convs[0].groups,
+        conv_pos_depth=len(convs),
         conv_pos_batch_norm=isinstance(pos_conv[0], nn.BatchNorm1d),
         post_extract_proj=model.post_extract_proj is not None,
         dropout=encoder.dropout,
@@ -230,6 +259,10 @@ def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
     mode and its architecture."""
     path = str(path)
     state = read_teacher_checkpoint(path)
+    if checkpoint_model_name(state) == DATA2VEC_AUDIO:
+        import_data2vec()
+        # its user_dir (examples/data2vec) would register the model a second time, and need torchvision
+        state["cfg"]["common"]["user_dir"] = None
     if checkpoint_model_name(state) == WAVLM:
         try:
             model, config = wavlm_teacher(state)
@@ -238,6 +271,8 @@ def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
         return model.eval(), config
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
+    if is_data2vec_audio(model):
+        model.remove_pretraining_modules()  # its EMA copy of the encoder (and final_proj) teach nothing
     try:
         config = config_from_fairseq(model, cfg.task)
     except UnsupportedTeacherError as err:
@@ -286,7 +321,7 @@ def teacher_hidden_states(
     if isinstance(teacher, DPHuBERTModel):
         states = teacher.hidden_states(source, padding_mask)
         return states if num_layers is None else states[: num_layers + 1]
-    if not isinstance(teacher, (HubertModel, Wav2Vec2Model)):
+    if not is_native_teacher(teacher):
         raise TypeError(f"unsupported teacher {type(teacher).__name__}; {SUPPORTED_TEXT}")
     features = teacher.feature_extractor(source).transpose(1, 2)
     features = teacher.layer_norm(features)

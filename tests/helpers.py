@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from dphubert_fairseq.teacher import import_data2vec  # noqa: E402
 from fairseq_runs import (  # noqa: E402,F401  (re-exported for the tests)
     CONFIGS,
     CPU_OVERRIDES,
@@ -114,6 +115,7 @@ TEACHER_SHAPES = {
     "hubert_large": ("hubert", True),
     "wav2vec2_base": ("wav2vec2", False),
     "wav2vec2_large": ("wav2vec2", True),
+    "data2vec_base": ("data2vec_audio", False),  # a 3-layer positional convolution
 }
 
 TINY = [
@@ -131,10 +133,9 @@ TINY = [
     "16",
     "--conv-pos-groups",
     "4",
-    "--final-dim",
-    "16",
 ]
-BASE = ["--final-dim", "256"]
+#: the projection HuBERT / wav2vec2 pretraining predicts through (data2vec has none)
+FINAL_DIM = {"tiny": ["--final-dim", "16"], "base": ["--final-dim", "256"]}
 LARGE_SHAPE = ["--layer-norm-first", "--extractor-mode", "layer_norm", "--normalize"]
 
 
@@ -169,9 +170,13 @@ def training_args(kind: str, folder: str, size: str = "tiny", large_shape: bool 
         ]
     elif kind == "wav2vec2":
         argv += ["--task", "audio_pretraining", "--arch", "wav2vec2", "--criterion", "wav2vec"]
+    elif kind == "data2vec_audio":  # fairseq's example model (its whole user dir would need torchvision)
+        import_data2vec()
+        argv += ["--task", "audio_pretraining", "--arch", "data2vec_audio", "--criterion", "model"]
+        argv += ["--pos-conv-depth", "3"]
     else:
         raise ValueError(kind)
-    argv += TINY if size == "tiny" else BASE
+    argv += (TINY if size == "tiny" else []) + (FINAL_DIM[size] if kind != "data2vec_audio" else [])
     if large_shape:
         argv += LARGE_SHAPE + (["--conv-bias"] if kind == "wav2vec2" else [])
     parser = options.get_training_parser()
@@ -208,7 +213,13 @@ def save_with_trainer(path: str, cfg, task, model, criterion, num_updates: int =
 
 def make_teacher(path: str, kind: str, size: str = "tiny", large_shape: bool = False, seed: int = 0) -> str:
     folder = os.path.join(os.path.dirname(path), "labels")
-    return save_with_trainer(path, *build(kind, folder, size, large_shape, seed))
+    cfg, task, model, criterion = build(kind, folder, size, large_shape, seed)
+    if kind == "data2vec_audio":
+        # a trained data2vec checkpoint holds its EMA teacher, which fairseq's loader insists on: it is made at
+        # the first update
+        model.set_num_updates(1)
+        return save_with_trainer(path, cfg, task, model, criterion, num_updates=1)
+    return save_with_trainer(path, cfg, task, model, criterion)
 
 
 # ----- WavLM teachers, made by WavLM's own code (fairseq_runs.wavlm) -----

@@ -75,7 +75,7 @@ def test_conformer_wav2vec2_is_refused(tmp_path):
     )
     with pytest.raises(dp.CheckpointError) as err:
         dp.load_teacher(path)
-    _assert_one_line(err, path, "not supported", "hubert and wav2vec2")
+    _assert_one_line(err, path, "not supported", "hubert, wav2vec2 and data2vec_audio")
 
 
 def test_student_given_as_teacher_and_teacher_given_as_student(tmp_path, tiny_teachers):

@@ -20,7 +20,7 @@ def counted_flops(model, source) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_large"])
+@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_large", "data2vec_base"])
 def test_macs_of_a_fairseq_teacher(tiny_teachers, shape):
     teacher = dp.load_teacher(tiny_teachers[shape])
     source = torch.randn(1, SAMPLES)
@@ -28,7 +28,7 @@ def test_macs_of_a_fairseq_teacher(tiny_teachers, shape):
     assert counted_flops(teacher, source) == 2 * macs.total
 
 
-@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_base"])
+@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_base", "data2vec_base"])
 def test_macs_of_an_exported_model(tiny_teachers, shape):
     teacher = dp.load_teacher(tiny_teachers[shape])
     student = randomise_gates(

@@ -18,7 +18,7 @@ def implied_count(model) -> int:
     return model.eval_mask_params()
 
 
-@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_base"])
+@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_base", "data2vec_base"])
 @pytest.mark.parametrize("units", [("conv", "head", "interm"), ALL_UNITS])
 def test_prune_is_exact_for_base_shaped_extractor(tiny_teachers, unequal_batch, shape, units):
     model = randomise_gates(dp.student_from_teacher(tiny_teachers[shape], prune_units=units)).eval()

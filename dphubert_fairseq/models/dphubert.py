@@ -73,7 +73,19 @@ class DPHuBERTConfig(FairseqDataclass):
     activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
         default="gelu", metadata={"help": "activation of the FFN blocks"}
     )
-    conv_pos: int = field(default=128, metadata={"help": "kernel size of the positional convolution"})
+    conv_pos: int = field(
+        default=128,
+        metadata={
+            "help": "kernel size of the positional convolution (of each of its layers, with depth > 1)"
+        },
+    )
+    conv_pos_depth: int = field(
+        default=1,
+        metadata={
+            "help": "layers of the positional convolution: 1 (HuBERT, wav2vec2, WavLM) or data2vec's stack of "
+            "convs with a LayerNorm and GELU each (data2vec audio: 5)"
+        },
+    )
     conv_pos_groups: int = field(default=16, metadata={"help": "groups of the positional convolution"})
     conv_pos_batch_norm: bool = field(
         default=False, metadata={"help": "positional convolution with BatchNorm instead of weight norm"}

@@ -5,10 +5,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fairseq.models.wav2vec.wav2vec2 import make_conv_pos
 from fairseq.modules import LayerNorm
 
 from .encoder_layer import PrunableEncoderLayer
+from .positional_conv import positional_conv
 from .prunable_attention import PrunableSelfAttention
 from .prunable_ffn import PrunableFeedForward
 from .prunable_wavlm_attention import PrunableWavLMSelfAttention
@@ -28,9 +28,8 @@ class PrunableTransformerEncoder(nn.Module):
         embed_dim = cfg.encoder_embed_dim
         self.layer_norm_first = cfg.layer_norm_first
         self.dropout = cfg.dropout
-        # fairseq's own builder, so that state dicts (weight_g / weight_v) match stock checkpoints
-        self.pos_conv = make_conv_pos(
-            embed_dim, cfg.conv_pos, cfg.conv_pos_groups, is_batch_norm=cfg.conv_pos_batch_norm
+        self.pos_conv = positional_conv(
+            embed_dim, cfg.conv_pos, cfg.conv_pos_groups, cfg.conv_pos_batch_norm, cfg.conv_pos_depth
         )
         self.relative_attention_bias = None
         if cfg.relative_position_buckets > 0:

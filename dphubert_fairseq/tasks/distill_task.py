@@ -44,6 +44,7 @@ _ARCHITECTURE_KEYS = [
     "conv_pos",
     "conv_pos_groups",
     "conv_pos_batch_norm",
+    "conv_pos_depth",
     "relative_position_buckets",
     "relative_position_max_distance",
     "relative_position_heads",

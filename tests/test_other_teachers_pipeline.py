@@ -1,5 +1,6 @@
-"""DPWavLM through fairseq's own trainer: stage 1 from a WavLM checkpoint as released, export, reload with stock
-fairseq, stage 2, and stock CTC fine-tuning of the result."""
+"""WavLM and data2vec teachers through fairseq's own trainer. DPWavLM: stage 1 from a WavLM checkpoint as
+released, export, reload with stock fairseq, stage 2, and stock CTC fine-tuning of the result. data2vec audio:
+stage 1 and an exact export."""
 
 import os
 
@@ -91,3 +92,18 @@ def test_stage2_and_stock_ctc_finetuning_of_a_dpwavlm(dpwavlm, speech_manifests,
     heads = state["model"]["w2v_encoder.w2v_model.encoder.layers.1.self_attn.head_index"]
     assert torch.equal(heads, torch.load(final)["model"]["encoder.layers.1.self_attn.head_index"])
     assert "w2v_encoder.w2v_model.encoder.relative_attention_bias.weight" in state["model"]
+
+
+def test_stage1_from_a_data2vec_checkpoint_exports_exactly(tmp_path, speech_manifests, tiny_teachers):
+    teacher = tiny_teachers["data2vec_base"]
+    out = P.hydra_train(
+        "dphubert",
+        overrides(speech_manifests, teacher, str(tmp_path / "stage1"), max_update=10)
+        + ["criterion.target_sparsity=0.3", "criterion.sparsity_warmup_updates=5"],
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    exported = str(tmp_path / "dp.pt")
+    result = P.export(str(tmp_path / "stage1" / "checkpoint_last.pt"), exported)
+    assert result.returncode == 0 and "export is exact" in result.stdout, result.stdout + result.stderr
+    models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([exported])
+    assert cfg.model.conv_pos_depth == 3 and len(models[0].encoder.pos_conv) == 3
