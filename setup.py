@@ -74,8 +74,24 @@ setup(
         # SLURM cluster"); submitit_local runs the same job on this machine. >=1.2: the release made for
         # hydra-core 1.2/1.3 (tested: 1.2.0 with hydra-core 1.3.8, submitit 1.5.4)
         "slurm": ["hydra-submitit-launcher>=1.2"],
+        # SUPERB with s3prl's runner (dphubert_fairseq/formats/s3prl_hub.py): its run_downstream.py and
+        # downstream/runner.py import HfFolder and Repository, gone from huggingface_hub 1.0, which transformers 5
+        # requires; pandas and editdistance: the asr downstream, librosa: voxceleb1 (SID)
+        "superb": [
+            "s3prl==0.4.18",
+            "huggingface_hub<1",
+            "transformers<5",
+            "pandas",
+            "editdistance",
+            "librosa",
+        ],
     },
-    entry_points={"console_scripts": ["dphubert-export=dphubert_fairseq.export:main"]},
+    entry_points={
+        "console_scripts": [
+            "dphubert-export=dphubert_fairseq.export:main",
+            "dphubert-import=dphubert_fairseq.import_reference:main",
+        ]
+    },
     license="MIT",
     classifiers=[
         "License :: OSI Approved :: MIT License",

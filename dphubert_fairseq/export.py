@@ -1,14 +1,22 @@
-"""Export a training checkpoint as a pruned fairseq checkpoint.
+"""Export a training checkpoint as a pruned fairseq checkpoint, or in the reference implementation's format.
 
     python -m dphubert_fairseq.export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
     dphubert-export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
+    dphubert-export STAGE_CHECKPOINT OUT.pth --format reference [--reference-layout exact|compact] [...]
 
 Reads a checkpoint written by fairseq's trainer for the ``dphubert_distill`` task (stage 1 or 2), folds the
 eval-mode gates into the weights (``prune``), writes the result with ``save_model`` (the distillation
 projections go along in ``extra_state`` for stage 2), prints a summary and optionally writes it as JSON.
+
+``--format reference`` writes OUT, instead of the fairseq checkpoint, as the reference implementation
+(pyf98/DPHuBERT) releases its models: ``{"state_dict", "config"}`` for its ``wav2vec2_model`` builder
+(``formats/reference.py``). It holds the model only (no distillation projections: a fairseq export is what
+stage 2 continues from), and the summary says whether it reproduces the model exactly, with the max abs
+hidden-state deviation measured on a probe input.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +30,7 @@ from .checkpoint_kind import read_student_checkpoint
 from .conv_spec import parse_conv_layers
 from .criterions.target_projection import missed_target
 from .errors import ConfigError
+from .formats.reference import LAYOUTS, ReferenceExportReport, reference_from_model, save_reference
 from .models.dphubert import DPHuBERTModel, as_config
 from .pruning import prune
 
@@ -91,6 +100,8 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
                 f"export is NOT exact: {'; '.join(summary['inexact_parts'])}; max abs deviation on the probe "
                 f"{summary['max_abs_deviation']:.4g}"
             )
+    if summary.get("reference"):
+        lines.extend(ReferenceExportReport(**summary["reference"]).lines())
     return "\n".join(lines)
 
 
@@ -139,9 +150,25 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+#: ``--format`` choices: a fairseq checkpoint (``save_model``) or the reference implementation's format
+FORMATS = ("fairseq", "reference")
+
+
 def export(
-    checkpoint: str, out: str, json_path: Optional[str] = None, round_heads: int = 1, round_ffn: int = 1
+    checkpoint: str,
+    out: str,
+    json_path: Optional[str] = None,
+    round_heads: int = 1,
+    round_ffn: int = 1,
+    output_format: str = "fairseq",
+    reference_layout: str = "exact",
 ) -> Dict[str, Any]:
+    if output_format not in FORMATS:
+        raise ConfigError(f"--format {output_format}: choose one of {', '.join(FORMATS)}")
+    if reference_layout not in LAYOUTS:
+        raise ConfigError(f"--reference-layout {reference_layout}: choose one of {', '.join(LAYOUTS)}")
+    if reference_layout != "exact" and output_format != "reference":
+        raise ConfigError("--reference-layout applies to --format reference only")
     check_destination(out, "output")
     if json_path:
         check_destination(json_path, "--json")
@@ -178,7 +205,13 @@ def export(
         "prediction_heads": recorded["prediction_heads"],
         "export_summary": summary,
     }
-    save_model(pruned, out, extra_state=extra_state)
+    summary["format"] = output_format
+    if output_format == "reference":
+        obj, report = reference_from_model(pruned, layout=reference_layout)
+        summary["reference"] = dataclasses.asdict(report)
+        save_reference(obj, out)
+    else:
+        save_model(pruned, out, extra_state=extra_state)
     if json_path:
         atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -190,7 +223,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Export a dphubert training checkpoint as a pruned fairseq checkpoint.",
     )
     parser.add_argument("checkpoint", help="checkpoint written by fairseq-hydra-train (stage 1 or stage 2)")
-    parser.add_argument("out", help="where to write the pruned fairseq checkpoint (.pt)")
+    parser.add_argument(
+        "out", help="where to write the pruned fairseq checkpoint (.pt), or the reference-format file"
+    )
     parser.add_argument("--json", dest="json_path", help="also write the summary as JSON here")
     parser.add_argument(
         "--round-heads",
@@ -204,10 +239,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=1,
         help="keep a multiple of this many FFN units per layer (rounded up likewise), e.g. 64 or 128",
     )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="fairseq",
+        help="fairseq: a fairseq checkpoint (default); reference: the reference implementation's "
+        "{state_dict, config} file for its wav2vec2_model builder, instead of the fairseq checkpoint",
+    )
+    parser.add_argument(
+        "--reference-layout",
+        choices=LAYOUTS,
+        default="exact",
+        help="with --format reference: 'exact' (default) keeps removed CNN output channels as zero "
+        "channels so that the file reproduces the model; 'compact' drops them as the reference does (fewer "
+        "parameters, not exact: the deviation is measured and printed)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = export(args.checkpoint, args.out, args.json_path, args.round_heads, args.round_ffn)
+        summary = export(
+            args.checkpoint,
+            args.out,
+            args.json_path,
+            args.round_heads,
+            args.round_ffn,
+            output_format=args.format,
+            reference_layout=args.reference_layout,
+        )
     except ValueError as err:  # every DPHuBERTError is one
         print(f"dphubert-export: error: {err}", file=sys.stderr)
         return 2

@@ -246,7 +246,7 @@ def _fold_ffn(
     )
 
 
-def _probe_input(model: DPHuBERTModel, seconds: float = 1.0) -> torch.Tensor:
+def probe_input(model: DPHuBERTModel, seconds: float = 1.0) -> torch.Tensor:
     """A fixed, speech-scaled input: two seeded seconds of noise, normalised to unit variance."""
     generator = torch.Generator().manual_seed(0)
     wave = torch.randn(2, int(model.cfg.sample_rate * seconds), generator=generator)
@@ -321,7 +321,7 @@ def prune(
 
         deviation = None
         if verify:
-            source = probe if probe is not None else _probe_input(model)
+            source = probe if probe is not None else probe_input(model)
             deviation = max_hidden_state_deviation(model, pruned, source)
         pruned.pruning_report = PruningReport(
             exact=not inexact,

@@ -99,7 +99,7 @@ def test_layer_norm_extractor_deviation_is_measured_and_reported(tiny_teachers, 
     assert any("LayerNorm" in part for part in report.inexact_parts)
     assert report.max_abs_deviation > 1e-4  # really inexact ...
     assert report.max_abs_deviation == pytest.approx(
-        max_hidden_state_deviation(model, pruned, dp.pruning._probe_input(model)), rel=1e-6
+        max_hidden_state_deviation(model, pruned, dp.pruning.probe_input(model)), rel=1e-6
     )
     source, mask = padded_batch(unequal_batch, normalize=True)
     speech_deviation = max_hidden_state_deviation(model, pruned, source)
