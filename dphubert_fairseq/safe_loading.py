@@ -19,7 +19,7 @@ import pickle
 import re
 import sys
 import typing
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, TypeVar
 
 import torch
 from fairseq import checkpoint_utils
@@ -30,6 +30,8 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
 from .errors import CheckpointError, CheckpointLayoutError, ConfigError
+
+T = TypeVar("T")
 
 #: Environment variable with extra ``module.Class`` names (comma-separated) a user trusts.
 TRUST_ENV = "DPHUBERT_SAFE_GLOBALS"
@@ -192,19 +194,29 @@ def check_trusted_globals() -> None:
         raise ConfigError(_trusted_globals_problem)
 
 
-def read_torch_file(path: str) -> object:
-    """Whatever a torch file holds, loaded to CPU weights-only (checked and refused as ``read_checkpoint``
-    does), for files that are not fairseq checkpoints (WavLM's, the reference implementation's)."""
-    check_trusted_globals()
-    check_checkpoint_file(path)
+def read_with_readable_errors(path: str, read: Callable[[], T]) -> T:
+    """``read()`` (a torch or fairseq read of ``path``), its refusals and damaged-file errors turned into one
+    line naming the file (``CheckpointError``): a refused class, a truncated zip, a layout problem."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return read()
+    except CheckpointLayoutError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     except (pickle.UnpicklingError, EOFError) as err:
         raise CheckpointError(describe_load_error(path, err)) from None
     except RuntimeError as err:
         if "PytorchStreamReader" in str(err) or "zip archive" in str(err):
             raise CheckpointError(describe_load_error(path, err)) from None
         raise
+
+
+def read_torch_file(path: str) -> object:
+    """Whatever a torch file holds, loaded to CPU weights-only (checked and refused as ``read_checkpoint``
+    does), for files that are not fairseq checkpoints (WavLM's, the reference implementation's)."""
+    check_trusted_globals()
+    check_checkpoint_file(path)
+    return read_with_readable_errors(
+        path, lambda: torch.load(str(path), map_location="cpu", weights_only=True)
+    )
 
 
 def read_checkpoint(path: str) -> dict:

@@ -347,6 +347,21 @@ def distill_task(data, teacher, **task_cfg):
     return DPHuBERTDistillTask.setup_task(cfg)
 
 
+def tiny_run_overrides(data, teacher, save_dir, max_update: int, log_interval: int = 1) -> List[str]:
+    """Stage-1 command-line overrides for a short CPU run of a 3-layer tiny teacher (distilling layers 1-3)."""
+    return [
+        f"task.data={data}",
+        f"task.teacher_path={teacher}",
+        f"checkpoint.save_dir={save_dir}",
+        'criterion.distill_layers="0;1,2,3"',
+        *CPU_OVERRIDES,
+        "dataset.max_tokens=48000",
+        f"common.log_interval={log_interval}",
+        "common.tensorboard_logdir=null",
+        f"optimization.max_update={max_update}",
+    ]
+
+
 CTC_RECIPES = {
     # stock fairseq fine-tuning recipes: (config folder under fairseq/examples, config name, extra overrides)
     "wav2vec_ctc": ("wav2vec/config/finetuning", "base_10m", []),

@@ -204,27 +204,13 @@ def nan_run_data(folder, speech_manifests, speech):
     return folder
 
 
-def run_overrides(data, teacher, save_dir, max_update: int):
-    return [
-        f"task.data={data}",
-        f"task.teacher_path={teacher}",
-        f"checkpoint.save_dir={save_dir}",
-        'criterion.distill_layers="0;1,2,3"',
-        *P.CPU_OVERRIDES,
-        "dataset.max_tokens=48000",
-        "common.log_interval=1",
-        "common.tensorboard_logdir=null",
-        f"optimization.max_update={max_update}",
-    ]
-
-
 @pytest.mark.slow
 def test_training_leaves_out_non_finite_audio(tmp_path, speech_manifests, speech, tiny_teachers):
     """Stock fairseq-hydra-train: two epochs of 3 batches (one holding nan_a and a clean item, one with nan_b
     only: the empty batch fairseq runs as a dummy), then validation with one empty batch (nan_valid)."""
     data = nan_run_data(tmp_path / "data", speech_manifests, speech)
     save_dir = tmp_path / "out"
-    out = P.hydra_train("dphubert", run_overrides(data, tiny_teachers["hubert_base"], save_dir, 6))
+    out = P.hydra_train("dphubert", P.tiny_run_overrides(data, tiny_teachers["hubert_base"], save_dir, 6))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     warnings = [
         line for line in out.stdout.splitlines() if "WARNING" in line and "non-finite samples" in line
@@ -254,6 +240,6 @@ def test_a_first_batch_of_non_finite_audio_only(tmp_path, speech_manifests, spee
     manifest = data / "valid.tsv"
     manifest.write_text(manifest.read_text().replace(f"nan_valid.wav\t{RATE}", f"nan_valid.wav\t{2 * RATE}"))
     save_dir = tmp_path / "out"
-    out = P.hydra_train("dphubert", run_overrides(data, tiny_teachers["hubert_base"], save_dir, 2))
+    out = P.hydra_train("dphubert", P.tiny_run_overrides(data, tiny_teachers["hubert_base"], save_dir, 2))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (save_dir / "checkpoint_best.pt").exists()

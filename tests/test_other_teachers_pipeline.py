@@ -20,16 +20,7 @@ UPDATES = 60
 
 
 def overrides(data, teacher, save_dir, max_update=UPDATES):
-    return [
-        f"task.data={data}",
-        f"task.teacher_path={teacher}",
-        f"checkpoint.save_dir={save_dir}",
-        'criterion.distill_layers="0;1,2,3"',
-        *P.CPU_OVERRIDES,
-        "dataset.max_tokens=48000",
-        "common.log_interval=10",
-        "common.tensorboard_logdir=null",
-        f"optimization.max_update={max_update}",
+    return P.tiny_run_overrides(data, teacher, save_dir, max_update, log_interval=10) + [
         f"checkpoint.save_interval_updates={max_update}",
         f"dataset.validate_interval_updates={max_update}",
     ]

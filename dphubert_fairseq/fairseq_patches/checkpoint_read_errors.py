@@ -8,13 +8,11 @@ Guard: the reader does not already fail with a ``ValueError`` naming the file fo
 """
 
 import os
-import pickle
 import tempfile
 
 from fairseq import checkpoint_utils
 
-from ..errors import CheckpointError, CheckpointLayoutError
-from ..safe_loading import check_checkpoint_file, check_trusted_globals, describe_load_error
+from ..safe_loading import check_checkpoint_file, check_trusted_globals, read_with_readable_errors
 from .patch import function_patch
 
 
@@ -33,16 +31,7 @@ def _reader_with_readable_errors(original):
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         check_trusted_globals()
         check_checkpoint_file(path)
-        try:
-            return original(path, *args, **kwargs)
-        except CheckpointLayoutError as err:
-            raise CheckpointError(f"{path}: {err}") from None
-        except (pickle.UnpicklingError, EOFError) as err:
-            raise CheckpointError(describe_load_error(path, err)) from None
-        except RuntimeError as err:
-            if "PytorchStreamReader" in str(err) or "zip archive" in str(err):
-                raise CheckpointError(describe_load_error(path, err)) from None
-            raise
+        return read_with_readable_errors(path, lambda: original(path, *args, **kwargs))
 
     return load_checkpoint_to_cpu
 
