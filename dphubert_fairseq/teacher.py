@@ -245,12 +245,14 @@ def wavlm_teacher(state: Dict[str, Any]) -> Tuple[DPHuBERTModel, DPHuBERTConfig]
     for i in range(config.encoder_layers):  # WavLM's rescale_init variant has no k_proj bias: it is zero
         name = f"encoder.layers.{i}.self_attn.k_proj.bias"
         weights.setdefault(name, torch.zeros_like(own[name]))
-    unexpected = [k for k in weights if k not in own]
+    # names outside the encoder's modules are pretraining-only parts (final_proj, label embeddings, ...)
+    modules = {name.split(".")[0] for name in own}
+    unexpected = [k for k in weights if k not in own and k.split(".")[0] in modules]
     missing = [k for k in own if k not in weights and not k.endswith("head_index")]
     if unexpected or missing:
         what = f"unexpected weights {unexpected[:3]}" if unexpected else f"missing weights {missing[:3]}"
         raise UnsupportedTeacherError(f"not the WavLM its config describes: {what}")
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
     return model, config
 
 

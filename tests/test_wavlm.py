@@ -146,11 +146,12 @@ def test_wavlm_macs_match_the_flop_counter(wavlm_teachers):
     assert config_from_fairseq(teacher).relative_position_heads == 4
 
 
-def _save_wavlm(path, cfg_changes=None, drop=None):
+def _save_wavlm(path, cfg_changes=None, drop=None, add=None):
     model = build_wavlm()
     state = model.state_dict()
     if drop:
         del state[drop]
+    state.update(add or {})
     torch.save({"cfg": dict(model.cfg.__dict__, **(cfg_changes or {})), "model": state}, path)
     return str(path)
 
@@ -168,6 +169,11 @@ def test_bad_wavlm_checkpoints_are_refused_clearly(tmp_path, cfg_changes, drop, 
     with pytest.raises(dp.CheckpointError) as err:
         dp.load_teacher(path)
     assert_one_line(str(err.value), starts_with=f"{path}: WavLM checkpoint: ", contains=[expected])
+
+
+def test_pretraining_only_weights_of_a_wavlm_checkpoint_are_left_out(tmp_path):
+    path = _save_wavlm(tmp_path / "wavlm.pt", add={"final_proj.weight": torch.ones(4, 32)})
+    assert "final_proj.weight" not in dp.load_teacher(path).state_dict()
 
 
 def test_a_pruned_wavlm_is_not_a_teacher(wavlm_teachers, tmp_path):
