@@ -47,11 +47,11 @@ def read_teacher_checkpoint(path: str) -> dict:
     """The loaded checkpoint ``path``, which must hold a supported teacher: a WavLM checkpoint as read
     weights-only, a fairseq one as ``safe_loading.read_checkpoint`` reads it; ``CheckpointError`` naming the
     file otherwise (``checkpoint_model_name`` says what it holds; ``WAVLM`` for WavLM's layout)."""
-    raw = read_torch_file(path)
+    raw = read_torch_file(path, mmap=True)  # tensors mapped, not read: only WavLM's are used from here
     if is_wavlm_checkpoint(raw):
         raw["cfg"] = dict(raw["cfg"], _name=WAVLM)
         return raw
-    del raw  # a fairseq checkpoint: read again through fairseq (upgrades, config conversion)
+    del raw  # a fairseq checkpoint: read through fairseq (upgrades, config conversion)
     state = read_checkpoint(path)
     name = checkpoint_model_name(state)
     if name == STUDENT:

@@ -209,13 +209,17 @@ def read_with_readable_errors(path: str, read: Callable[[], T]) -> T:
         raise
 
 
-def read_torch_file(path: str) -> object:
+def read_torch_file(path: str, mmap: bool = False) -> object:
     """Whatever a torch file holds, loaded to CPU weights-only (checked and refused as ``read_checkpoint``
-    does), for files that are not fairseq checkpoints (WavLM's, the reference implementation's)."""
+    does), for files that are not fairseq checkpoints (WavLM's, the reference implementation's). ``mmap``:
+    map the tensors' storage instead of reading it (zip-format files; others are read), for a look at the
+    layout that costs no full read."""
     check_trusted_globals()
     check_checkpoint_file(path)
+    with open(path, "rb") as f:
+        mmap = mmap and f.read(4).startswith(_ZIP_MAGIC)
     return read_with_readable_errors(
-        path, lambda: torch.load(str(path), map_location="cpu", weights_only=True)
+        path, lambda: torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     )
 
 

@@ -249,8 +249,13 @@ def wavlm_teacher(state: Dict[str, Any]) -> Tuple[DPHuBERTModel, DPHuBERTConfig]
     modules = {name.split(".")[0] for name in own}
     unexpected = [k for k in weights if k not in own and k.split(".")[0] in modules]
     missing = [k for k in own if k not in weights and not k.endswith("head_index")]
-    if unexpected or missing:
-        what = f"unexpected weights {unexpected[:3]}" if unexpected else f"missing weights {missing[:3]}"
+    misshapen = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if unexpected or missing or misshapen:
+        if unexpected or missing:
+            what = f"unexpected weights {unexpected[:3]}" if unexpected else f"missing weights {missing[:3]}"
+        else:
+            name = misshapen[0]
+            what = f"{name} has shape {tuple(weights[name].shape)}, the config needs {tuple(own[name].shape)}"
         raise UnsupportedTeacherError(f"not the WavLM its config describes: {what}")
     model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
     return model, config
@@ -263,8 +268,11 @@ def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
     state = read_teacher_checkpoint(path)
     if checkpoint_model_name(state) == DATA2VEC_AUDIO:
         import_data2vec()
-        # its user_dir (examples/data2vec) would register the model a second time, and need torchvision
-        state["cfg"]["common"]["user_dir"] = None
+        # fairseq's loader sets the update count before loading, which makes data2vec build its EMA copy of
+        # the encoder and then require it in the file; a teacher needs neither, and a file saved without it
+        # would fail on a bare assertion
+        state["model"].pop("_ema", None)
+        state["optimizer_history"][-1].pop("num_updates", None)
     if checkpoint_model_name(state) == WAVLM:
         try:
             model, config = wavlm_teacher(state)
@@ -274,7 +282,7 @@ def load_teacher_and_config(path: str) -> Tuple[nn.Module, DPHuBERTConfig]:
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     if is_data2vec_audio(model):
-        model.remove_pretraining_modules()  # its EMA copy of the encoder (and final_proj) teach nothing
+        model.remove_pretraining_modules()  # final_proj teaches nothing
     try:
         config = config_from_fairseq(model, cfg.task)
     except UnsupportedTeacherError as err:

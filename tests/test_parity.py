@@ -67,3 +67,17 @@ def test_student_of_base_sized_hubert_reproduces_teacher(teacher_dir, speech):
         got = student.hidden_states(source, mask)
     for s, t in zip(got, expected):
         assert (s - t).abs().max().item() <= 1e-5
+
+
+def test_a_data2vec_checkpoint_without_its_ema_copy_loads(tiny_teachers, tmp_path, unequal_batch):
+    """fairseq's data2vec insists on its EMA copy of the encoder when loaded at an update count; a teacher
+    needs none, and a checkpoint stripped of it loads all the same."""
+    state = torch.load(tiny_teachers["data2vec_base"], weights_only=False)
+    assert "_ema" in state["model"]
+    del state["model"]["_ema"]
+    torch.save(state, tmp_path / "stripped.pt")
+    source, mask = padded_batch(unequal_batch)
+    with torch.no_grad():
+        a = dp.teacher_hidden_states(dp.load_teacher(tiny_teachers["data2vec_base"]), source, mask)
+        b = dp.teacher_hidden_states(dp.load_teacher(str(tmp_path / "stripped.pt")), source, mask)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

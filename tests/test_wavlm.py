@@ -162,6 +162,11 @@ def _save_wavlm(path, cfg_changes=None, drop=None, add=None):
         ({"activation_fn": "glu"}, None, "activation_fn 'glu' is not supported"),
         (None, "encoder.layers.1.fc1.weight", "missing weights ['encoder.layers.1.ffn.fc1.weight']"),
         ({"encoder_layers": 2}, None, "unexpected weights ['encoder.layers.2."),
+        (
+            {"encoder_ffn_embed_dim": 48},
+            None,
+            "encoder.layers.0.ffn.fc1.weight has shape (64, 32), the config",
+        ),
     ],
 )
 def test_bad_wavlm_checkpoints_are_refused_clearly(tmp_path, cfg_changes, drop, expected):

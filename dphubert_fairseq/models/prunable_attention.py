@@ -75,7 +75,8 @@ class PrunableSelfAttention(nn.Module):
         use one."""
         batch, time, _ = x.shape
         if self.num_heads == 0:
-            out = self.out_proj.bias.to(x.dtype).expand(batch, time, self.embed_dim)
+            # a copy, not a view of the parameter (torch's module tracker refuses those under no_grad)
+            out = self.out_proj.bias.to(x.dtype).expand(batch, time, self.embed_dim).clone()
         else:
             shape = (batch, time, self.num_heads, self.head_dim)
             q = self.q_proj(x).view(shape).transpose(1, 2)
