@@ -70,6 +70,9 @@ setup(
         # pinned because formatting changes between releases
         "test": ["pytest>=7", "editdistance", "ruff==0.17.6"],
         "quickstart": ["matplotlib", "scikit-learn"],  # figures; k-means of MFCC features
+        # dphubert-export --onnx (dphubert_fairseq/formats/onnx_export.py): the ONNX file and its check with
+        # onnxruntime (tested: onnx 1.23.2, onnxruntime 1.32.0 with torch 2.9.1's TorchScript-based exporter)
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # hydra's submitit launcher: `fairseq-hydra-train -m ... hydra/launcher=submitit_slurm` (README, "On a
         # SLURM cluster"); submitit_local runs the same job on this machine. >=1.2: the release made for
         # hydra-core 1.2/1.3 (tested: 1.2.0 with hydra-core 1.3.8, submitit 1.5.4)

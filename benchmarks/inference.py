@@ -4,10 +4,12 @@
     python benchmarks/inference.py --device cuda                 # GPU, batch 8 x 10 s, fp16
     python benchmarks/inference.py --teacher T.pt --model M.pt   # your own teacher and exported model
 
-Without ``--model`` the exported architecture is the one ``benchmarks/make_structure.py`` produced by an actual
-stage-1 run at target sparsity 0.75 on a HuBERT Base-shaped teacher (``benchmarks/structures/``, with how it was
-made), with random weights; the teacher is a HuBERT Base built from fairseq's own recipe. The rows
-``rounded hXfY`` are the same structure exported with ``--round-heads X --round-ffn Y`` (kept heads and FFN
+Without ``--model`` the exported architectures are the ones ``benchmarks/make_structure.py`` produced by actual
+stage-1 runs on a HuBERT Base-shaped teacher (``benchmarks/structures/``, with how each was made and its curves):
+``sp75`` at parameter target 0.75 (the paper's), ``macs61`` at MACs target 0.61 (``criterion.target_metric=macs``:
+the paper's student costs 0.39 of its teacher's compute); random weights; the teacher is a HuBERT Base built
+from fairseq's own recipe. The rows ``rounded hXfY`` are the first structure exported with ``--round-heads X
+--round-ffn Y`` (kept heads and FFN
 units rounded up to multiples; the extra units are zero, so the output is unchanged). Times are the median of
 ``--repeat`` forward passes under ``torch.inference_mode``, teacher and students interleaved; MACs are counted
 analytically (``dphubert_fairseq/macs.py``).
@@ -32,7 +34,10 @@ from dphubert_fairseq.models.dphubert import DPHuBERTModel, as_config
 from dphubert_fairseq.pruning import rounded_config
 from dphubert_fairseq.teacher import config_from_fairseq
 
-STRUCTURE = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.json")
+STRUCTURES = [
+    os.path.join(REPO, "benchmarks", "structures", name)
+    for name in ("hubert_base_sp75.json", "hubert_base_macs61.json")  # params target 0.75; MACs target 0.61
+]
 
 
 def audio(batch: int, seconds: float) -> torch.Tensor:
@@ -67,7 +72,12 @@ def main() -> int:
         "--teacher", help="a native fairseq HuBERT / wav2vec2 checkpoint (default: random Base)"
     )
     parser.add_argument("--model", help="an exported dphubert checkpoint (default: the recorded structure)")
-    parser.add_argument("--structure", default=STRUCTURE, help="structure JSON from make_structure.py")
+    parser.add_argument(
+        "--structure",
+        nargs="+",
+        default=[path for path in STRUCTURES if os.path.exists(path)],
+        help="structure JSONs from make_structure.py (default: the params-target and the MACs-target one)",
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts")
     parser.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -90,16 +100,20 @@ def main() -> int:
             save_random_teacher(os.path.join(work, "teacher.pt"), labels, SHAPES["base"])
         )
     teacher_cfg = config_from_fairseq(teacher)
-    provenance = None
+    models = {"teacher": teacher.eval()}
+    provenance = {}
     if args.model:
         exported = dp.load_model(args.model)
-        provenance = {"model": os.path.abspath(args.model)}
+        models["exported"] = exported.eval()
+        provenance["exported"] = {"model": os.path.abspath(args.model)}
     else:
-        with open(args.structure) as f:
-            recorded = json.load(f)
-        exported = DPHuBERTModel(as_config(recorded["model_config"]))
-        provenance = recorded["produced_by"]
-    models = {"teacher": teacher.eval(), "exported": exported.eval()}
+        for path in args.structure:
+            with open(path) as f:
+                recorded = json.load(f)
+            name = "exported " + os.path.splitext(os.path.basename(path))[0].replace("hubert_base_", "")
+            models[name] = DPHuBERTModel(as_config(recorded["model_config"])).eval()
+            provenance[name] = recorded["produced_by"]
+        exported = models[next(name for name in models if name.startswith("exported"))]
     for spec in args.rounding:
         heads, ffn = (int(v) for v in spec.split(":"))
         cfg = rounded_config(

@@ -30,6 +30,15 @@ from fairseq_runs import (
 )
 from fairseq_runs.speech import gather_speech, write_manifests
 
+#: what the structure's file keeps of every logged stage-1 update (the curves behind the structure)
+CURVE_KEYS = (
+    "num_updates",
+    "expected_sparsity",
+    "expected_macs_sparsity",
+    "eval_sparsity",
+    "eval_macs_sparsity",
+)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,6 +47,12 @@ def main() -> int:
     )
     parser.add_argument("--updates", type=int, default=400, help="stage-1 updates")
     parser.add_argument("--target", type=float, default=0.75, help="target sparsity")
+    parser.add_argument(
+        "--metric",
+        choices=("params", "macs"),
+        default="params",
+        help="what the target counts (criterion.target_metric): parameters, or MACs of a 10 s utterance",
+    )
     parser.add_argument(
         "--work", default=None, help="folder for data, teacher and checkpoints (default: temp)"
     )
@@ -60,6 +75,7 @@ def main() -> int:
         "task.long_utterances=crop",  # 1 s windows of every utterance: a fixed cost per update on CPU
         *run_length(args.updates, 20),
         f"criterion.target_sparsity={args.target}",
+        f"criterion.target_metric={args.metric}",
         f"criterion.sparsity_warmup_updates={args.updates * 2 // 3}",
         *composite_schedule(lrs, max(1, args.updates // 60)),
     ]
@@ -85,7 +101,8 @@ def main() -> int:
 
     result = {
         "produced_by": {
-            "what": f"stage 1 (configs/dphubert.yaml) at target sparsity {args.target} on a HuBERT Base-shaped "
+            "what": f"stage 1 (configs/dphubert.yaml) at target {args.metric} sparsity {args.target} on a HuBERT "
+            "Base-shaped "
             f"teacher with random weights, {args.updates} updates of 2 x 1 s of {description}, CPU, fp32; "
             "then dphubert-export",
             "command": "python benchmarks/make_structure.py " + " ".join(sys.argv[1:]),
@@ -93,13 +110,18 @@ def main() -> int:
             "date": datetime.date.today().isoformat(),
             "commit": commit,
             "eval_sparsity_at_end": float(valid[-1]["valid_eval_sparsity"]) if valid else None,
+            "eval_macs_sparsity_at_end": float(valid[-1]["valid_eval_macs_sparsity"]) if valid else None,
+            "stage1_curve": [
+                {k: float(r[k]) for k in CURVE_KEYS if k in r} for r in records(output, "train_inner")
+            ],
         },
         "summary": summary,
         "model_config": OmegaConf.to_container(OmegaConf.structured(pruned.cfg), enum_to_str=True),
     }
     write_json(args.out, result)
     print(
-        f"sparsity {summary['sparsity']:.4f} ({summary['params']:,} of {summary['teacher_params']:,} params)"
+        f"sparsity {summary['sparsity']:.4f} ({summary['params']:,} of {summary['teacher_params']:,} params); "
+        f"MACs sparsity {summary['macs_sparsity']:.4f} ({summary['macs']:,} of {summary['teacher_macs']:,})"
     )
     return 0
 

@@ -3,6 +3,7 @@
     python -m dphubert_fairseq.export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
     dphubert-export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
     dphubert-export STAGE_CHECKPOINT OUT.pth --format reference [--reference-layout exact|compact] [...]
+    dphubert-export STAGE_CHECKPOINT OUT.pt --onnx OUT.onnx [--onnx-audio WAV ...] [...]
 
 Reads a checkpoint written by fairseq's trainer for the ``dphubert_distill`` task (stage 1 or 2), folds the
 eval-mode gates into the weights (``prune``), writes the result with ``save_model`` (the distillation
@@ -13,6 +14,10 @@ projections go along in ``extra_state`` for stage 2), prints a summary and optio
 (``formats/reference.py``). It holds the model only (no distillation projections: a fairseq export is what
 stage 2 continues from), and the summary says whether it reproduces the model exactly, with the max abs
 hidden-state deviation measured on a probe input.
+
+``--onnx`` also writes the pruned model as ONNX (``formats/onnx_export.py``: every hidden state an output,
+dynamic batch and length), once onnxruntime reproduces it within 1e-4 on a padded batch of the
+``--onnx-audio`` files (else a built-in speech-like probe); the summary gets the file and the deviation.
 """
 
 import argparse
@@ -22,7 +27,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .atomic_files import atomic_write_text
 from .checkpoint_io import save_model
@@ -30,7 +35,9 @@ from .checkpoint_kind import read_student_checkpoint
 from .conv_spec import parse_conv_layers
 from .criterions.target_projection import missed_target
 from .errors import ConfigError
+from .formats.onnx_export import audio_batch, export_onnx, require_onnx, summary_line
 from .formats.reference import LAYOUTS, ReferenceExportReport, reference_from_model, save_reference
+from .macs import NOMINAL_SECONDS
 from .models.dphubert import DPHuBERTModel, as_config
 from .pruning import prune
 
@@ -48,13 +55,19 @@ def model_from_training_checkpoint(path: str):
 def summarize(model: DPHuBERTModel) -> Dict[str, Any]:
     """Sizes of an (exported) model against its teacher."""
     cfg = model.cfg
-    params = model.num_params()
+    params, model_macs = model.num_params(), model.size("macs")
     teacher = int(cfg.teacher_params) or None
+    teacher_macs = int(cfg.teacher_macs) or None
     report = getattr(model, "pruning_report", None)
     return {
         "params": params,
         "teacher_params": teacher,
         "sparsity": None if teacher is None else 1.0 - params / teacher,
+        # MACs of one NOMINAL_SECONDS utterance (macs.py); per second of audio: divide by it
+        "macs": model_macs,
+        "teacher_macs": teacher_macs,
+        "macs_sparsity": None if teacher_macs is None else 1.0 - model_macs / teacher_macs,
+        "macs_seconds": NOMINAL_SECONDS,
         "conv_channels": [c for c, _, _ in parse_conv_layers(cfg.conv_feature_layers)],
         "heads": [h if u else 0 for h, u in zip(cfg.encoder_attention_heads, cfg.use_attention)],
         "ffn_dims": [f if u else 0 for f, u in zip(cfg.encoder_ffn_embed_dims, cfg.use_ffn)],
@@ -68,16 +81,26 @@ def summarize(model: DPHuBERTModel) -> Dict[str, Any]:
 
 def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]] = None) -> str:
     lines = [f"parameters: {summary['params']:,}"]
+    metric = summary.get("target_metric") or "params"
+    target = summary.get("target_sparsity")
     if summary["teacher_params"]:
         lines[0] += f" of {summary['teacher_params']:,} (sparsity {summary['sparsity']:.4f})"
-        target = summary.get("target_sparsity")
-        if target is not None:
+        if target is not None and metric == "params":
             lines[0] += (
                 f"; target {target:.4f}, {round((1 - target) * summary['teacher_params']):,} parameters"
             )
-            warning = missed_target(summary["sparsity"], target)
-            if warning:
-                lines.append("WARNING: " + warning)
+    if summary.get("macs") is not None:  # absent from summaries written before MACs were reported
+        seconds = summary.get("macs_seconds", NOMINAL_SECONDS)
+        lines.append(f"MACs of a {seconds:g} s utterance: {summary['macs']:,}")
+        if summary.get("teacher_macs"):
+            lines[-1] += f" of {summary['teacher_macs']:,} (MACs sparsity {summary['macs_sparsity']:.4f})"
+            if target is not None and metric == "macs":
+                lines[-1] += f"; target {target:.4f}, {round((1 - target) * summary['teacher_macs']):,} MACs"
+    reached = summary.get("macs_sparsity" if metric == "macs" else "sparsity")
+    if target is not None and reached is not None:
+        warning = missed_target(reached, target, metric)
+        if warning:
+            lines.append("WARNING: " + warning)
     lines.append("conv channels: " + " ".join(str(c) for c in summary["conv_channels"]))
     lines.append("layer  heads  ffn units")
     for i, (h, f) in enumerate(zip(summary["heads"], summary["ffn_dims"])):
@@ -136,6 +159,7 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
             "distill_layers": previous.get("distill_layers"),
             "prediction_heads": previous.get("prediction_heads"),
             "target_sparsity": (previous.get("export_summary") or {}).get("target_sparsity"),
+            "target_metric": (previous.get("export_summary") or {}).get("target_metric"),
         }
     criterion_state = state.get("criterion") or {}
     criterion_cfg = state["cfg"].get("criterion") or {}
@@ -147,6 +171,7 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
         "distill_layers": criterion_cfg.get("distill_layers"),
         "prediction_heads": criterion_cfg.get("prediction_heads"),
         "target_sparsity": float(criterion_cfg["target_sparsity"]) if stage1 else None,
+        "target_metric": str(criterion_cfg.get("target_metric") or "params") if stage1 else None,
     }
 
 
@@ -162,6 +187,8 @@ def export(
     round_ffn: int = 1,
     output_format: str = "fairseq",
     reference_layout: str = "exact",
+    onnx_path: Optional[str] = None,
+    onnx_audio: Sequence[str] = (),
 ) -> Dict[str, Any]:
     if output_format not in FORMATS:
         raise ConfigError(f"--format {output_format}: choose one of {', '.join(FORMATS)}")
@@ -174,7 +201,16 @@ def export(
         check_destination(json_path, "--json")
         if os.path.abspath(json_path) == os.path.abspath(out):
             raise ConfigError(f"--json {json_path}: is the output checkpoint's path too; give another file")
+    if onnx_audio and not onnx_path:
+        raise ConfigError("--onnx-audio needs --onnx (the ONNX file that is checked on the audio)")
+    if onnx_path:
+        check_destination(onnx_path, "--onnx")
+        for other, what in ((out, "the output checkpoint's"), (json_path, "the --json summary's")):
+            if other and os.path.abspath(onnx_path) == os.path.abspath(other):
+                raise ConfigError(f"--onnx {onnx_path}: is {what} path too; give another file")
+        require_onnx()
     model, state = model_from_training_checkpoint(checkpoint)
+    onnx_check = audio_batch(model, onnx_audio) if onnx_audio else None  # read before anything is written
     rounding = round_heads != 1 or round_ffn != 1
     if rounding and not model.gates():
         raise ConfigError(
@@ -195,8 +231,11 @@ def export(
     summary["teacher"] = model.cfg.teacher_identity or None
     recorded = _recorded(state)
     if recorded["target_sparsity"] is not None:
+        metric = recorded["target_metric"] or "params"
         summary["target_sparsity"] = recorded["target_sparsity"]
-        warning = missed_target(summary["sparsity"], summary["target_sparsity"])
+        summary["target_metric"] = metric
+        reached = summary["macs_sparsity" if metric == "macs" else "sparsity"]
+        warning = None if reached is None else missed_target(reached, summary["target_sparsity"], metric)
         if warning:
             logger.warning("%s: %s", checkpoint, warning)
     extra_state = {
@@ -212,6 +251,13 @@ def export(
         save_reference(obj, out)
     else:
         save_model(pruned, out, extra_state=extra_state)
+    if onnx_path:
+        source, mask, checked_on = onnx_check or (None, None, None)
+        batch = None if onnx_check is None else (source, mask)
+        try:
+            summary["onnx"] = export_onnx(pruned, onnx_path, batch, checked_on=checked_on).summary()
+        except ValueError as err:
+            raise type(err)(f"{err}; {out} was written") from err
     if json_path:
         atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -254,6 +300,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         "channels so that the file reproduces the model; 'compact' drops them as the reference does (fewer "
         "parameters, not exact: the deviation is measured and printed)",
     )
+    parser.add_argument(
+        "--onnx",
+        dest="onnx_path",
+        help="also write the pruned model as ONNX here (needs the 'onnx' extra), checked with onnxruntime",
+    )
+    parser.add_argument(
+        "--onnx-audio",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="WAV",
+        help="with --onnx: audio files (at the model's sample rate) padded into the batch the ONNX file is "
+        "checked on (default: a built-in speech-like probe)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -265,11 +325,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.round_ffn,
             output_format=args.format,
             reference_layout=args.reference_layout,
+            onnx_path=args.onnx_path,
+            onnx_audio=args.onnx_audio,
         )
     except ValueError as err:  # every DPHuBERTError is one
         print(f"dphubert-export: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))
+    if summary.get("onnx"):
+        print(summary_line(summary["onnx"]))
     print(f"wrote {args.out}" + (f" and {args.json_path}" if args.json_path else ""))
     return 0
 

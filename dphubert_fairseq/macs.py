@@ -22,10 +22,21 @@ transformer alone does not tell the speed-up.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
 
 from .conv_spec import parse_conv_layers
-from .param_count import UnitSizes, static_sizes
+from .param_count import Number, UnitSizes, per_layer_vectors, static_sizes, total_params
+
+#: The utterance length (seconds) at which MACs are a size: a training target (``criterion.target_metric:
+#: macs``), a sparsity, the reports' MACs per second. Only the attention's ``T^2`` terms depend on it: a
+#: 10 s utterance, the middle of the recipe's 2 to 15.6 s (the reference's batches), weighs them as inference
+#: on such utterances does.
+NOMINAL_SECONDS = 10.0
+#: What a size (target, sparsity) can be counted in.
+METRICS = ("params", "macs")
 
 
 @dataclass
@@ -55,30 +66,29 @@ class MacCount:
         }
 
 
-def attention_macs(frames: int, embed_dim: int, head_dim: int, num_heads: int) -> int:
+def attention_macs(frames: int, embed_dim: int, head_dim: int, num_heads: Number) -> Number:
     inner = head_dim * num_heads
     return 4 * frames * embed_dim * inner + 2 * frames * frames * inner
 
 
-def relative_position_gate_macs(frames: int, slice_dim: int, num_heads: int) -> int:
+def relative_position_gate_macs(frames: int, slice_dim: int, num_heads: Number) -> Number:
     return frames * num_heads * slice_dim * 8
 
 
-def ffn_macs(frames: int, embed_dim: int, ffn_dim: int) -> int:
+def ffn_macs(frames: int, embed_dim: int, ffn_dim: Number) -> Number:
     return 2 * frames * embed_dim * ffn_dim
 
 
-def count_macs(cfg, num_samples: int, sizes: UnitSizes = None) -> MacCount:
-    """MACs of a forward pass over one utterance of ``num_samples`` samples (batch 1) for a ``DPHuBERTConfig``
-    architecture (``sizes`` default to the config's own). Linear in the batch size."""
-    sizes = sizes or static_sizes(cfg)
+def _parts(cfg, num_samples: int, sizes: UnitSizes) -> MacCount:
+    """Every part's MACs for ``sizes``: ints (numpy for the per-layer vectors) for a real architecture,
+    tensors for expected sizes (differentiable). The one place the formulas above are applied."""
     count = MacCount()
     length, in_channels = num_samples, 1
     for (_, kernel, stride), out_channels in zip(
         parse_conv_layers(cfg.conv_feature_layers), sizes.conv_channels
     ):
         length = (length - kernel) // stride + 1
-        count.conv.append(int(in_channels * out_channels * kernel * length))
+        count.conv.append(in_channels * out_channels * kernel * length)
         in_channels = out_channels
     frames = length - length % cfg.crop_seq_to_multiple
     count.frames = frames
@@ -88,13 +98,63 @@ def count_macs(cfg, num_samples: int, sizes: UnitSizes = None) -> MacCount:
         count.feature_projection = frames * features * dim
     computed = frames + 1 - cfg.conv_pos % 2
     count.pos_conv = cfg.conv_pos_depth * computed * dim * (dim // cfg.conv_pos_groups) * cfg.conv_pos
-    gated_bias = cfg.relative_position_buckets > 0 and cfg.gru_rel_pos
-    for heads, ffn_dim, keep_att, keep_ffn in zip(
+    heads, ffn_dims, keep_att, keep_ffn = per_layer_vectors(
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep
-    ):
-        attention = attention_macs(frames, dim, cfg.attention_head_dim, int(heads))
-        if gated_bias:
-            attention += relative_position_gate_macs(frames, dim // cfg.relative_position_heads, int(heads))
-        count.attention.append(int(keep_att) * attention)
-        count.ffn.append(int(keep_ffn) * ffn_macs(frames, dim, int(ffn_dim)))
+    )
+    attention = attention_macs(frames, dim, cfg.attention_head_dim, heads)
+    if cfg.relative_position_buckets > 0 and cfg.gru_rel_pos:
+        attention = attention + relative_position_gate_macs(frames, dim // cfg.relative_position_heads, heads)
+    count.attention = keep_att * attention
+    count.ffn = keep_ffn * ffn_macs(frames, dim, ffn_dims)
     return count
+
+
+def _as_ints(values, layers: int) -> List[int]:
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        return [int(v) for v in values.tolist()]
+    return [int(values)] * layers
+
+
+def count_macs(cfg, num_samples: int, sizes: Optional[UnitSizes] = None) -> MacCount:
+    """MACs of a forward pass over one utterance of ``num_samples`` samples (batch 1) for a ``DPHuBERTConfig``
+    architecture (``sizes`` default to the config's own), by part. Linear in the batch size."""
+    parts = _parts(cfg, num_samples, sizes or static_sizes(cfg))
+    layers = cfg.encoder_layers
+    return MacCount(
+        conv=[int(c) for c in parts.conv],
+        feature_projection=int(parts.feature_projection),
+        pos_conv=int(parts.pos_conv),
+        attention=_as_ints(parts.attention, layers),
+        ffn=_as_ints(parts.ffn, layers),
+        frames=parts.frames,
+    )
+
+
+def total_macs(cfg, num_samples: int, sizes: UnitSizes) -> Number:
+    """The total of ``count_macs``, for ``sizes`` that may be expected (tensor) sizes: differentiable in
+    them, exactly as ``param_count.total_params`` is."""
+    parts = _parts(cfg, num_samples, sizes)
+    return (
+        sum(parts.conv) + parts.feature_projection + parts.pos_conv + parts.attention.sum() + parts.ffn.sum()
+    )
+
+
+def nominal_samples(cfg) -> int:
+    """Samples of a ``NOMINAL_SECONDS`` utterance at the model's sample rate."""
+    return int(round(NOMINAL_SECONDS * cfg.sample_rate))
+
+
+def size(cfg, sizes: UnitSizes, metric: str) -> Number:
+    """The size of an architecture in ``metric``: counted parameters, or MACs of one ``NOMINAL_SECONDS``
+    utterance. Ints for real sizes, differentiable tensors for expected ones."""
+    if metric == "params":
+        return total_params(cfg, sizes)
+    if metric == "macs":
+        n = total_macs(cfg, nominal_samples(cfg), sizes)
+        return n if torch.is_tensor(n) else int(n)
+    raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+
+
+def architecture_size(cfg, metric: str) -> int:
+    """The size in ``metric`` of the architecture a ``DPHuBERTConfig`` describes."""
+    return int(size(cfg, static_sizes(cfg), metric))

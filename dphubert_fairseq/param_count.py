@@ -111,7 +111,7 @@ def static_sizes(cfg) -> UnitSizes:
     )
 
 
-def _per_layer_vectors(*columns: Sequence[Number]) -> List[Union[np.ndarray, torch.Tensor, int]]:
+def per_layer_vectors(*columns: Sequence[Number]) -> List[Union[np.ndarray, torch.Tensor, int]]:
     """Per-layer size lists as vectors, so that the per-layer formulas run once for all layers.
 
     Without tensors: int64 arrays (exact). With tensors (expected sizes): a float32 tensor per column that
@@ -160,7 +160,7 @@ def total_params(cfg, sizes: UnitSizes) -> Number:
         embed_dim, cfg.conv_pos, cfg.conv_pos_groups, cfg.conv_pos_batch_norm, cfg.conv_pos_depth
     )
     block_norm = layer_norm_params(embed_dim)
-    heads, ffn_dims, keep_att, keep_ffn = _per_layer_vectors(
+    heads, ffn_dims, keep_att, keep_ffn = per_layer_vectors(
         sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep
     )
     attention = attention_params(embed_dim, cfg.attention_head_dim, heads)

@@ -4,6 +4,7 @@ from typing import Iterable, Union
 
 import torch.nn as nn
 
+from .macs import architecture_size
 from .models.dphubert import DPHuBERTModel
 from .param_count import config_params
 from .teacher import config_from_fairseq, dphubert_state, load_teacher_and_config
@@ -32,6 +33,7 @@ def student_from_teacher(
         teacher, cfg = load_teacher_and_config(teacher)
     cfg.prune_units = list(prune_units)  # checked by the model (validate_config)
     cfg.teacher_params = config_params(cfg)
+    cfg.teacher_macs = architecture_size(cfg, "macs")
     reference = next(teacher.parameters())
     student = DPHuBERTModel(cfg).to(device=reference.device, dtype=reference.dtype)
     return load_weights(student, teacher).train(teacher.training)

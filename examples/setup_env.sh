@@ -5,8 +5,8 @@
 #     is available and we are root;
 #   - a virtual environment (default ~/.venvs/dphubert-fairseq, or $DPHUBERT_VENV) with the tested pin set
 #     (setup.py's "tested" extra: torch 2.9.1 + torchaudio 2.9.1, ve-fairseq 0.12.3), pytest, the
-#     quickstart's matplotlib and scikit-learn, hydra's submitit launcher (the "slurm" extra) and s3prl for
-#     SUPERB and WavLM's own code in the tests (the "superb" extra);
+#     quickstart's matplotlib and scikit-learn, hydra's submitit launcher (the "slurm" extra), s3prl for
+#     SUPERB and WavLM's own code in the tests (the "superb" extra), onnx and onnxruntime (the "onnx" extra);
 #   - this checkout installed into it in editable mode.
 # Source it to get $DPHUBERT_PYTHON, or run it; it prints the venv's python on its last line.
 set -euo pipefail
@@ -42,7 +42,7 @@ want=$(sha256sum "$repo/setup.py" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing dependencies (torch/torchaudio are several GB the first time)"
   "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
-  "$venv/bin/python" -m pip install -q -e "$repo[tested,test,quickstart,slurm,superb]" >&2
+  "$venv/bin/python" -m pip install -q -e "$repo[tested,test,quickstart,slurm,superb,onnx]" >&2
   echo "$want" > "$stamp"
 else
   # dependencies are in place: only point the editable install at this checkout

@@ -42,6 +42,7 @@ MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
             "prediction_heads",
             "lagrangian",
             "target_sparsity",
+            "target_metric",
             "sparsity_warmup_updates",
             "target_projection_start",
         ),

@@ -51,7 +51,10 @@ def test_expected_params_is_differentiable_and_follows_the_gates(tiny_teachers):
     with torch.no_grad():
         for gate in model.gates().values():
             gate.log_alpha.fill_(30.0)  # every gate surely open
-    assert model.expected_params().item() == pytest.approx(full, rel=1e-6)
+    # the full model plus the exact-fold extras counted whenever the last conv layer is gated: its channel
+    # scale (C = 24) and the removed-channels column (D = 32, which an export without removed channels lacks)
+    assert model.expected_params().item() == pytest.approx(full + 24 + 32, rel=1e-6)
+    assert model.eval_mask_params() == full + 24
 
 
 def test_size_formulas_match_module_sizes():
@@ -90,7 +93,7 @@ def test_expected_params_agrees_with_the_count_of_a_sampled_structure(tiny_teach
             gate.log_alpha.copy_(torch.where(torch.rand(gate.n, generator=g) < 0.6, 40.0, -40.0))
             gate.log_alpha[0] = 40.0  # keep one unit of each, so the closed-form count is plain
     sizes = model.unit_sizes("eval")
-    cfg = dataclasses.replace(model.cfg)
+    cfg = dataclasses.replace(model.eval_count_config())  # with the extras an export of it will carry
     assert model.expected_params().item() == pytest.approx(int(total_params(cfg, sizes)), rel=1e-6)
 
 

@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import dphubert_fairseq as dp
-from dphubert_fairseq.macs import count_macs
+from dphubert_fairseq.macs import count_macs, nominal_samples
 from dphubert_fairseq.teacher import config_from_fairseq
 
 SAMPLES = 16000 + 123  # frames do not divide evenly: the conv length arithmetic is exercised
@@ -52,3 +52,37 @@ def test_macs_scale_with_batch_and_length(tiny_teachers):
     # linear parts grow with the frames, attention's T^2 part faster
     assert two.ffn[0] * one.frames == one.ffn[0] * two.frames
     assert two.attention[0] * one.frames > one.attention[0] * two.frames
+
+
+ALL_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
+
+
+@pytest.mark.parametrize("shape", ["hubert_base", "wav2vec2_large"])
+def test_expected_macs_are_the_exports_when_no_gate_is_stochastic(tiny_teachers, shape):
+    """The MACs target's expected count is count_macs's arithmetic: with every gate saturated (open or
+    closed), it is the MAC count of the model the export writes; ungated, the teacher's."""
+    teacher_cfg = config_from_fairseq(dp.load_teacher(tiny_teachers[shape]))
+    nominal = nominal_samples(teacher_cfg)
+    student = randomise_gates(dp.student_from_teacher(tiny_teachers[shape], prune_units=ALL_UNITS))
+    with torch.no_grad():
+        for gate in student.gates().values():
+            gate.log_alpha.copy_(torch.where(gate.log_alpha > 0, 30.0, -30.0))
+    pruned = dp.prune(student.eval())
+    exported = count_macs(pruned.cfg, nominal).total
+    assert pruned.size("macs") == exported < count_macs(teacher_cfg, nominal).total
+    assert student.eval_mask_size("macs") == exported
+    assert float(student.eval_mask_size("macs", sync_free=True)) == pytest.approx(exported, rel=1e-6)
+    assert float(student.expected_size("macs")) == pytest.approx(exported, rel=1e-6)
+    assert student.cfg.teacher_macs == count_macs(teacher_cfg, nominal).total
+    ungated = dp.student_from_teacher(tiny_teachers[shape], prune_units=())
+    assert float(ungated.expected_size("macs")) == ungated.size("macs") == student.cfg.teacher_macs
+
+
+def test_expected_macs_are_differentiable_in_every_gate(tiny_teachers):
+    student = randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=ALL_UNITS))
+    student.expected_size("macs").backward()
+    for name, gate in student.gates().items():
+        assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0, name
+    # the CNN front end is a real share of the compute (it is a few percent of the parameters)
+    macs_share = count_macs(student.cfg, nominal_samples(student.cfg)).conv
+    assert sum(macs_share) / student.size("macs") > 0.2  # a real share of the compute

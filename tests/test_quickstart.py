@@ -45,6 +45,10 @@ def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conft
     report = json.loads((out / "report.json").read_text())
     student = dp.load_model(str(out / "dphubert.pt"))
     assert report["student"]["params"] == dp.count_params(student) < report["teacher"]["params"]
+    assert report["student"]["macs"] == student.size("macs") < report["teacher"]["macs"]
+    assert (
+        f"| {report['teacher']['macs']:,} | {report['student']['macs']:,} " in (out / "report.md").read_text()
+    )
     assert len(report["student"]["heads"]) == len(report["teacher"]["heads"]) == 12
     assert report["timing"]["teacher_seconds"] > 0 and report["timing"]["student_seconds"] > 0
     assert len(report["stage1_curve"]) > 0 and "distill_loss" in report["stage1_curve"][0]

@@ -10,7 +10,9 @@ from fairseq import checkpoint_utils
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.export import model_from_training_checkpoint
+from dphubert_fairseq.macs import count_macs, nominal_samples
 from dphubert_fairseq.pruning import max_hidden_state_deviation
+from dphubert_fairseq.teacher import config_from_fairseq
 
 sys.path.insert(0, os.path.dirname(__file__))
 import helpers as P  # noqa: E402
@@ -22,6 +24,8 @@ STAGE1_SCALARS = (
     "distill_loss",
     "expected_sparsity",
     "eval_sparsity",
+    "expected_macs_sparsity",
+    "eval_macs_sparsity",
     "target_sparsity",
     "lambda1",
     "lambda2",
@@ -115,6 +119,46 @@ def test_stage1_reaches_the_target_sparsity(stage1):
         "lagrangian.lambda1",
         "lagrangian.lambda2",
     }
+
+
+def test_stage1_with_a_macs_target_lands_on_it(workdir, data, teacher):
+    """criterion.target_metric=macs: the Lagrangian and the landing work on MACs (of a 10 s utterance); the
+    export reaches the target within 0.02, counted on the exported model; both sparsities are logged."""
+    save_dir = str(workdir / "stage1_macs")
+    updates = 150
+    out = P.hydra_train(
+        "dphubert",
+        card(data, teacher, save_dir)
+        + P.CPU_OVERRIDES
+        + [
+            "dataset.max_tokens=48000",
+            f"optimization.max_update={updates}",
+            "criterion.target_metric=macs",
+            "criterion.target_sparsity=0.5",
+            f"criterion.sparsity_warmup_updates={updates // 6}",
+            "common.log_interval=10",
+            "common.tensorboard_logdir=null",
+            f"dataset.validate_interval_updates={updates}",
+            f"checkpoint.save_interval_updates={updates}",
+        ]
+        + P.schedule_overrides("dphubert", 5, LRS),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    last = P.logged(out.stdout, "train_inner")[-1]
+    for key in ("expected_sparsity", "expected_macs_sparsity", "eval_sparsity", "eval_macs_sparsity"):
+        assert key in last, key
+    assert "stage 1 ends at MACs sparsity" in out.stdout + out.stderr
+    pruned, summary_path = str(workdir / "macs.pt"), str(workdir / "macs.json")
+    result = P.export(os.path.join(save_dir, "checkpoint_last.pt"), pruned, summary_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(open(summary_path).read())
+    assert summary["target_metric"] == "macs" and summary["target_sparsity"] == 0.5
+    model = dp.load_model(pruned)
+    nominal = nominal_samples(model.cfg)
+    assert summary["macs"] == count_macs(model.cfg, nominal).total
+    assert summary["teacher_macs"] == count_macs(config_from_fairseq(dp.load_teacher(teacher)), nominal).total
+    assert abs(summary["macs_sparsity"] - 0.5) <= 0.02
+    assert "MACs of a 10 s utterance" in result.stdout and "WARNING" not in result.stdout
 
 
 def test_stage1_writes_tensorboard_curves(stage1):

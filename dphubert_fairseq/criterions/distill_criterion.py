@@ -8,16 +8,17 @@ from typing import Dict, List, Optional
 import torch
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
-from ..param_count import config_params
+from ..macs import METRICS, architecture_size
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target
 
+TARGET_METRICS = ChoiceEnum(list(METRICS))
 logger = logging.getLogger(__name__)
 
 
@@ -47,7 +48,18 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
         metadata={"help": "add the L0 Lagrangian (stage 1); false for plain distillation (stage 2)"},
     )
     target_sparsity: float = field(
-        default=0.75, metadata={"help": "final target of 1 - expected params / teacher params"}
+        default=0.75,
+        metadata={
+            "help": "final target of 1 - expected size / the teacher's, the size counted in target_metric"
+        },
+    )
+    target_metric: TARGET_METRICS = field(
+        default="params",
+        metadata={
+            "help": "what target_sparsity counts: 'params' (the paper's: counted parameters) or 'macs' "
+            "(multiply-accumulates of one 10 s utterance, macs.NOMINAL_SECONDS: the cost of running the "
+            "model, the CNN front end included); both sparsities are logged whichever it is"
+        },
     )
     sparsity_warmup_updates: Optional[int] = field(
         default=None,
@@ -129,7 +141,8 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             else None
         )
         self.projection_offset: Optional[torch.Tensor] = None
-        self.teacher_params = _teacher_params(task)
+        self.teacher_size = {metric: _teacher_size(task, metric) for metric in METRICS}
+        self.teacher_params = self.teacher_size["params"]
         self.num_updates = 0
 
     def set_num_updates(self, num_updates: int) -> None:
@@ -146,20 +159,23 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             >= self.cfg.target_sparsity
         )
         if landing:
-            target_params = (1.0 - self.cfg.target_sparsity) * self.teacher_params
-            self.projection_offset = project_to_target(unwrap(model), target_params)
+            metric = self.cfg.target_metric
+            target_size = (1.0 - self.cfg.target_sparsity) * self.teacher_size[metric]
+            self.projection_offset = project_to_target(unwrap(model), target_size, metric)
         if self.lagrangian is not None and self.run_length and update_num + 1 == self.run_length:
             self._report_landing(unwrap(model))
 
     def _report_landing(self, model) -> None:
         """At the last update of stage 1: the size the export will keep against the target, loudly if missed."""
-        reached = 1.0 - model.eval_mask_params() / self.teacher_params
-        warning = missed_target(reached, self.cfg.target_sparsity)
+        metric = self.cfg.target_metric
+        reached = 1.0 - model.eval_mask_size(metric) / self.teacher_size[metric]
+        warning = missed_target(reached, self.cfg.target_sparsity, metric)
         if warning:
             logger.warning(warning)
         else:
             logger.info(
-                "stage 1 ends at sparsity %.4f (criterion.target_sparsity=%.4f)",
+                "stage 1 ends at %s %.4f (criterion.target_sparsity=%.4f)",
+                "sparsity" if metric == "params" else "MACs sparsity",
                 reached,
                 self.cfg.target_sparsity,
             )
@@ -202,23 +218,26 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             "count": 1,
         }
         if self.lagrangian is not None:
-            expected = unwrap(model).expected_params()
-            sparsity = 1.0 - expected / self.teacher_params
+            inner = unwrap(model)
+            expected = {metric: inner.expected_size(metric) for metric in METRICS}
+            sparsity = {metric: 1.0 - expected[metric] / self.teacher_size[metric] for metric in METRICS}
             target = self.current_target()
-            loss = loss + self.lagrangian(sparsity, target)
+            loss = loss + self.lagrangian(sparsity[self.cfg.target_metric], target)
             log.update(
                 loss=loss.detach(),
-                expected_sparsity=sparsity.detach(),
+                expected_sparsity=sparsity["params"].detach(),
+                expected_macs_sparsity=sparsity["macs"].detach(),
                 target_sparsity=target,
                 lambda1=self.lagrangian.lambda1.detach().clone(),  # a copy: the optimizer steps them in place
                 lambda2=self.lagrangian.lambda2.detach().clone(),
-                expected_params=expected.detach(),
+                expected_params=expected["params"].detach(),
             )
             if self.projection_offset is not None:
                 log["projection_offset"] = self.projection_offset.detach().clone()
             if model.training:  # what an export would keep now (validation logs it from the masks themselves)
-                eval_params = unwrap(model).eval_mask_params(sync_free=True)
-                log["eval_sparsity"] = 1.0 - eval_params / self.teacher_params
+                for metric, key in (("params", "eval_sparsity"), ("macs", "eval_macs_sparsity")):
+                    kept = inner.eval_mask_size(metric, sync_free=True)
+                    log[key] = 1.0 - kept / self.teacher_size[metric]
         if not model.training:
             self._log_eval_masks(model, log)
         return loss, 1, log
@@ -231,6 +250,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         log.update(
             eval_params=params,
             eval_sparsity=1.0 - params / self.teacher_params,
+            eval_macs_sparsity=1.0 - inner.eval_mask_size("macs") / self.teacher_size["macs"],
             kept_conv_channels=sum(sizes.conv_channels),
             kept_heads=sum(h * k for h, k in zip(sizes.heads, sizes.attention_keep)),
             kept_ffn_units=sum(f * k for f, k in zip(sizes.ffn_dims, sizes.ffn_keep)),
@@ -311,8 +331,9 @@ def _sparsity_warmup(cfg, total: Optional[int]) -> int:
     return ramp
 
 
-def _teacher_params(task) -> int:
-    params = config_params(task.teacher_config)
-    if params <= 0 or math.isnan(params):
-        raise ConfigError("the teacher has no parameters to count")
-    return params
+def _teacher_size(task, metric: str) -> int:
+    """The teacher's size in ``metric`` (``macs.METRICS``), the denominator of every sparsity."""
+    n = architecture_size(task.teacher_config, metric)
+    if n <= 0:
+        raise ConfigError(f"the teacher has no {metric} to count")
+    return n

@@ -31,14 +31,15 @@ ITERATIONS = 24
 TARGET_TOLERANCE = 0.02
 
 
-def missed_target(reached: float, target: float) -> Optional[str]:
-    """A one-line warning when sparsity ``reached`` is more than ``TARGET_TOLERANCE`` from ``target``, saying
-    what to change; None otherwise."""
+def missed_target(reached: float, target: float, metric: str = "params") -> Optional[str]:
+    """A one-line warning when sparsity ``reached`` (counted in ``metric``) is more than ``TARGET_TOLERANCE``
+    from ``target``, saying what to change; None otherwise."""
     gap = reached - target
     if abs(gap) <= TARGET_TOLERANCE:
         return None
+    what = "sparsity" if metric == "params" else "MACs sparsity (criterion.target_metric=macs)"
     return (
-        f"stage 1 missed its target: sparsity {reached:.4f} reached, criterion.target_sparsity={target:.4f} "
+        f"stage 1 missed its target: {what} {reached:.4f} reached, criterion.target_sparsity={target:.4f} "
         f"asked ({abs(gap):.4f} {'too sparse' if gap > 0 else 'too dense'}). The run ended before its size "
         "settled: give it more updates (optimization.max_update) or let the learning-rate warm-up "
         "(optimizer.groups.default.lr_scheduler.warmup_updates) end well before it; keep "
@@ -47,14 +48,14 @@ def missed_target(reached: float, target: float) -> Optional[str]:
 
 
 @torch.no_grad()
-def offset_to_target(model: DPHuBERTModel, target_params: float) -> torch.Tensor:
-    """The scalar to add to every gate logit so that the eval-mask size is the nearest reachable to
-    ``target_params`` (0 when the target cannot be bracketed within ``SPAN``). A float32 scalar tensor on the
-    gates' device."""
+def offset_to_target(model: DPHuBERTModel, target_params: float, metric: str = "params") -> torch.Tensor:
+    """The scalar to add to every gate logit so that the eval-mask size in ``metric`` (``macs.METRICS``) is the
+    nearest reachable to ``target_params`` (0 when the target cannot be bracketed within ``SPAN``). A float32
+    scalar tensor on the gates' device."""
     device = model.gate_set.gates[0].log_alpha.device
 
     def eval_mask_params(logit_shift: torch.Tensor) -> torch.Tensor:
-        return model.eval_mask_params(logit_shift=logit_shift)
+        return model.eval_mask_size(metric, logit_shift=logit_shift)
 
     lo = torch.full((), -SPAN, device=device)
     hi = torch.full((), SPAN, device=device)
@@ -71,9 +72,9 @@ def offset_to_target(model: DPHuBERTModel, target_params: float) -> torch.Tensor
 
 
 @torch.no_grad()
-def project_to_target(model: DPHuBERTModel, target_params: float) -> torch.Tensor:
+def project_to_target(model: DPHuBERTModel, target_params: float, metric: str = "params") -> torch.Tensor:
     """Shift every gate logit of ``model`` by ``offset_to_target``; returns the offset."""
-    offset = offset_to_target(model, target_params)
+    offset = offset_to_target(model, target_params, metric)
     for gate in model.gate_set.gates:
         gate.log_alpha.add_(offset.to(gate.log_alpha.dtype))
     return offset

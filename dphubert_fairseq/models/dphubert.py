@@ -18,9 +18,10 @@ from fairseq.models.wav2vec.wav2vec2 import MASKING_DISTRIBUTION_CHOICES
 from fairseq.modules import GradMultiply
 from omegaconf import OmegaConf
 
+from .. import macs
 from ..conv_spec import parse_conv_layers
 from ..errors import ConfigError
-from ..param_count import UnitSizes, config_params, static_sizes, total_params
+from ..param_count import UnitSizes, config_params, static_sizes
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
 from .hard_concrete import GateSet, HardConcrete
@@ -146,6 +147,13 @@ class DPHuBERTConfig(FairseqDataclass):
         default=0,
         metadata={"help": "set when the student is made: counted parameters of its teacher (for reports)"},
     )
+    teacher_macs: int = field(
+        default=0,
+        metadata={
+            "help": "set when the student is made: its teacher's MACs on one macs.NOMINAL_SECONDS utterance "
+            "(for reports)"
+        },
+    )
     teacher_identity: str = field(
         default="",
         metadata={
@@ -203,17 +211,18 @@ class DPHuBERTConfig(FairseqDataclass):
 def hubert_frame_padding(padding_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
     """HuBERT's rule (``HubertModel.forward_padding_mask``): a frame is padding when all samples of its equal
     share of the input are. ``(B, L) -> (B, T)``."""
-    extra = padding_mask.size(1) % num_frames
-    if extra > 0:
-        padding_mask = padding_mask[:, :-extra]
-    return padding_mask.view(padding_mask.size(0), num_frames, -1).all(-1)
+    # the samples past the last whole share are left out; sliced unconditionally, not "if any", so that a
+    # traced graph (ONNX export) is right for every length
+    kept = padding_mask[:, : num_frames * (padding_mask.size(1) // num_frames)]
+    return kept.reshape(padding_mask.size(0), num_frames, -1).all(-1)
 
 
 def wav2vec2_frame_padding(
     padding_mask: torch.Tensor, num_frames: int, output_lengths: Callable[[torch.Tensor], torch.Tensor]
 ) -> Optional[torch.Tensor]:
     """wav2vec2's rule (``Wav2Vec2Model.forward``): frames past the conv output length of the unpadded input
-    are padding; None when nothing is padded. ``(B, L) -> (B, T)``."""
+    are padding; None when nothing is padded (the same hidden states as an all-False mask, which is what a
+    graph traced on a padded batch computes then). ``(B, L) -> (B, T)``."""
     if not padding_mask.any():
         return None
     lengths = output_lengths((~padding_mask).long().sum(-1))
@@ -354,10 +363,12 @@ class DPHuBERTModel(BaseFairseqModel):
                 features = self.feature_extractor(source)
         features = self.layer_norm(features.transpose(1, 2))
         padding_mask = self.frame_padding_mask(padding_mask, features.size(1))
-        drop = features.size(1) % self.cfg.crop_seq_to_multiple
-        if drop:
-            features = features[:, :-drop]
-            padding_mask = padding_mask[:, :-drop] if padding_mask is not None else None
+        if (
+            self.cfg.crop_seq_to_multiple > 1
+        ):  # sliced unconditionally: a traced graph is right for any length
+            keep = features.size(1) - features.size(1) % self.cfg.crop_seq_to_multiple
+            features = features[:, :keep]
+            padding_mask = padding_mask[:, :keep] if padding_mask is not None else None
         if self.post_extract_proj is not None:
             features = self.post_extract_proj(features)
         h0 = self.dropout_input(features)
@@ -440,13 +451,23 @@ class DPHuBERTModel(BaseFairseqModel):
         """Counted parameters (``param_count`` convention) of this architecture."""
         return config_params(self.cfg)
 
-    def expected_params(self) -> torch.Tensor:
-        """Differentiable expected parameter count under the gates (float32 scalar); equals
-        ``num_params()`` when no gate is active."""
-        n = total_params(self.cfg, self.unit_sizes("expected"))
+    def size(self, metric: str = "params") -> int:
+        """This architecture's size in ``metric`` (``macs.METRICS``): counted parameters, or MACs of one
+        ``macs.NOMINAL_SECONDS`` utterance."""
+        return macs.architecture_size(self.cfg, metric)
+
+    def expected_size(self, metric: str = "params") -> torch.Tensor:
+        """Differentiable expected size in ``metric`` under the gates (float32 scalar), with the exact-fold
+        extras an export will have (``eval_count_config``): with every gate saturated, the size of the model
+        the export writes; ``size()`` when no gate is active."""
+        n = macs.size(self.eval_count_config(), self.unit_sizes("expected"), metric)
         if not torch.is_tensor(n):
             n = torch.tensor(float(n))
         return n
+
+    def expected_params(self) -> torch.Tensor:
+        """``expected_size("params")``."""
+        return self.expected_size("params")
 
     def eval_count_config(self) -> DPHuBERTConfig:
         """The config with the exact-fold extras an export of this model will have: the feature LayerNorm's
@@ -458,20 +479,26 @@ class DPHuBERTModel(BaseFairseqModel):
         cfg.feature_norm_removed_channels = self.layer_norm.removed_channels + int(last_gated)
         return cfg
 
-    def eval_mask_params(
-        self, sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
+    def eval_mask_size(
+        self, metric: str = "params", sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
     ) -> Union[int, torch.Tensor]:
-        """Parameters ``pruning.prune(self)`` will give: kept units of the eval masks, plus the exact-fold
-        extras.
+        """The size in ``metric`` of what ``pruning.prune(self)`` will give: kept units of the eval masks, plus
+        the exact-fold extras.
 
         An int read off the masks; with ``sync_free`` a float32 scalar tensor computed from the same counts
         without reading anything back to the host (for the training log and ``target_projection``).
-        ``logit_shift`` (implies ``sync_free``): the count if every gate logit were shifted by it."""
+        ``logit_shift`` (implies ``sync_free``): the size if every gate logit were shifted by it."""
         if sync_free or logit_shift is not None:
-            return total_params(self.eval_count_config(), self.unit_sizes("eval_counts", logit_shift))
+            return macs.size(self.eval_count_config(), self.unit_sizes("eval_counts", logit_shift), metric)
         sizes = self.unit_sizes("eval")
         cfg = self.eval_count_config()
         cfg.feature_norm_removed_channels = (
             self.layer_norm.removed_channels + self.feature_extractor.out_channels - sizes.conv_channels[-1]
         )
-        return int(total_params(cfg, sizes))
+        return int(macs.size(cfg, sizes, metric))
+
+    def eval_mask_params(
+        self, sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
+    ) -> Union[int, torch.Tensor]:
+        """``eval_mask_size("params", ...)``."""
+        return self.eval_mask_size("params", sync_free, logit_shift)

@@ -18,6 +18,7 @@ from ..data.finite_audio import FiniteAudioDataset
 from ..data.length_filter import drop_long_utterances
 from ..data.manifest_check import check_manifest
 from ..errors import CheckpointError, ConfigError
+from ..macs import architecture_size
 from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from ..param_count import config_params
 from ..safe_loading import check_checkpoint_file
@@ -57,6 +58,7 @@ _ARCHITECTURE_KEYS = [
     "feature_norm_removed_channels",
     "feature_norm_channel_scale",
     "teacher_params",
+    "teacher_macs",
     "teacher_identity",
 ]
 _TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout_input", "feature_grad_mult"]
@@ -281,6 +283,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             source = self.teacher
             student_cfg = as_config(self.teacher_config)
         student_cfg.teacher_params = student_cfg.teacher_params or config_params(self.teacher_config)
+        student_cfg.teacher_macs = student_cfg.teacher_macs or architecture_size(self.teacher_config, "macs")
         student_cfg.teacher_identity = student_cfg.teacher_identity or self.teacher_identity
         self.student_prune_units = list(cfg.prune_units)
         for key in _TRAINING_KEYS:

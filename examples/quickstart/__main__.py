@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dphubert_fairseq.conv_spec import parse_conv_layers
+from dphubert_fairseq.macs import architecture_size
 from fairseq_runs import (
     CONFIGS,
     Shape,
@@ -211,6 +212,7 @@ class Quickstart(PhasedRun):
         original = {
             "kind": self.teacher_kind,
             "params": count_params(teacher),
+            "macs": architecture_size(teacher_cfg, "macs"),
             "heads": list(teacher_cfg.encoder_attention_heads),
             "ffn_dims": list(teacher_cfg.encoder_ffn_embed_dims),
             "conv_channels": [c for c, _, _ in parse_conv_layers(teacher_cfg.conv_feature_layers)],

@@ -29,6 +29,8 @@ def markdown(report: Dict[str, Any]) -> str:
         "| | teacher | pruned student |",
         "|---|---|---|",
         f"| parameters | {report['teacher']['params']:,} | {s['params']:,} |",
+        f"| MACs of a {s['macs_seconds']:g} s utterance | {report['teacher']['macs']:,} | {s['macs']:,} "
+        f"({s['macs'] / report['teacher']['macs']:.1%}) |",
         f"| forward time, {report['timing']['audio_seconds']:.0f} s of audio | "
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms | "
         f"{report['timing']['student_seconds'] * 1000:.1f} ms |",
@@ -64,6 +66,8 @@ def terminal(report: Dict[str, Any]) -> str:
         f"teacher {t['params']:,} parameters -> student {s['params']:,} "
         f"(target sparsity {report['target_sparsity']:.4f}, about {target_params(report):,} parameters; "
         f"reached {s['sparsity']:.4f})",
+        f"MACs of a {s['macs_seconds']:g} s utterance: teacher {t['macs']:,} -> student {s['macs']:,} "
+        f"({s['macs'] / t['macs']:.1%})",
         f"forward on {report['timing']['audio_seconds']:.0f} s of audio: teacher "
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms, "
         f"student {report['timing']['student_seconds'] * 1000:.1f} ms",

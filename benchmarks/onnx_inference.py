@@ -1,0 +1,157 @@
+"""ONNX inference: onnxruntime against torch on the CPU, for the teacher and the pruned student.
+
+    python benchmarks/onnx_inference.py                            # batch 1 x 10 s, 1 and 2 threads
+    python benchmarks/onnx_inference.py --seconds 2 --threads 1 --repeat 3
+
+The teacher is a HuBERT Base built from fairseq's own recipe with random weights (``inference.py``'s), run as
+its ungated ``dphubert`` copy (``student_from_teacher`` without gates: the same computation, and a model
+``export_onnx`` takes); the student has the structure ``benchmarks/make_structure.py`` recorded at the paper's
+parameter target 0.75 (``structures/hubert_base_sp75.json``) with random weights. Both are written with
+``dphubert_fairseq/formats/onnx_export.py`` (which checks each file against torch with onnxruntime on export)
+and run on the same audio with its padding mask: torch fp32 under ``torch.inference_mode`` with
+``torch.set_num_threads(N)``, onnxruntime's CPU provider with ``intra_op_num_threads=N`` (graph optimisations
+at their default, all). Times are the median of ``--repeat`` forward passes after ``--warmup``, the four
+(model, runtime) pairs taking turns so that drift hits all alike; every ratio is taken within this run.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from harness import REPO, SHAPES, machine, save_random_teacher, table, write_audio, write_json
+from inference import audio
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.formats.onnx_export import cpu_session, export_onnx, require_onnx
+from dphubert_fairseq.models.dphubert import DPHuBERTModel, as_config
+
+STRUCTURE = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.json")
+
+
+def interleaved(calls: Dict[str, Callable[[], object]], warmup: int, repeat: int) -> Dict[str, float]:
+    """Median seconds per call of each callable, the callables taking turns."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for i in range(warmup + repeat):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--structure", default=STRUCTURE, help="structure JSON from make_structure.py")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--json", default="benchmarks/results/onnx_inference.json")
+    args = parser.parse_args()
+    _, onnxruntime = require_onnx()
+    work = tempfile.mkdtemp(prefix="dphubert-bench-onnx-")  # the teacher's checkpoint and both ONNX files
+    try:
+        return run(args, onnxruntime, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, onnxruntime, work: str) -> int:
+    labels = write_audio(os.path.join(work, "labels"), 1, 2.0)
+    teacher = dp.student_from_teacher(
+        save_random_teacher(os.path.join(work, "teacher.pt"), labels, SHAPES["base"]), prune_units=()
+    )
+    with open(args.structure) as f:
+        recorded = json.load(f)
+    models: Dict[str, DPHuBERTModel] = {
+        "teacher": teacher.eval(),
+        "student": DPHuBERTModel(as_config(recorded["model_config"])).eval(),
+    }
+    exports = {}
+    for name, model in models.items():
+        path = os.path.join(work, f"{name}.onnx")
+        report = export_onnx(model, path)
+        exports[name] = {
+            "path": path,
+            "bytes": os.path.getsize(path),
+            "check": report.summary(),
+            "params": dp.count_params(model),
+        }
+        print(report.line())
+
+    source = audio(args.batch, args.seconds)
+    mask = torch.zeros(source.shape, dtype=torch.bool)
+    feed = {"source": source.numpy(), "padding_mask": mask.numpy()}
+
+    timing: Dict[str, Dict[str, float]] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        sessions = {name: cpu_session(onnxruntime, e["path"], threads) for name, e in exports.items()}
+        calls: Dict[str, Callable[[], object]] = {}
+        for name, model in models.items():
+            calls[f"{name} torch"] = lambda model=model: model.hidden_states(source, mask)
+            calls[f"{name} onnxruntime"] = lambda session=sessions[name]: session.run(None, feed)
+        with torch.inference_mode():
+            if threads == args.threads[0]:  # the deviation on this input, once
+                for name, model in models.items():
+                    got = sessions[name].run(None, feed)
+                    want = model.hidden_states(source, mask)
+                    exports[name]["max_abs_diff_bench_input"] = max(
+                        float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want)
+                    )
+            timing[f"{threads} thread{'s' if threads > 1 else ''}"] = interleaved(
+                calls, args.warmup, args.repeat
+            )
+
+    header = ["model", "params", "ONNX MB"]
+    for key in timing:
+        header += [f"torch ms ({key})", f"ORT ms ({key})", "ORT/torch"]
+    header += ["max abs diff"]
+    rows = []
+    for name in models:
+        row = [name, f"{exports[name]['params']:,}", f"{exports[name]['bytes'] / 2**20:.0f}"]
+        for times in timing.values():
+            torch_s, ort_s = times[f"{name} torch"], times[f"{name} onnxruntime"]
+            row += [f"{1000 * torch_s:.0f}", f"{1000 * ort_s:.0f}", f"{ort_s / torch_s:.3f}"]
+        row.append(f"{exports[name]['max_abs_diff_bench_input']:.1e}")
+        rows.append(row)
+    ratio = ["student/teacher", f"{exports['student']['params'] / exports['teacher']['params']:.3f}", ""]
+    for times in timing.values():
+        ratio += [
+            f"{times['student torch'] / times['teacher torch']:.3f}",
+            f"{times['student onnxruntime'] / times['teacher onnxruntime']:.3f}",
+            "",
+        ]
+    rows.append(ratio + [""])
+    print(f"\nCPU fp32, batch {args.batch} x {args.seconds:g} s, median of {args.repeat}")
+    print(table(rows, header))
+    print(
+        "ORT/torch: onnxruntime's time over torch's for the same model; max abs diff: onnxruntime against "
+        "torch over every hidden state on this input"
+    )
+    write_json(
+        args.json,
+        {
+            "machine": {**machine(), "onnxruntime": onnxruntime.__version__},
+            "batch": args.batch,
+            "seconds": args.seconds,
+            "structure": recorded["produced_by"],
+            "models": {name: {k: v for k, v in e.items() if k != "path"} for name, e in exports.items()},
+            "seconds_per_forward": timing,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
