@@ -1,16 +1,21 @@
 #!/bin/bash
-# The benchmarks on a GPU machine, as one prepared run, from the project root. A machine without network takes
-# the tested pins as wheels in .whl/ (made where there is network, e.g. `pip download --no-deps -d .whl
-# torch==2.9.1 torchaudio==2.9.1 ve-fairseq==0.12.3 ...` for that machine's Python; .whl/ is git-ignored);
-# tables and JSON land in $OUT (default benchmarks/results).
-# About 6 minutes on an H100: a Base-shaped stage-1 update against stock HuBERT pretraining (AMP, 16 x 10 s),
-# the length scaling (8 items of 2 to 16 s), and inference (8 x 10 s, fp16).
+# The benchmarks on a GPU machine, as one prepared run, from the project root:
+#   bash benchmarks/gpu_check.sh [WHEELS]
+# WHEELS: a folder of prebuilt wheels of the tested pins for that machine's Python (made where there is network,
+# e.g. `pip download --no-deps -d WHEELS torch==2.9.1 torchaudio==2.9.1 ve-fairseq==0.12.3 ...`), installed
+# first into a temporary folder for a machine without network; without it the environment's packages are used.
+# Tables and JSON land in $OUT (default benchmarks/results).
+# About 7 minutes on an H100: a Base-shaped stage-1 update against stock HuBERT pretraining (AMP, 16 x 10 s),
+# inference (8 x 10 s, fp16), the length scaling (8 items of 2 to 16 s), and stage 1 with two workers through
+# fairseq's distributed start (c10d, both ranks on the one GPU over gloo), checkpointed and resumed.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
+WHEELS=${1:-}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -n "$WHEELS" ]; then
+  [ -d "$WHEELS" ] || { echo "gpu_check.sh: $WHEELS: no such folder of wheels" >&2; exit 2; }
   S=$(mktemp -d)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$S" .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$S" "$WHEELS"/*.whl
   export PYTHONPATH=$S:$PWD
 fi
 export PYTHONUNBUFFERED=1
@@ -21,3 +26,5 @@ python3 benchmarks/inference.py --device cuda --json "$OUT/inference_gpu.json" 2
   | tee "$OUT/inference_gpu.txt"
 python3 benchmarks/training_step.py --device cuda --batch 8 --seconds 2 4 8 16 --repeat 10 \
   --json "$OUT/scaling_gpu.json" 2>"$OUT/scaling_gpu.err" | tee "$OUT/scaling_gpu.txt"
+python3 benchmarks/distributed_check.py --device cuda --out "$(mktemp -d)" --json "$OUT/distributed_gpu.json" \
+  2>"$OUT/distributed_gpu.err" | tee "$OUT/distributed_gpu.txt"
