@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from dphubert_fairseq.models.dphubert import pad_waveforms  # noqa: E402
 from dphubert_fairseq.teacher import import_data2vec  # noqa: E402
 from fairseq_runs import (  # noqa: E402,F401  (re-exported for the tests)
     CONFIGS,
@@ -73,13 +74,7 @@ def padded_batch(clips, normalize: bool = False):
     """(B, L) batch right-padded with zeros and its (B, L) padding mask (True = padding)."""
     if normalize:
         clips = [(c - c.mean()) / (c.std() + 1e-5) for c in clips]
-    length = max(c.numel() for c in clips)
-    source = torch.zeros(len(clips), length)
-    mask = torch.ones(len(clips), length, dtype=torch.bool)
-    for i, c in enumerate(clips):
-        source[i, : c.numel()] = c
-        mask[i, : c.numel()] = False
-    return source, mask
+    return pad_waveforms([c.float() for c in clips])
 
 
 def randomise_gates(model, seed=0):

@@ -59,24 +59,29 @@ def card(data, teacher, save_dir):
     return [f"task.data={data}", f"task.teacher_path={teacher}", f"checkpoint.save_dir={save_dir}"]
 
 
-@pytest.fixture(scope="module")
-def stage1(workdir, data, teacher):
-    save_dir = str(workdir / "stage1")
-    out = P.hydra_train(
-        "dphubert",
+def stage1_overrides(data, teacher, save_dir: str, updates: int) -> list:
+    """A CPU stage 1 of ``updates`` at target sparsity 0.5 (ramped over a sixth of it), logged every 10
+    updates, validated and saved at its end."""
+    return (
         card(data, teacher, save_dir)
         + P.CPU_OVERRIDES
         + [
             "dataset.max_tokens=48000",
-            f"optimization.max_update={STAGE1_UPDATES}",
+            f"optimization.max_update={updates}",
             "criterion.target_sparsity=0.5",
-            f"criterion.sparsity_warmup_updates={STAGE1_UPDATES // 6}",
+            f"criterion.sparsity_warmup_updates={updates // 6}",
             "common.log_interval=10",
-            f"dataset.validate_interval_updates={STAGE1_UPDATES}",
-            f"checkpoint.save_interval_updates={STAGE1_UPDATES}",
+            f"dataset.validate_interval_updates={updates}",
+            f"checkpoint.save_interval_updates={updates}",
         ]
-        + P.schedule_overrides("dphubert", 5, LRS),
+        + P.schedule_overrides("dphubert", 5, LRS)
     )
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir, data, teacher):
+    save_dir = str(workdir / "stage1")
+    out = P.hydra_train("dphubert", stage1_overrides(data, teacher, save_dir, STAGE1_UPDATES))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return save_dir, out.stdout
 
@@ -125,23 +130,10 @@ def test_stage1_with_a_macs_target_lands_on_it(workdir, data, teacher):
     """criterion.target_metric=macs: the Lagrangian and the landing work on MACs (of a 10 s utterance); the
     export reaches the target within 0.02, counted on the exported model; both sparsities are logged."""
     save_dir = str(workdir / "stage1_macs")
-    updates = 150
     out = P.hydra_train(
         "dphubert",
-        card(data, teacher, save_dir)
-        + P.CPU_OVERRIDES
-        + [
-            "dataset.max_tokens=48000",
-            f"optimization.max_update={updates}",
-            "criterion.target_metric=macs",
-            "criterion.target_sparsity=0.5",
-            f"criterion.sparsity_warmup_updates={updates // 6}",
-            "common.log_interval=10",
-            "common.tensorboard_logdir=null",
-            f"dataset.validate_interval_updates={updates}",
-            f"checkpoint.save_interval_updates={updates}",
-        ]
-        + P.schedule_overrides("dphubert", 5, LRS),
+        stage1_overrides(data, teacher, save_dir, 150)
+        + ["criterion.target_metric=macs", "common.tensorboard_logdir=null"],
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     last = P.logged(out.stdout, "train_inner")[-1]

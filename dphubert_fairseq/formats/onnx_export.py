@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..atomic_files import atomic_write
 from ..conv_spec import parse_conv_layers
 from ..errors import ConfigError, DPHuBERTError
-from ..models.dphubert import DPHuBERTModel
+from ..models.dphubert import DPHuBERTModel, pad_waveforms
 
 #: the ONNX opset the files are written with (17: LayerNormalization is one operator)
 OPSET = 17
@@ -95,17 +95,6 @@ def num_frames(model: DPHuBERTModel, samples: int) -> int:
     return samples
 
 
-def padded(clips: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(source, padding_mask)``: the clips right-padded with zeros to the longest, True = padding."""
-    length = max(c.numel() for c in clips)
-    source = torch.zeros(len(clips), length)
-    mask = torch.ones(len(clips), length, dtype=torch.bool)
-    for i, clip in enumerate(clips):
-        source[i, : clip.numel()] = clip
-        mask[i, : clip.numel()] = False
-    return source, mask
-
-
 def model_input(model: DPHuBERTModel, wave: torch.Tensor) -> torch.Tensor:
     """A waveform as the model's task feeds it: layer-normalised when the model expects normalised input."""
     wave = wave.float()
@@ -143,7 +132,7 @@ def probe_batch(
     lengths = [_samples(model, s, whole_frames=(i == 0)) for i, s in enumerate(seconds)]
     rate = model.cfg.sample_rate
     clips = [model_input(model, speech_like(n, seed + i, rate)) for i, n in enumerate(lengths)]
-    source, mask = padded(clips)
+    source, mask = pad_waveforms(clips)
     described = ", ".join(f"{n / rate:.2f} s" for n in lengths)
     return source, mask, f"a built-in speech-like probe ({described}, padded)"
 
@@ -176,7 +165,7 @@ def audio_batch(model: DPHuBERTModel, paths: Sequence[str]) -> Tuple[torch.Tenso
     else:
         lengths = ", ".join(f"{len(c) / rate:.2f} s" for c in clips)
         described = f"{len(clips)} audio files ({lengths})"
-    source, mask = padded([model_input(model, c) for c in clips])
+    source, mask = pad_waveforms([model_input(model, c) for c in clips])
     return source, mask, f"{described}, padded"
 
 
@@ -224,7 +213,9 @@ def _trace(model: DPHuBERTModel, opset: int) -> bytes:
     names = output_names(model)
     lengths = [_samples(model, s) for s in TRACE_SECONDS]
     rate = model.cfg.sample_rate
-    source, mask = padded([model_input(model, speech_like(n, 100 + i, rate)) for i, n in enumerate(lengths)])
+    source, mask = pad_waveforms(
+        [model_input(model, speech_like(n, 100 + i, rate)) for i, n in enumerate(lengths)]
+    )
     dynamic = {"source": {0: "batch", 1: "samples"}, "padding_mask": {0: "batch", 1: "samples"}}
     dynamic.update({name: {0: "batch", 1: "frames"} for name in names})
     buffer = io.BytesIO()

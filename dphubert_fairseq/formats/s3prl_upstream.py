@@ -9,7 +9,7 @@ list of unpadded 16 kHz waveforms returns ``{"hidden_states": [h_0, ..., h_L]}``
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +18,7 @@ from torch import nn
 from ..checkpoint_io import load_model
 from ..conv_spec import parse_conv_layers
 from ..errors import CheckpointError, ConfigError
-
-
-def pad_waveforms(wavs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[(L_i,)]`` -> the ``(B, L)`` batch right-padded with zeros and its ``(B, L)`` padding mask
-    (True = padding), ``L = max L_i``, on the waveforms' device."""
-    lengths = torch.tensor([wav.numel() for wav in wavs], device=wavs[0].device)
-    source = nn.utils.rnn.pad_sequence(list(wavs), batch_first=True)
-    padding_mask = torch.arange(source.size(1), device=source.device).unsqueeze(0) >= lengths.unsqueeze(1)
-    return source, padding_mask
+from ..models.dphubert import pad_waveforms
 
 
 class UpstreamExpert(nn.Module):

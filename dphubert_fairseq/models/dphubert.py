@@ -7,7 +7,7 @@ the config (smaller sizes, no gates) and the weights.
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -206,6 +206,15 @@ class DPHuBERTConfig(FairseqDataclass):
         default=False,
         metadata={"help": "set by export: the feature LayerNorm scales its input by the last gate's values"},
     )
+
+
+def pad_waveforms(wavs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[(L_i,)]`` -> the ``(B, L)`` batch right-padded with zeros and its ``(B, L)`` sample padding mask
+    (True = padding), ``L = max L_i``, on the waveforms' device: the model's ``(source, padding_mask)``."""
+    lengths = torch.tensor([wav.numel() for wav in wavs], device=wavs[0].device)
+    source = nn.utils.rnn.pad_sequence(list(wavs), batch_first=True)
+    padding_mask = torch.arange(source.size(1), device=source.device).unsqueeze(0) >= lengths.unsqueeze(1)
+    return source, padding_mask
 
 
 def hubert_frame_padding(padding_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
