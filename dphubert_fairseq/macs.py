@@ -22,7 +22,7 @@ transformer alone does not tell the speed-up.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,22 +79,34 @@ def ffn_macs(frames: int, embed_dim: int, ffn_dim: Number) -> Number:
     return 2 * frames * embed_dim * ffn_dim
 
 
-def _parts(cfg, num_samples: int, sizes: UnitSizes) -> MacCount:
+def _parts(
+    cfg,
+    num_samples: int,
+    sizes: UnitSizes,
+    computed_channels: Optional[Sequence[int]] = None,
+    projection_inputs: Optional[int] = None,
+) -> MacCount:
     """Every part's MACs for ``sizes``: ints (numpy for the per-layer vectors) for a real architecture,
-    tensors for expected sizes (differentiable). The one place the formulas above are applied."""
+    tensors for expected sizes (differentiable). The one place the formulas above are applied.
+
+    For a model that leaves inactive units out (``inactive_units``): ``computed_channels``, the output channels
+    each conv block computes when they differ from those the next block reads (``sizes.conv_channels``), and
+    ``projection_inputs``, the features the projection reads."""
     count = MacCount()
     length, in_channels = num_samples, 1
-    for (_, kernel, stride), out_channels in zip(
-        parse_conv_layers(cfg.conv_feature_layers), sizes.conv_channels
-    ):
+    conv_layers = parse_conv_layers(cfg.conv_feature_layers)
+    computed = computed_channels if computed_channels is not None else sizes.conv_channels
+    for (_, kernel, stride), out_channels, computed_out in zip(conv_layers, sizes.conv_channels, computed):
         length = (length - kernel) // stride + 1
-        count.conv.append(in_channels * out_channels * kernel * length)
+        count.conv.append(in_channels * computed_out * kernel * length)
         in_channels = out_channels
     frames = length - length % cfg.crop_seq_to_multiple
     count.frames = frames
     dim = cfg.encoder_embed_dim
     if cfg.post_extract_proj:
         features = in_channels + (1 if cfg.feature_norm_removed_channels > 0 else 0)
+        if projection_inputs is not None:
+            features = projection_inputs
         count.feature_projection = frames * features * dim
     computed = frames + 1 - cfg.conv_pos % 2
     count.pos_conv = cfg.conv_pos_depth * computed * dim * (dim // cfg.conv_pos_groups) * cfg.conv_pos
@@ -115,10 +127,17 @@ def _as_ints(values, layers: int) -> List[int]:
     return [int(values)] * layers
 
 
-def count_macs(cfg, num_samples: int, sizes: Optional[UnitSizes] = None) -> MacCount:
+def count_macs(
+    cfg,
+    num_samples: int,
+    sizes: Optional[UnitSizes] = None,
+    computed_channels: Optional[Sequence[int]] = None,
+    projection_inputs: Optional[int] = None,
+) -> MacCount:
     """MACs of a forward pass over one utterance of ``num_samples`` samples (batch 1) for a ``DPHuBERTConfig``
-    architecture (``sizes`` default to the config's own), by part. Linear in the batch size."""
-    parts = _parts(cfg, num_samples, sizes or static_sizes(cfg))
+    architecture (``sizes`` default to the config's own), by part. Linear in the batch size.
+    ``computed_channels``, ``projection_inputs``: as ``_parts`` takes them."""
+    parts = _parts(cfg, num_samples, sizes or static_sizes(cfg), computed_channels, projection_inputs)
     layers = cfg.encoder_layers
     return MacCount(
         conv=[int(c) for c in parts.conv],

@@ -11,11 +11,13 @@ from .teacher import config_from_fairseq, dphubert_state, load_teacher_and_confi
 
 
 def load_weights(student: DPHuBERTModel, source: nn.Module) -> DPHuBERTModel:
-    """Copy every weight of ``student`` but its gate logits from ``source``: a fairseq HuBERT / wav2vec2
-    teacher of the same architecture, or another ``dphubert`` model of the same sizes (a WavLM teacher)."""
+    """Copy every weight of ``student`` but its gate state (logits, active sets) from ``source``: a fairseq
+    HuBERT / wav2vec2 teacher of the same architecture, or another ``dphubert`` model of the same sizes (a
+    WavLM teacher)."""
     own = student.state_dict()
     state = {k: v for k, v in dphubert_state(source.state_dict()).items() if k in own}
-    missing = [k for k in own if k not in state and not k.endswith("log_alpha")]
+    gate_state = {f"{name}.{key}" for name, gate in student.gates().items() for key in gate.state_dict()}
+    missing = [k for k in own if k not in state and k not in gate_state]
     if missing:
         raise RuntimeError(f"no weights for student parameters {missing[:5]}")
     nn.Module.load_state_dict(student, state, strict=False)

@@ -77,6 +77,26 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
             "reference). See criterions/target_projection.py"
         },
     )
+    skip_inactive_units: bool = field(
+        default=True,
+        metadata={
+            "help": "stage 1 gets cheaper as the model shrinks: a unit whose probability of being non-zero stayed "
+            "below inactive_threshold at inactive_checks consecutive checks is closed for good and left out of "
+            "the forward and backward passes (models/inactive_units.py); false computes every unit to the end "
+            "(the reference)"
+        },
+    )
+    inactive_threshold: float = field(
+        default=1e-4,
+        metadata={"help": "a unit counts as closed at a check when P(gate > 0) is below this"},
+    )
+    inactive_checks: int = field(
+        default=3,
+        metadata={"help": "consecutive checks below inactive_threshold after which a unit is inactive"},
+    )
+    inactive_check_interval: int = field(
+        default=100, metadata={"help": "updates between two checks for inactive units"}
+    )
     max_update: Optional[int] = field(
         default=II("optimization.max_update"),
         metadata={
@@ -144,6 +164,8 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         self.teacher_size = {metric: _teacher_size(task, metric) for metric in METRICS}
         self.teacher_params = self.teacher_size["params"]
         self.num_updates = 0
+        _check_inactive_settings(cfg)
+        self._active_log: Optional[tuple] = None  # (gate versions, logged values) of the last active-set log
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
@@ -162,6 +184,19 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             metric = self.cfg.target_metric
             target_size = (1.0 - self.cfg.target_sparsity) * self.teacher_size[metric]
             self.projection_offset = project_to_target(unwrap(model), target_size, metric)
+        if self.cfg.skip_inactive_units and (update_num + 1) % self.cfg.inactive_check_interval == 0:
+            inner = unwrap(model)
+            closed = inner.update_active_sets(self.cfg.inactive_threshold, self.cfg.inactive_checks)
+            if closed:
+                fractions = ", ".join(f"{k} {v:.3f}" for k, v in inner.active_fractions().items())
+                logger.info(
+                    "update %d: %d more units inactive (P(gate > 0) < %g at %d checks); active: %s",
+                    update_num + 1,
+                    closed,
+                    self.cfg.inactive_threshold,
+                    self.cfg.inactive_checks,
+                    fractions,
+                )
         if self.lagrangian is not None and self.run_length and update_num + 1 == self.run_length:
             self._report_landing(unwrap(model))
 
@@ -204,7 +239,9 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             )
             for pred, layer in zip(predictions, self.projections.targets)
         ) / len(predictions)
-        loss = distill
+        # + 0 that depends on the encoder's output: a pre-LN student ends with a LayerNorm that distillation
+        # does not read, and DDP without find_unused_parameters needs every parameter in the graph
+        loss = distill + out["x"][..., :0].sum()
         # logged values stay tensors: an .item() here would make the host wait for the GPU before it can
         # queue the backward pass; fairseq's metrics convert them when it aggregates the logs
         log: Dict[str, object] = {
@@ -238,9 +275,24 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                 for metric, key in (("params", "eval_sparsity"), ("macs", "eval_macs_sparsity")):
                     kept = inner.eval_mask_size(metric, sync_free=True)
                     log[key] = 1.0 - kept / self.teacher_size[metric]
+        if model.training and unwrap(model).gate_set.gates:
+            log.update(self._active_units_log(unwrap(model)))
         if not model.training:
             self._log_eval_masks(model, log)
         return loss, 1, log
+
+    def _active_units_log(self, model) -> Dict[str, float]:
+        """The fractions of gated heads / FFN units / conv channels still active and the MACs the student
+        computes now (``active_macs``, per ``macs.NOMINAL_SECONDS`` of audio, also as a fraction of the
+        teacher's); recomputed only when an active set changed."""
+        versions = tuple(g.version for g in model.gate_set.gates)
+        if self._active_log is None or self._active_log[0] != versions:
+            values = {f"active_{name}": value for name, value in model.active_fractions().items()}
+            current = model.active_macs()
+            values["active_gmacs"] = current / 1e9
+            values["active_macs_ratio"] = current / self.teacher_size["macs"]
+            self._active_log = (versions, values)
+        return dict(self._active_log[1])
 
     def _log_eval_masks(self, model, log: Dict[str, float]) -> None:
         """At validation: the sparsity and sizes the eval masks imply (what an export would keep)."""
@@ -268,11 +320,20 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                 continue
             value = total / count
             rounding = 0 if key in ("expected_params", "eval_params") or key.startswith("kept_") else 5
+            rounding = 3 if key == "active_gmacs" else rounding
             metrics.log_scalar(key, value, count, round=rounding)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def _check_inactive_settings(cfg: DPHuBERTDistillCriterionConfig) -> None:
+    if not 0.0 < cfg.inactive_threshold < 1.0:
+        raise ConfigError(f"criterion.inactive_threshold must be in (0, 1), got {cfg.inactive_threshold}")
+    for key in ("inactive_checks", "inactive_check_interval"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"criterion.{key} must be at least 1, got {getattr(cfg, key)}")
 
 
 def _check_stage1_layers(task, cfg: DPHuBERTDistillCriterionConfig, groups: List[List[int]]) -> None:

@@ -25,6 +25,7 @@ from ..param_count import UnitSizes, config_params, static_sizes
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
 from .hard_concrete import GateSet, HardConcrete
+from .inactive_units import update_active_sets
 from .prunable_conv import ConvFeatureExtractor
 from .time_masking import TimeChannelMasking
 
@@ -413,12 +414,14 @@ class DPHuBERTModel(BaseFairseqModel):
         """Size of each prunable structure.
 
         ``mode``: 'static' (the config's sizes), 'expected' (expected open gates, differentiable tensors),
-        'eval' (gates open in the deterministic eval masks, ints) or 'eval_counts' (the same counts as float32
-        tensors, computed from the expected counts without a host sync, for training logs).
+        'eval' (gates open in the deterministic eval masks, ints), 'eval_counts' (the same counts as float32
+        tensors, computed from the expected counts without a host sync, for training logs) or 'active' (units
+        not yet inactive, ``inactive_units``: what the forward pass computes with, ints, no host sync).
         ``logit_shift`` (with 'expected' / 'eval_counts'): the sizes if every gate logit were shifted by it.
         """
-        if mode not in ("static", "expected", "eval", "eval_counts"):
-            raise ValueError(f"mode must be 'static', 'expected', 'eval' or 'eval_counts', got {mode!r}")
+        modes = ("static", "expected", "eval", "eval_counts", "active")
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {', '.join(modes)}, got {mode!r}")
         if mode == "static":
             return static_sizes(self.cfg)
         if mode in ("expected", "eval_counts") and len(self.gate_set):
@@ -428,6 +431,8 @@ class DPHuBERTModel(BaseFairseqModel):
         def size(gate: Optional[HardConcrete], static: int):
             if gate is None:
                 return static
+            if mode == "active":
+                return gate.num_active
             if mode != "eval":
                 return counts[gate]
             return int((gate.deterministic_mask() > 0).sum())
@@ -435,6 +440,8 @@ class DPHuBERTModel(BaseFairseqModel):
         def keep(gate: Optional[HardConcrete], present: bool):
             if not present or gate is None:
                 return int(present)
+            if mode == "active":
+                return gate.num_active
             if mode != "eval":
                 return counts[gate]  # one gate: the expected count is the keep probability
             return int(gate.deterministic_mask()[0] > 0)
@@ -455,6 +462,45 @@ class DPHuBERTModel(BaseFairseqModel):
             attention_keep=att_keep,
             ffn_keep=ffn_keep,
         )
+
+    def update_active_sets(self, threshold: float, checks: int) -> int:
+        """One check of ``inactive_units.update_active_sets`` on every gate; returns the units it made inactive."""
+        return update_active_sets(self.gate_set.gates, threshold, checks)
+
+    def active_fractions(self) -> Dict[str, float]:
+        """Fraction of the gated heads, FFN units and conv channels still active (no host sync); a structure
+        without gates is left out."""
+        fractions = {}
+        blocks = [
+            ("heads", [layer.self_attn for layer in self.encoder.layers], "head_gate", "num_heads"),
+            ("ffn_units", [layer.ffn for layer in self.encoder.layers], "unit_gate", "ffn_dim"),
+        ]
+        for name, modules, gate_name, size_name in blocks:
+            active = total = 0
+            for module in modules:
+                gate = getattr(module, gate_name, None) if module is not None else None
+                if gate is not None:
+                    total += gate.n
+                    active += 0 if module.skipped else gate.num_active
+            if total:
+                fractions[name] = active / total
+        conv = [b.gate for b in self.feature_extractor.blocks if b.gate is not None]
+        if conv:
+            fractions["conv_channels"] = sum(g.num_active for g in conv) / sum(g.n for g in conv)
+        return fractions
+
+    def active_macs(self, num_samples: Optional[int] = None) -> int:
+        """MACs the forward pass computes now, leaving inactive units out (``inactive_units``), on one utterance
+        of ``num_samples`` samples (default ``macs.NOMINAL_SECONDS``): the student's current compute."""
+        sizes = self.unit_sizes("active")
+        computed = [
+            b.out_channels if b.norm_kind == "layer" else c
+            for b, c in zip(self.feature_extractor.blocks, sizes.conv_channels)
+        ]
+        num_samples = num_samples if num_samples is not None else macs.nominal_samples(self.cfg)
+        return macs.count_macs(
+            self.cfg, num_samples, sizes, computed, projection_inputs=self.layer_norm.out_features
+        ).total
 
     def num_params(self) -> int:
         """Counted parameters (``param_count`` convention) of this architecture."""

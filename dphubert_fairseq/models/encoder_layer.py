@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from fairseq.modules import LayerNorm
 
+from .inactive_units import touch
 from .prunable_attention import PrunableSelfAttention
 from .prunable_ffn import PrunableFeedForward
 
@@ -15,7 +16,8 @@ class PrunableEncoderLayer(nn.Module):
 
     ``(B, T, D)`` and key padding mask ``(B, T)`` ``-> (B, T, D)``. A removed block (``None``) contributes
     nothing. Post-LN layers keep both LayerNorms whatever is removed, since they sit on the residual stream;
-    a pre-LN layer's LayerNorm belongs to its block and goes with it.
+    a pre-LN layer's LayerNorm belongs to its block and goes with it, and is skipped with it when the block's
+    layer gate is inactive (``inactive_units``).
     """
 
     def __init__(
@@ -46,10 +48,16 @@ class PrunableEncoderLayer(nn.Module):
         """``position_bias``: the encoder's relative position bias (WavLM), passed to the attention."""
         if self.layer_norm_first:
             if self.self_attn is not None:
-                attn_in = self.self_attn_layer_norm(x)
-                x = x + self.dropout1(self.self_attn(attn_in, key_padding_mask, position_bias))
+                x = self._pre_norm_block(
+                    x,
+                    self.self_attn,
+                    self.self_attn_layer_norm,
+                    self.dropout1,
+                    key_padding_mask,
+                    position_bias,
+                )
             if self.ffn is not None:
-                x = x + self.dropout3(self.ffn(self.final_layer_norm(x)))
+                x = self._pre_norm_block(x, self.ffn, self.final_layer_norm, self.dropout3)
             return x
         if self.self_attn is not None:
             x = x + self.dropout1(self.self_attn(x, key_padding_mask, position_bias))
@@ -57,3 +65,13 @@ class PrunableEncoderLayer(nn.Module):
         if self.ffn is not None:
             x = x + self.dropout3(self.ffn(x))
         return self.final_layer_norm(x)
+
+    @staticmethod
+    def _pre_norm_block(
+        x: torch.Tensor, block: nn.Module, norm: nn.Module, dropout: nn.Module, *args
+    ) -> torch.Tensor:
+        """``x + dropout(block(norm(x)))``; when the block does not read its input (every unit inactive, or
+        none left), the LayerNorm is not computed and only kept in the graph (``touch``)."""
+        if not block.reads_input:
+            return x + dropout(block(x, *args)) + touch(norm)
+        return x + dropout(block(norm(x), *args))

@@ -2,7 +2,7 @@
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,11 @@ class HardConcrete(Float32Module):
     ``forward()`` returns a float32 mask of shape ``(n,)``: one sample shared by the whole batch in training
     mode, the deterministic mask in eval mode. All arithmetic is done in float32, whatever the dtype the module
     was cast to, because in fp16 the uniform noise rounds to 0 or 1.
+
+    Units can be made inactive for good (``inactive_units.update_active_sets``, during stage 1): an inactive
+    unit is closed in every sample, in the expected and the eval counts and in the eval mask, and the modules
+    that read this gate leave it out of their computation (``active_index``). The ``active`` set and the
+    ``below_threshold_checks`` streaks are buffers: saved in checkpoints and restored on resume.
     """
 
     def __init__(self, n: int, init_drop_rate: float, init_std: float = INIT_STD) -> None:
@@ -40,6 +45,12 @@ class HardConcrete(Float32Module):
         self.log_alpha = nn.Parameter(torch.empty(n))
         self.log_alpha.param_group = "gates"  # its own learning rate (fairseq's composite optimizer)
         self.drawn: Optional[torch.Tensor] = None  # set by GateSet.drawn() for one forward pass
+        self.register_buffer("active", torch.ones(n, dtype=torch.bool))
+        self.register_buffer("below_threshold_checks", torch.zeros(n, dtype=torch.long))
+        #: host copy of the active units' indices, None while every unit is active; ``version`` counts changes
+        self._active_list: Optional[List[int]] = None
+        self._active_index: Dict[torch.device, torch.Tensor] = {}
+        self.version = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -49,25 +60,76 @@ class HardConcrete(Float32Module):
     def extra_repr(self) -> str:
         return f"n={self.n}, init_drop_rate={self.init_drop_rate}"
 
+    # ----- the active set -----
+
+    @property
+    def num_active(self) -> int:
+        """Units still active (known on the host: no device sync)."""
+        return self.n if self._active_list is None else len(self._active_list)
+
+    @property
+    def all_active(self) -> bool:
+        return self._active_list is None
+
+    def active_index(self, device: torch.device) -> Optional[torch.Tensor]:
+        """Indices of the active units, ``(num_active,)`` long on ``device``; None while every unit is active."""
+        if self._active_list is None:
+            return None
+        if device not in self._active_index:
+            self._active_index[device] = torch.tensor(self._active_list, dtype=torch.long, device=device)
+        return self._active_index[device]
+
+    def active_mask(self) -> torch.Tensor:
+        """``active`` as a float32 ``(n,)`` multiplier: 1 for active units, 0 for inactive ones."""
+        return self.active.float()
+
+    @torch.no_grad()
+    def set_active(self, active: torch.Tensor) -> None:
+        """Replace the active set (``(n,)`` bool) and refresh the host copy (one device sync)."""
+        self.active.copy_(active)
+        self.refresh_active()
+
+    def refresh_active(self) -> None:
+        """Re-read the ``active`` buffer into the host copy the forward pass slices with."""
+        active = self.active.tolist()
+        self._active_list = None if all(active) else [i for i, a in enumerate(active) if a]
+        self._active_index = {}
+        self.version += 1
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # checkpoints written before active sets existed have every unit active
+        for name, default in (("active", True), ("below_threshold_checks", 0)):
+            state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), default))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self.refresh_active()
+
+    # ----- probabilities, samples and masks -----
+
     def prob_open(self) -> torch.Tensor:
-        """Probability that each gate is non-zero, ``(n,)`` float32, differentiable."""
-        return prob_open(self.log_alpha.float())
+        """Probability that each gate is non-zero (0 for inactive units), ``(n,)`` float32, differentiable."""
+        return prob_open(self.log_alpha.float()) * self.active_mask()
 
     def l0_norm(self) -> torch.Tensor:
         """Expected number of open gates, a float32 scalar, differentiable."""
         return self.prob_open().sum()
 
     def sample(self) -> torch.Tensor:
-        return sample(self.log_alpha.float())
+        return sample(self.log_alpha.float()) * self.active_mask()
 
     @torch.no_grad()
     def deterministic_mask(self) -> torch.Tensor:
-        """Eval mask: the ``round(n - L0)`` gates with the smallest log_alpha are 0, the rest soft values."""
+        """Eval mask: the ``round(n - L0)`` gates with the smallest log_alpha are 0, the rest soft values.
+        Inactive units count as the smallest (``L0`` leaves them out, so they are among the zeros)."""
         log_alpha = self.log_alpha.float()
         num_zeros = round(self.n - self.l0_norm().item())
         mask = torch.sigmoid(log_alpha / BETA * EVAL_SHARPNESS)
         if num_zeros > 0:
-            mask[torch.topk(log_alpha, k=num_zeros, largest=False).indices] = 0.0
+            ranked = log_alpha.masked_fill(~self.active, float("-inf"))
+            mask[torch.topk(ranked, k=num_zeros, largest=False).indices] = 0.0
         return mask
 
     def forward(self) -> torch.Tensor:
@@ -101,6 +163,8 @@ class GateSet:
         self.gates = tuple(gates)
         self._segments: Dict[torch.device, torch.Tensor] = {}
         self._sizes: Dict[torch.device, torch.Tensor] = {}
+        self._active_key: Optional[tuple] = None
+        self._active: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.gates)
@@ -108,6 +172,14 @@ class GateSet:
     def _log_alpha(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         log_alpha = torch.cat([g.log_alpha.float() for g in self.gates])
         return log_alpha if shift is None else log_alpha + shift
+
+    def _active_mask(self, device: torch.device) -> torch.Tensor:
+        """The gates' ``active_mask`` concatenated, rebuilt only when an active set changed."""
+        key = (device, tuple(g.version for g in self.gates))
+        if self._active_key != key:
+            self._active = torch.cat([g.active_mask() for g in self.gates]).to(device)
+            self._active_key = key
+        return self._active
 
     def _segment_ids(self, device: torch.device) -> torch.Tensor:
         if device not in self._segments:
@@ -118,7 +190,8 @@ class GateSet:
     def expected_open(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Expected number of open gates of each gate vector, ``(len(self),)`` float32, differentiable.
         ``shift``: a scalar added to every logit first (what-if counts for ``target_projection``)."""
-        probs = prob_open(self._log_alpha(shift))
+        log_alpha = self._log_alpha(shift)
+        probs = prob_open(log_alpha) * self._active_mask(log_alpha.device)
         ids = self._segment_ids(probs.device)
         return torch.zeros(len(self.gates), device=probs.device).index_add(0, ids, probs)
 
@@ -141,7 +214,8 @@ class GateSet:
         if not self.gates or not self.gates[0].training:
             yield
             return
-        masks = sample(self._log_alpha()).split([g.n for g in self.gates])
+        log_alpha = self._log_alpha()
+        masks = (sample(log_alpha) * self._active_mask(log_alpha.device)).split([g.n for g in self.gates])
         for gate, mask in zip(self.gates, masks):
             gate.drawn = mask
         try:

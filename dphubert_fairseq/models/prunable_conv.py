@@ -49,16 +49,42 @@ class ConvBlock(nn.Module):
     def out_channels(self) -> int:
         return self.conv.out_channels
 
-    def forward(self, x: torch.Tensor, in_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``in_scale`` ``(C_in,)``: the previous block's gate values, applied to this block's input."""
-        weight = self.conv.weight
+    def forward(
+        self,
+        x: torch.Tensor,
+        in_scale: Optional[torch.Tensor] = None,
+        in_index: Optional[torch.Tensor] = None,
+        out_index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``in_scale`` ``(C_in,)``: the previous block's gate values, applied to this block's input.
+        ``in_index``: the input channels ``x`` holds (``x`` is ``(B, len(in_index), T_in)``), None for all;
+        ``out_index``: the output channels to compute, None for all (not with a LayerNorm over channels, whose
+        statistics need every channel). Returns ``(B, len(out_index) or C_out, T_out)``."""
+        weight, bias = self.conv.weight, self.conv.bias
+        if out_index is not None:
+            if self.norm_kind == "layer":
+                raise ValueError("a conv block with a LayerNorm over its channels computes all of them")
+            weight = weight.index_select(0, out_index)
+            bias = bias[out_index] if bias is not None else None
+        if in_index is not None:
+            weight = weight.index_select(1, in_index)
+            in_scale = in_scale[in_index] if in_scale is not None else None
         if in_scale is not None:
             weight = weight * in_scale.to(weight.dtype).view(1, -1, 1)
-        x = F.conv1d(x, weight, self.conv.bias, stride=self.stride)
+        x = F.conv1d(x, weight, bias, stride=self.stride)
         if self.norm_kind == "layer":
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)
-        elif self.norm_kind == "group":
+        elif self.norm_kind == "group" and out_index is None:
             x = self.norm(x)
+        elif self.norm_kind == "group":  # one group per channel: the kept channels' norms are unchanged
+            norm = self.norm
+            x = F.group_norm(
+                x.float(),
+                out_index.numel(),
+                norm.weight[out_index].float(),
+                norm.bias[out_index].float(),
+                norm.eps,
+            ).type_as(x)
         return F.gelu(x)
 
 
@@ -106,11 +132,30 @@ class ConvFeatureExtractor(nn.Module):
         return lengths.long()
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
+        """Inactive channels (``inactive_units``) are left out of every block that can: a block computes its
+        active output channels only (not with a LayerNorm over channels, 'layer_norm' mode, whose statistics
+        need them all) and reads only the previous block's active channels. The last block's channels are put
+        back in place as zeros for the feature LayerNorm, which normalises over all of them."""
         x = source.unsqueeze(1)
         scale: Optional[torch.Tensor] = None
+        held: Optional[torch.Tensor] = None  # the channels x holds, None for all
+        wanted: Optional[torch.Tensor] = None  # the channels of x the next block reads, None for all
         for block in self.blocks:
-            x = block(x, scale)
+            if wanted is not None and held is None:
+                x = x.index_select(1, wanted)  # computed in full (LayerNorm), read in part
+            out_index = block.gate.active_index(x.device) if block.gate is not None else None
+            if block.norm_kind == "layer":
+                out_index = None
+            x = block(x, scale, wanted, out_index)
+            held = out_index
             scale = block.gate() if block.gate is not None else None
+            wanted = block.gate.active_index(x.device) if block.gate is not None else None
         if scale is not None:  # the last block's gate has no conv after it
-            x = x * scale.to(x.dtype).unsqueeze(-1)
+            if held is None and wanted is None:
+                return x * scale.to(x.dtype).unsqueeze(-1)
+            if held is None:
+                x = x.index_select(1, wanted)
+            x = x * scale[wanted].to(x.dtype).unsqueeze(-1)
+            full = x.new_zeros(x.size(0), self.out_channels, x.size(2))
+            return full.index_copy(1, wanted, x)
         return x

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from fairseq import utils
 
 from .hard_concrete import INIT_DROP_RATE, HardConcrete
+from .inactive_units import touch
 from .prunable_attention import linear
 
 
@@ -14,7 +15,9 @@ class PrunableFeedForward(nn.Module):
 
     The unit gate scales fc2's columns rather than the ``(B, T, F)`` activations: the same product, computed on
     a ``(D, F)`` weight, with one activation-sized tensor less to keep for the backward pass.
-    With 0 units the block outputs ``fc2.bias``.
+    With 0 units the block outputs ``fc2.bias``. Inactive units (``inactive_units``) are left out: fc1's rows
+    and fc2's columns are index-selected to the active ones; an inactive layer gate skips the block (its output
+    is a scalar 0).
     """
 
     def __init__(
@@ -37,12 +40,35 @@ class PrunableFeedForward(nn.Module):
         )
         self.layer_gate = HardConcrete(1, INIT_DROP_RATE["ffnlayer"]) if layer_gate else None
 
+    @property
+    def skipped(self) -> bool:
+        """The layer gate is inactive: the block contributes nothing."""
+        return self.layer_gate is not None and self.layer_gate.num_active == 0
+
+    @property
+    def reads_input(self) -> bool:
+        """Whether the output depends on the input: some unit is computed."""
+        return not self.skipped and (self.unit_gate is None or self.unit_gate.num_active > 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.activation_dropout(self.activation_fn(self.fc1(x)))
-        weight = self.fc2.weight
-        if self.unit_gate is not None:
-            weight = weight * self.unit_gate().to(weight.dtype)
-        out = F.linear(h, weight, self.fc2.bias)
+        if self.skipped:
+            return touch(self)
+        index = self.unit_gate.active_index(x.device) if self.unit_gate is not None else None
+        if index is None:
+            h = self.activation_dropout(self.activation_fn(self.fc1(x)))
+            weight = self.fc2.weight
+            if self.unit_gate is not None:
+                weight = weight * self.unit_gate().to(weight.dtype)
+            out = F.linear(h, weight, self.fc2.bias)
+        elif index.numel() == 0:
+            out = self.fc2.bias.to(x.dtype).expand(*x.shape[:-1], -1) + touch(
+                self.fc1, self.fc2, self.unit_gate
+            )
+        else:
+            fc1_weight = self.fc1.weight.index_select(0, index)
+            h = self.activation_dropout(self.activation_fn(F.linear(x, fc1_weight, self.fc1.bias[index])))
+            gate = self.unit_gate()[index].to(self.fc2.weight.dtype)
+            out = F.linear(h, self.fc2.weight.index_select(1, index) * gate, self.fc2.bias)
         if self.layer_gate is not None:
             out = out * self.layer_gate().to(out.dtype)
         return out

@@ -44,18 +44,25 @@ class PrunableWavLMSelfAttention(PrunableSelfAttention):
         )
 
     def attention_mask(
-        self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor],
+        position_bias: Optional[torch.Tensor],
+        heads: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``(B, H, T, T)`` additive mask: the kept heads' (gated) bias, ``-inf`` at padded keys."""
+        """``(B, H, T, T)`` additive mask: the kept heads' (gated) bias, ``-inf`` at padded keys. ``heads``: the
+        heads computed (``active_heads``, ``H`` of them), None for all."""
         if position_bias is None:
             raise ValueError("a WavLM attention needs the encoder's relative position bias")
         batch, time, _ = x.shape
-        bias = position_bias[self.head_index]  # (H, T, T)
+        head_index = self.head_index if heads is None else self.head_index[heads]
+        bias = position_bias[head_index]  # (H, T, T)
         if self.grep_linear is not None:
-            slices = x.view(batch, time, self.teacher_heads, -1)[:, :, self.head_index].transpose(1, 2)
-            gates = self.grep_linear(slices).view(batch, self.num_heads, time, 2, 4).sum(-1)
+            grep_a = self.grep_a if heads is None else self.grep_a[:, heads]
+            slices = x.view(batch, time, self.teacher_heads, -1)[:, :, head_index].transpose(1, 2)
+            gates = self.grep_linear(slices).view(batch, head_index.numel(), time, 2, 4).sum(-1)
             gate_a, gate_b = torch.sigmoid(gates).chunk(2, dim=-1)  # (B, H, T, 1) each
-            bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias
+            bias = (gate_a * (gate_b * grep_a - 1.0) + 2.0) * bias
         else:
             bias = bias.unsqueeze(0).expand(batch, -1, -1, -1)
         if key_padding_mask is not None:
