@@ -204,6 +204,20 @@ class PeakMemory:
         return _proc_status_kib("VmHWM") * 1024 - self.floor
 
 
+# ----- gate states -----
+
+
+def encode_active(active: torch.Tensor) -> str:
+    """A gate's ``active`` set ``(n,)`` bool as a hex string of its bits (little-endian per byte)."""
+    return np.packbits(active.cpu().numpy().astype(np.uint8), bitorder="little").tobytes().hex()
+
+
+def decode_active(text: str, n: int) -> torch.Tensor:
+    """The ``(n,)`` bool set ``encode_active`` wrote."""
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8), bitorder="little")[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
 # ----- workers and output -----
 
 

@@ -3,10 +3,13 @@ HuBERT Base-shaped teacher (random weights, built from fairseq's own recipe and 
 ``fairseq-hydra-train --config-dir configs --config-name dphubert``, then ``dphubert-export``.
 
     python benchmarks/make_structure.py [--out benchmarks/structures/hubert_base_sp75.json] [--updates 400]
+    python benchmarks/make_structure.py --out benchmarks/structures/hubert_base_sp75_run.json --states-every 25
 
 Writes the exported model's architecture (a ``dphubert`` model config: kept conv channels, heads and FFN units
 per layer) with how it was produced. On 2 CPU cores the run takes about 15 minutes (2 x 1 s of real speech per
 update). Only the structure matters to the benchmark: the weights of a random teacher carry no meaning.
+With ``--states-every N`` it also keeps the gates' active sets (``models/inactive_units.py``) every N updates
+of the run, for ``shrinking_update.py``. ``stage1_run`` is also what ``inactive_effect.py`` runs.
 """
 
 import argparse
@@ -16,8 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Dict, List, Sequence, Tuple
 
-from harness import REPO, SHAPES, save_random_teacher, write_audio, write_json
+from harness import REPO, SHAPES, encode_active, save_random_teacher, write_audio, write_json
 
 from fairseq_runs import (
     composite_schedule,
@@ -37,7 +41,94 @@ CURVE_KEYS = (
     "expected_macs_sparsity",
     "eval_sparsity",
     "eval_macs_sparsity",
+    "active_heads",
+    "active_ffn_units",
+    "active_conv_channels",
+    "active_macs_ratio",
+    "train_wall",
 )
+#: the learning rates of the compressed run (the recipe's 2e-4 / 0.02 / 0.02 over 50k updates)
+LRS = {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1}
+
+
+def prepare(work: str, shape: str) -> Tuple[str, str, str]:
+    """(manifest folder, teacher checkpoint, speech description) under ``work``: 300 utterances of real speech
+    and a random-weight teacher of ``shape`` (``harness.SHAPES``); reused when ``work`` has them."""
+    utterances, description = gather_speech(300, log=print)
+    data = os.path.join(work, "data")
+    if not os.path.exists(os.path.join(data, "train.tsv")):
+        write_manifests(utterances, data)
+    teacher = os.path.join(work, f"teacher_{shape}.pt")
+    if not os.path.exists(teacher):
+        save_random_teacher(teacher, write_audio(os.path.join(work, "labels"), 2, 2.0), SHAPES[shape])
+    return data, teacher, description
+
+
+def stage1_overrides(
+    data: str,
+    teacher: str,
+    save_dir: str,
+    updates: int,
+    target: float,
+    metric: str = "params",
+    states_every: int = 0,
+    seed: int = 1337,
+    extra: Sequence[str] = (),
+) -> List[str]:
+    """The compressed stage 1: ``updates`` updates of 2 x 1 s, the target ramped over two thirds of them,
+    logged every 20; with ``states_every``, a checkpoint every that many updates (all kept)."""
+    overrides = [
+        f"task.data={data}",
+        f"task.teacher_path={teacher}",
+        f"checkpoint.save_dir={save_dir}",
+        *cpu_overrides(min_sample_size=16000, max_tokens=32000, max_sample_size=16000, amp=False),
+        "task.long_utterances=crop",  # 1 s windows of every utterance: a fixed cost per update on CPU
+        *run_length(updates, 20),
+        f"criterion.target_sparsity={target}",
+        f"criterion.target_metric={metric}",
+        f"criterion.sparsity_warmup_updates={updates * 2 // 3}",
+        # the inactive-unit checks scaled to the compressed run (the recipe's every 100 of 50k updates)
+        "criterion.inactive_check_interval=2",
+        *composite_schedule(LRS, max(1, updates // 60)),
+        f"common.seed={seed}",
+    ]
+    if states_every:
+        overrides += [
+            f"checkpoint.save_interval_updates={states_every}",
+            "checkpoint.keep_interval_updates=-1",
+        ]
+    return overrides + list(extra)
+
+
+def stage1_run(work: str, name: str, overrides: Sequence[str]) -> str:
+    """Run stage 1 with ``overrides`` (``stage1_overrides``), logging to ``work/name.log``; its output."""
+    command = hydra_train_command("configs", "dphubert", overrides)
+    return run_logged(command, os.path.join(work, f"{name}.log"), cwd=REPO, show=print)
+
+
+def gate_states(save_dir: str) -> List[Dict[str, object]]:
+    """The active sets of every interval checkpoint in ``save_dir``, in update order: per checkpoint its
+    update, the active fractions and MACs, and each gate's active set (``harness.encode_active``)."""
+    import glob
+
+    from fairseq import checkpoint_utils
+
+    from dphubert_fairseq.checkpoint_io import read_student_checkpoint
+
+    states = []
+    for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")):
+        state = read_student_checkpoint(path)
+        updates = state["optimizer_history"][-1]["num_updates"]
+        model = checkpoint_utils.load_model_ensemble_and_task([path], state=state)[0][0]
+        states.append(
+            {
+                "num_updates": updates,
+                "active_fractions": model.active_fractions(),
+                "active_macs_ratio": model.active_macs() / model.cfg.teacher_macs,
+                "active": {name: encode_active(gate.active) for name, gate in model.gates().items()},
+            }
+        )
+    return sorted(states, key=lambda s: s["num_updates"])
 
 
 def main() -> int:
@@ -53,6 +144,10 @@ def main() -> int:
         default="params",
         help="what the target counts (criterion.target_metric): parameters, or MACs of a 10 s utterance",
     )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="base", help="the teacher's shape")
+    parser.add_argument(
+        "--states-every", type=int, default=0, help="keep the gates' active sets every N updates (0: none)"
+    )
     parser.add_argument(
         "--work", default=None, help="folder for data, teacher and checkpoints (default: temp)"
     )
@@ -60,30 +155,15 @@ def main() -> int:
 
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="dphubert-structure-"))
     print(f"working in {work}", flush=True)
-    utterances, description = gather_speech(300, log=print)
-    data = os.path.join(work, "data")
-    write_manifests(utterances, data)
-    teacher = save_random_teacher(
-        os.path.join(work, "teacher.pt"), write_audio(os.path.join(work, "labels"), 2, 2.0), SHAPES["base"]
+    data, teacher, description = prepare(work, args.shape)
+    save_dir = os.path.join(work, "stage1")
+    overrides = stage1_overrides(
+        data, teacher, save_dir, args.updates, args.target, args.metric, args.states_every
     )
-    lrs = {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1}
-    overrides = [
-        f"task.data={data}",
-        f"task.teacher_path={teacher}",
-        f"checkpoint.save_dir={work}/stage1",
-        *cpu_overrides(min_sample_size=16000, max_tokens=32000, max_sample_size=16000, amp=False),
-        "task.long_utterances=crop",  # 1 s windows of every utterance: a fixed cost per update on CPU
-        *run_length(args.updates, 20),
-        f"criterion.target_sparsity={args.target}",
-        f"criterion.target_metric={args.metric}",
-        f"criterion.sparsity_warmup_updates={args.updates * 2 // 3}",
-        *composite_schedule(lrs, max(1, args.updates // 60)),
-    ]
-    command = hydra_train_command("configs", "dphubert", overrides)
-    output = run_logged(command, os.path.join(work, "stage1.log"), cwd=REPO, show=print)
+    output = stage1_run(work, "stage1", overrides)
     summary_path = os.path.join(work, "pruned.json")
     run_logged(
-        export_command(f"{work}/stage1/checkpoint_last.pt", f"{work}/pruned.pt", summary_path),
+        export_command(f"{save_dir}/checkpoint_last.pt", f"{work}/pruned.pt", summary_path),
         os.path.join(work, "export.log"),
         cwd=REPO,
         show=print,
@@ -102,7 +182,7 @@ def main() -> int:
     result = {
         "produced_by": {
             "what": f"stage 1 (configs/dphubert.yaml) at target {args.metric} sparsity {args.target} on a HuBERT "
-            "Base-shaped "
+            f"{args.shape.capitalize()}-shaped "
             f"teacher with random weights, {args.updates} updates of 2 x 1 s of {description}, CPU, fp32; "
             "then dphubert-export",
             "command": "python benchmarks/make_structure.py " + " ".join(sys.argv[1:]),
@@ -118,6 +198,8 @@ def main() -> int:
         "summary": summary,
         "model_config": OmegaConf.to_container(OmegaConf.structured(pruned.cfg), enum_to_str=True),
     }
+    if args.states_every:
+        result["run_states"] = gate_states(save_dir)
     write_json(args.out, result)
     print(
         f"sparsity {summary['sparsity']:.4f} ({summary['params']:,} of {summary['teacher_params']:,} params); "

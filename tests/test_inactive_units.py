@@ -1,0 +1,364 @@
+"""Inactive units (models/inactive_units.py): left out of the forward and backward passes, exactly as if their
+gates were closed; no gradient, no compute, kept across checkpoints and agreed on by every worker."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import free_port, randomise_gates
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from dphubert_fairseq.macs import count_macs
+from dphubert_fairseq.models.dphubert import DPHuBERTConfig, DPHuBERTModel
+from dphubert_fairseq.models.hard_concrete import HardConcrete
+from dphubert_fairseq.models.inactive_units import update_active_sets
+
+ALL_UNITS = ["conv", "head", "interm", "attlayer", "ffnlayer"]
+#: (pre-LN with LayerNorms in the CNN: the Large shape, WavLM's relative position bias)
+KINDS = {"base": (False, False), "large": (True, False), "wavlm": (False, True)}
+SAMPLES = 4000
+
+
+def tiny_student(kind: str = "base", units=ALL_UNITS) -> DPHuBERTModel:
+    """A tiny gated student with random weights and gates, every dropout off (the skipped and the masked
+    computations then draw the same random numbers)."""
+    large, wavlm = KINDS[kind]
+    config = dict(
+        conv_feature_layers="[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
+        encoder_layers=3,
+        encoder_embed_dim=32,
+        attention_head_dim=8,
+        encoder_attention_heads=[4] * 3,
+        encoder_ffn_embed_dims=[64] * 3,
+        use_attention=[1] * 3,
+        use_ffn=[1] * 3,
+        conv_pos=16,
+        conv_pos_groups=4,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        dropout_input=0.0,
+        prune_units=list(units),
+    )
+    if large:
+        config.update(extractor_mode="layer_norm", layer_norm_first=True)
+    if wavlm:
+        config.update(
+            relative_position_buckets=16, relative_position_max_distance=64, relative_position_heads=4
+        )
+    torch.manual_seed(0)
+    model = DPHuBERTModel(DPHuBERTConfig(**config))
+    with torch.no_grad():  # LayerNorms and biases away from 1 / 0, so that a wrong slice shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return randomise_gates(model)
+
+
+def chosen_inactive(model: DPHuBERTModel, seed: int = 1):
+    """{gate name: (n,) bool active set}: about 40% of every gate vector's units, plus the corner cases: every
+    head of layer 1, every FFN unit of layer 2, the attention block of layer 0, the FFN block of layer 1."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = {
+        name: torch.rand(gate.n, generator=g) > 0.4 for name, gate in model.gates().items() if gate.n > 1
+    }
+    gates = model.gates()
+    for name in (
+        "encoder.layers.1.self_attn.head_gate",
+        "encoder.layers.2.ffn.unit_gate",
+        "encoder.layers.0.self_attn.layer_gate",
+        "encoder.layers.1.ffn.layer_gate",
+    ):
+        if name in gates:
+            chosen[name] = torch.zeros(gates[name].n, dtype=torch.bool)
+    return chosen
+
+
+def pair(kind: str, units=ALL_UNITS):
+    """(skipping, closed): the same model twice, the chosen units inactive in the first and kept active with
+    gates that can never open (log_alpha -60: every sample and the eval mask are exactly 0) in the second."""
+    skipping, closed = tiny_student(kind, units), tiny_student(kind, units)
+    closed.load_state_dict(skipping.state_dict())
+    chosen = chosen_inactive(skipping)
+    with torch.no_grad():
+        for name, active in chosen.items():
+            skipping.gates()[name].set_active(active)
+            closed.gates()[name].log_alpha.masked_fill_(~active, -60.0)
+    return skipping, closed, chosen
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    source = torch.randn(2, SAMPLES, generator=g)
+    padding = torch.zeros(2, SAMPLES, dtype=torch.bool)
+    padding[1, 3000:] = True
+    return source, padding
+
+
+def loss_of(model, source, padding):
+    states = model(source, padding)["hidden_states"]
+    return sum(h.pow(2).mean() for h in states) + model.expected_size() / 1e5, states
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_inactive_units_compute_what_closed_gates_compute(kind):
+    """Outputs, gradients, expected and eval counts, eval masks: as with gates that can never open."""
+    skipping, closed, _ = pair(kind)
+    source, padding = batch()
+    for model in (skipping, closed):
+        model.eval()
+    with torch.no_grad():
+        for a, b in zip(skipping.hidden_states(source, padding), closed.hidden_states(source, padding)):
+            assert (a - b).abs().max() <= 1e-5
+    assert skipping.eval_mask_params() == closed.eval_mask_params()
+    for name, gate in skipping.gates().items():
+        assert torch.equal(gate.deterministic_mask(), closed.gates()[name].deterministic_mask()), name
+    for model in (skipping, closed):
+        model.train()
+    torch.manual_seed(5)  # the same gate samples for both
+    loss_s, states_s = loss_of(skipping, source, padding)
+    torch.manual_seed(5)
+    loss_c, states_c = loss_of(closed, source, padding)
+    for a, b in zip(states_s, states_c):
+        assert (a - b).abs().max() <= 1e-5
+    assert skipping.expected_size().item() == pytest.approx(closed.expected_size().item(), abs=1e-3)
+    loss_s.backward()
+    loss_c.backward()
+    unused = {"masking.mask_emb", "encoder.layer_norm.weight", "encoder.layer_norm.bias"}  # not in this loss
+    for (name, p), q in zip(skipping.named_parameters(), closed.parameters()):
+        if name in unused:
+            continue
+        assert p.grad is not None, f"{name} left the graph"  # DDP without find_unused_parameters needs it
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(1.0, q.grad.abs().max()), name
+
+
+def inactive_slices(model, chosen):
+    """(parameter, index tensor, dim) of every slice that belongs to an inactive unit."""
+    slices = []
+    gates = model.gates()
+    for i, block in enumerate(model.feature_extractor.blocks):
+        gate = block.gate
+        if gate is None:
+            continue
+        off = (~gates[f"feature_extractor.blocks.{i}.gate"].active).nonzero().flatten()
+        if block.norm_kind != "layer":  # a LayerNorm over channels needs every output channel
+            slices.append((block.conv.weight, off, 0))
+        if i + 1 < len(model.feature_extractor.blocks):
+            slices.append((model.feature_extractor.blocks[i + 1].conv.weight, off, 1))
+    for layer in model.encoder.layers:
+        attn, ffn = layer.self_attn, layer.ffn
+        off = (~attn.head_gate.active).nonzero().flatten()
+        rows = (off.unsqueeze(1) * attn.head_dim + torch.arange(attn.head_dim)).flatten()
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            slices += [(proj.weight, rows, 0), (proj.bias, rows, 0)]
+        slices.append((attn.out_proj.weight, rows, 1))
+        off = (~ffn.unit_gate.active).nonzero().flatten()
+        slices += [(ffn.fc1.weight, off, 0), (ffn.fc1.bias, off, 0), (ffn.fc2.weight, off, 1)]
+        for block in (attn, ffn):
+            if block.skipped:
+                slices += [(p, torch.arange(p.shape[0]), 0) for p in block.parameters() if p.dim() > 0]
+    for gate in gates.values():
+        slices.append((gate.log_alpha, (~gate.active).nonzero().flatten(), 0))
+    return [(p, index, dim) for p, index, dim in slices if index.numel()]
+
+
+@pytest.mark.parametrize("kind", ["base", "large"])
+def test_inactive_units_get_no_gradient_and_are_untouched_by_an_update(kind):
+    model, _, chosen = pair(kind)
+    model.train()
+    slices = inactive_slices(model, chosen)
+    assert len(slices) > 20
+    before = [p.index_select(dim, index).clone() for p, index, dim in slices]
+    everything = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss, _ = loss_of(model, *batch())
+    loss.backward()
+    for p, index, dim in slices:
+        assert p.grad.index_select(dim, index).abs().max() == 0
+    learning = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    optimizer.step()
+    for (p, index, dim), old in zip(slices, before):
+        assert torch.equal(p.index_select(dim, index), old)
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, everything[name])}
+    assert moved == learning and len(moved) > 40  # the rest of the model did learn
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """The shapes of the weights of every matrix product and convolution dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("addmm", "mm", "convolution"):
+            self.weights.append((name, tuple(args[2 if name == "addmm" else 1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_inactive_units_are_not_computed(kind):
+    """torch's FLOP counter sees exactly ``active_macs``: the MACs of the active units alone."""
+    model, _, _ = pair(kind)
+    model.eval()
+    source = batch()[0][:1]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.hidden_states(source)
+    assert counter.get_total_flops() == 2 * model.active_macs(SAMPLES)
+    full = count_macs(model.cfg, SAMPLES).total
+    assert model.active_macs(SAMPLES) < (0.7 if kind == "large" else 0.6) * full
+    fractions = model.active_fractions()
+    assert set(fractions) == {"heads", "ffn_units", "conv_channels"} and max(fractions.values()) < 0.75
+    with torch.no_grad(), ShapeRecorder() as recorder:
+        model.hidden_states(source)
+    # every FFN and attention projection runs narrower than the layer it belongs to
+    linear = [shape for name, shape in recorder.weights if name != "convolution"]
+    assert (64, 32) not in linear and (32, 64) not in linear  # fc1 (transposed weight), fc2 in full
+    assert (32, 32) not in linear  # q, k, v, out_proj in full (the positional conv is a convolution)
+    convs = [shape for name, shape in recorder.weights if name == "convolution" and shape[0] == 24]
+    assert len(convs) == (7 if kind == "large" else 0)  # Large's LayerNorm blocks compute every channel
+
+
+def test_every_unit_active_computes_what_it_computed_before():
+    """With every unit active the model takes the same path as without active sets: loading a checkpoint
+    written before they existed (no active-set buffers) gives bitwise the same outputs and gradients."""
+    model = tiny_student()
+    old = {
+        k: v for k, v in model.state_dict().items() if not k.endswith(("active", "below_threshold_checks"))
+    }
+    loaded = tiny_student()
+    with torch.no_grad():
+        for gate in loaded.gates().values():
+            gate.set_active(torch.zeros(gate.n, dtype=torch.bool))
+    loaded.load_state_dict(old)  # strict: the missing buffers default to every unit active
+    assert all(g.all_active and g.num_active == g.n for g in loaded.gates().values())
+    source, padding = batch()
+    results = []
+    for m in (model, loaded):
+        m.train()
+        torch.manual_seed(7)
+        loss, states = loss_of(m, source, padding)
+        loss.backward()
+        results.append((states, [p.grad for p in m.parameters()]))
+    (states_a, grads_a), (states_b, grads_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(states_a, states_b))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert model.active_macs(SAMPLES) == count_macs(model.cfg, SAMPLES).total
+
+
+def test_the_rule_needs_consecutive_checks_below_the_threshold():
+    gate = HardConcrete(4, 0.5)
+    closed, open_ = -20.0, 0.0  # P(gate > 0) about 4e-9 and 0.83
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([closed, closed, open_, closed]))
+        assert update_active_sets([gate], 1e-4, checks=2) == 0  # one check below: not yet
+        gate.log_alpha[3] = open_  # unit 3 comes back: its streak restarts
+        assert update_active_sets([gate], 1e-4, checks=2) == 2
+        assert gate.active.tolist() == [False, False, True, True] and gate.num_active == 2
+        assert gate.below_threshold_checks.tolist() == [2, 2, 0, 0]
+        gate.log_alpha[0] = open_  # an inactive unit stays inactive whatever its logit does
+        gate.log_alpha[3] = closed
+        assert update_active_sets([gate], 1e-4, checks=2) == 0
+        assert update_active_sets([gate], 1e-4, checks=2) == 1
+    assert gate.active.tolist() == [False, False, True, False]
+    assert gate.prob_open()[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]  # closed in every count
+    assert gate.sample()[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
+    assert gate.active_index(torch.device("cpu")).tolist() == [2]
+
+
+def test_active_sets_travel_with_the_state_dict():
+    """What a checkpoint and a resume carry: the active sets and the streaks, and the forward uses them."""
+    model, _, chosen = pair("base")
+    with torch.no_grad():
+        model.gates()["encoder.layers.0.ffn.unit_gate"].below_threshold_checks.fill_(2)
+    restored = tiny_student()
+    restored.load_state_dict(model.state_dict())
+    for name, gate in restored.gates().items():
+        assert torch.equal(gate.active, model.gates()[name].active), name
+        assert torch.equal(gate.below_threshold_checks, model.gates()[name].below_threshold_checks), name
+        assert gate.num_active == model.gates()[name].num_active
+    model.eval()
+    restored.eval()
+    source = batch()[0]
+    with torch.no_grad():
+        for a, b in zip(model.hidden_states(source), restored.hidden_states(source)):
+            assert torch.equal(a, b)
+    assert restored.active_macs() == model.active_macs() < tiny_student().active_macs()
+
+
+# ----- two workers (torch DDP over gloo, as a launcher starts them) -----
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 2: the tiny student in torch's DDP without ``find_unused_parameters`` (the configs'
+    setting), with skipped blocks and partly inactive gates; rank 1's logits are nudged so that, alone, it
+    would close a unit rank 0 keeps. Two checks and updates; writes its active sets and parameters."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, _, _ = pair("large")
+    model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    gate = model.gates()["encoder.layers.0.ffn.unit_gate"]
+    nudged = int(gate.active.nonzero()[0])
+    heads = model.gates()["encoder.layers.2.self_attn.head_gate"]
+    with torch.no_grad():
+        gate.log_alpha[nudged] = -30.0 if rank == 1 else 0.0
+        heads.log_alpha[heads.active.nonzero()[:2].flatten()] = -30.0  # both ranks: below
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    closed = []
+    for step in range(2):
+        closed.append(model.update_active_sets(1e-4, checks=1))
+        torch.manual_seed(100 + rank)  # each rank its own batch and gate samples
+        result = ddp(torch.randn(2, SAMPLES))
+        loss = sum(h.pow(2).mean() for h in result["hidden_states"]) + model.expected_size() / 1e5
+        loss = loss + result["x"][..., :0].sum()  # as the criterion: the final LayerNorm stays in the graph
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        gate.log_alpha[nudged] = 0.0  # the one value the ranks were given apart
+    torch.save(
+        {
+            "closed": closed,
+            "active": {name: g.active.clone() for name, g in model.gates().items()},
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+        },
+        out,
+    )
+    dist.destroy_process_group()
+
+
+def test_two_workers_agree_on_the_active_sets(tmp_path):
+    port = free_port()
+    outs = [str(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(port), out],
+            env=env,
+            cwd=os.path.dirname(__file__),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, out in zip((0, 1), outs)
+    ]
+    for w in workers:
+        text = w.communicate(timeout=300)[0]
+        assert w.returncode == 0, text[-3000:]
+    first, second = (torch.load(out) for out in outs)
+    assert first["closed"] == second["closed"] and first["closed"][0] == 2  # the two heads, not rank 1's unit
+    for name in first["active"]:
+        assert torch.equal(first["active"][name], second["active"][name]), name
+    for name in first["params"]:  # DDP kept the replicas identical through updates with skipped blocks
+        assert torch.equal(first["params"][name], second["params"][name]), name
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
