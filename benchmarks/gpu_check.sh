@@ -5,8 +5,9 @@
 # e.g. `pip download --no-deps -d WHEELS torch==2.9.1 torchaudio==2.9.1 ve-fairseq==0.12.3 ...`), installed
 # first into a temporary folder for a machine without network; without it the environment's packages are used.
 # Tables and JSON land in $OUT (default benchmarks/results).
-# About 7 minutes on an H100: a Base-shaped stage-1 update against stock HuBERT pretraining (AMP, 16 x 10 s),
-# inference (8 x 10 s, fp16), the length scaling (8 items of 2 to 16 s), and stage 1 with two workers through
+# About 9 minutes on an H100 (estimated; never run): a Base-shaped stage-1 update against stock HuBERT pretraining
+# (AMP, 16 x 10 s), inference (8 x 10 s, fp16), the stage-1 update at the active sets recorded along a run
+# (shrinking_update.py), the length scaling (8 items of 2 to 16 s), and stage 1 with two workers through
 # fairseq's distributed start (c10d, both ranks on the one GPU over gloo), checkpointed and resumed.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -24,6 +25,8 @@ python3 benchmarks/training_step.py --device cuda --json "$OUT/training_step_gpu
   | tee "$OUT/training_step_gpu.txt"
 python3 benchmarks/inference.py --device cuda --json "$OUT/inference_gpu.json" 2>"$OUT/inference_gpu.err" \
   | tee "$OUT/inference_gpu.txt"
+python3 benchmarks/shrinking_update.py --device cuda --json "$OUT/shrinking_update_gpu.json" \
+  2>"$OUT/shrinking_update_gpu.err" | tee "$OUT/shrinking_update_gpu.txt"
 python3 benchmarks/training_step.py --device cuda --batch 8 --seconds 2 4 8 16 --repeat 10 \
   --json "$OUT/scaling_gpu.json" 2>"$OUT/scaling_gpu.err" | tee "$OUT/scaling_gpu.txt"
 python3 benchmarks/distributed_check.py --device cuda --out "$(mktemp -d)" --json "$OUT/distributed_gpu.json" \

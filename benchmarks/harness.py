@@ -65,6 +65,45 @@ def build_trainer(cfg, load_data: bool = True):
     return Trainer(cfg, task, model, criterion), task
 
 
+def update_config(
+    kind: str, data: str, teacher: str, shape: Shape, common: Sequence[str], extra: Sequence[str] = ()
+):
+    """The composed config of one kind of update on ``data``: ``stock`` (fairseq's
+    ``hubert_base_librispeech.yaml`` for ``shape``) or ``dphubert`` (stage 1, ``configs/dphubert.yaml``, distilling
+    ``teacher``), with the ``common`` overrides (device, batch) and, for stage 1, ``extra``."""
+    if kind == "stock":
+        return compose(
+            fairseq_hubert_config_dir(),
+            "hubert_base_librispeech",
+            stock_hubert_overrides(data, shape) + list(common),
+        )
+    return compose(
+        os.path.join(REPO, "configs"),
+        "dphubert",
+        [
+            f"task.data={data}",
+            f"task.teacher_path={teacher}",
+            "task.check_audio_files=false",
+            "hydra.run.dir=" + tempfile.mkdtemp(prefix="dphubert-bench-hydra-"),
+            *extra,
+        ]
+        + list(common),
+    )
+
+
+def teacher_forward(trainer, task, sample, precision: str) -> Callable[[], object]:
+    """The stage-1 teacher's no-grad forward on ``sample``, as the training step runs it (under AMP in CUDA
+    autocast), to be timed."""
+    prepared = trainer._prepare_sample(sample)[0]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.float16, enabled=precision == "amp"):
+            return task.teacher_hidden_states(prepared["net_input"], dtype)
+
+    return forward
+
+
 def device_overrides(device: str, precision: str) -> List[str]:
     """One process, the given device and precision ('fp32', 'amp', 'fp16' or 'bf16')."""
     out = [

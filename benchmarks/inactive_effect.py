@@ -80,6 +80,9 @@ def main() -> int:
     parser.add_argument("--shape", default="small", help="the teacher's shape (harness.SHAPES)")
     parser.add_argument("--updates", type=int, default=400)
     parser.add_argument("--target", type=float, default=0.75)
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="criterion.inactive_threshold (default: the config's)"
+    )
     parser.add_argument("--work", default=None, help="folder for data, teacher and runs (default: temp)")
     parser.add_argument("--json", default="benchmarks/results/inactive_effect.json")
     args = parser.parse_args()
@@ -90,8 +93,9 @@ def main() -> int:
     runs: Dict[str, Dict[str, object]] = {}
     for name, (switch, seed) in RUNS.items():
         save_dir = os.path.join(work, name.replace(" ", "_"))
+        extra = [switch] + ([f"criterion.inactive_threshold={args.threshold}"] if args.threshold else [])
         overrides = stage1_overrides(
-            data, teacher, save_dir, args.updates, args.target, seed=seed, extra=[switch]
+            data, teacher, save_dir, args.updates, args.target, seed=seed, extra=extra
         )
         runs[name] = summarise(stage1_run(work, name.replace(" ", "_"), overrides), save_dir)
     comparisons = {f"{a} vs {b}": compare(runs[a], runs[b]) for a, b in PAIRS}

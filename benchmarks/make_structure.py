@@ -92,7 +92,8 @@ def stage1_overrides(
         *composite_schedule(LRS, max(1, updates // 60)),
         f"common.seed={seed}",
     ]
-    if states_every:
+    if states_every:  # instead of run_length's one save at the end
+        overrides = [o for o in overrides if not o.startswith("checkpoint.save_interval_updates=")]
         overrides += [
             f"checkpoint.save_interval_updates={states_every}",
             "checkpoint.keep_interval_updates=-1",
@@ -107,28 +108,28 @@ def stage1_run(work: str, name: str, overrides: Sequence[str]) -> str:
 
 
 def gate_states(save_dir: str) -> List[Dict[str, object]]:
-    """The active sets of every interval checkpoint in ``save_dir``, in update order: per checkpoint its
-    update, the active fractions and MACs, and each gate's active set (``harness.encode_active``)."""
+    """The active sets of every interval checkpoint in ``save_dir`` and of its last one, in update order: per
+    checkpoint its update, the active fractions and MACs, and each gate's active set (``harness.encode_active``)."""
     import glob
 
     from fairseq import checkpoint_utils
 
     from dphubert_fairseq.checkpoint_io import read_student_checkpoint
 
-    states = []
-    for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")):
+    states = {}
+    for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")) + [f"{save_dir}/checkpoint_last.pt"]:
         state = read_student_checkpoint(path)
         updates = state["optimizer_history"][-1]["num_updates"]
+        if updates in states:
+            continue
         model = checkpoint_utils.load_model_ensemble_and_task([path], state=state)[0][0]
-        states.append(
-            {
-                "num_updates": updates,
-                "active_fractions": model.active_fractions(),
-                "active_macs_ratio": model.active_macs() / model.cfg.teacher_macs,
-                "active": {name: encode_active(gate.active) for name, gate in model.gates().items()},
-            }
-        )
-    return sorted(states, key=lambda s: s["num_updates"])
+        states[updates] = {
+            "num_updates": updates,
+            "active_fractions": model.active_fractions(),
+            "active_macs_ratio": model.active_macs() / model.cfg.teacher_macs,
+            "active": {name: encode_active(gate.active) for name, gate in model.gates().items()},
+        }
+    return [states[u] for u in sorted(states)]
 
 
 def main() -> int:
@@ -149,6 +150,12 @@ def main() -> int:
         "--states-every", type=int, default=0, help="keep the gates' active sets every N updates (0: none)"
     )
     parser.add_argument(
+        "--inactive-threshold",
+        type=float,
+        default=None,
+        help="criterion.inactive_threshold (default: the config's)",
+    )
+    parser.add_argument(
         "--work", default=None, help="folder for data, teacher and checkpoints (default: temp)"
     )
     args = parser.parse_args()
@@ -157,8 +164,9 @@ def main() -> int:
     print(f"working in {work}", flush=True)
     data, teacher, description = prepare(work, args.shape)
     save_dir = os.path.join(work, "stage1")
+    extra = [f"criterion.inactive_threshold={args.inactive_threshold}"] if args.inactive_threshold else []
     overrides = stage1_overrides(
-        data, teacher, save_dir, args.updates, args.target, args.metric, args.states_every
+        data, teacher, save_dir, args.updates, args.target, args.metric, args.states_every, extra=extra
     )
     output = stage1_run(work, "stage1", overrides)
     summary_path = os.path.join(work, "pruned.json")

@@ -23,21 +23,19 @@ from typing import Dict, List
 
 import torch
 from harness import (
-    REPO,
     SHAPES,
     PeakMemory,
     batch_overrides,
     build_trainer,
-    compose,
     device_overrides,
-    fairseq_hubert_config_dir,
     first_batch,
     machine,
     run_worker,
     save_random_teacher,
-    stock_hubert_overrides,
     table,
+    teacher_forward,
     time_calls,
+    update_config,
     write_audio,
     write_json,
 )
@@ -66,24 +64,7 @@ def worker(args) -> Dict:
     torch.manual_seed(0)
     shape = SHAPES[args.shape]
     common = device_overrides(args.device, args.precision) + batch_overrides(args.batch, args.item_seconds)
-    if args.worker == "stock":
-        cfg = compose(
-            fairseq_hubert_config_dir(),
-            "hubert_base_librispeech",
-            stock_hubert_overrides(args.data, shape) + common,
-        )
-    else:
-        cfg = compose(
-            os.path.join(REPO, "configs"),
-            "dphubert",
-            [
-                f"task.data={args.data}",
-                f"task.teacher_path={args.teacher}",
-                "task.check_audio_files=false",
-                "hydra.run.dir=" + tempfile.mkdtemp(prefix="dphubert-bench-hydra-"),
-            ]
-            + common,
-        )
+    cfg = update_config(args.worker, args.data, args.teacher, shape, common)
     trainer, task = build_trainer(cfg)
     sample = first_batch(task, "train", args.batch)
     if sample["net_input"]["source"].shape != (args.batch, int(args.item_seconds * 16000)):
@@ -97,20 +78,7 @@ def worker(args) -> Dict:
         "ops_per_update": count_ops(step),
     }
     if args.worker == "dphubert":
-        prepared = trainer._prepare_sample(sample)[0]
-        dtype = (
-            torch.bfloat16
-            if args.precision == "bf16"
-            else torch.float16
-            if args.precision == "fp16"
-            else torch.float32
-        )
-
-        def forward():
-            # under AMP the trainer runs the step in CUDA autocast; the teacher's forward is timed likewise
-            with torch.autocast("cuda", dtype=torch.float16, enabled=args.precision == "amp"):
-                return task.teacher_hidden_states(prepared["net_input"], dtype)
-
+        forward = teacher_forward(trainer, task, sample, args.precision)
         result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
         # the landing phase's search (last tenth of stage 1): what it adds to each of those updates
         model = trainer.get_model()

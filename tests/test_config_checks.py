@@ -36,6 +36,22 @@ def test_nothing_to_prune_with_the_lagrangian_on_is_refused(task):
     criterion(task, target_sparsity=0.5)
 
 
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("inactive_threshold", 0.0, "must be in (0, 1), got 0.0"),
+        ("inactive_threshold", 1.5, "must be in (0, 1), got 1.5"),
+        ("inactive_checks", 0, "must be at least 1, got 0"),
+        ("inactive_check_interval", -5, "must be at least 1, got -5"),
+    ],
+)
+def test_inactive_unit_settings_are_checked(task, key, value, expected):
+    task.build_model(OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=["head"])))
+    with pytest.raises(ValueError) as err:
+        criterion(task, **{key: value})
+    assert str(err.value) == f"criterion.{key} {expected}"
+
+
 @pytest.mark.parametrize("spec, repeated", [("0;4,4,12", "4"), ("0;2,3;3", "3"), ("1;1", "1")])
 def test_a_layer_listed_twice_is_refused(task, spec, repeated):
     with pytest.raises(

@@ -384,6 +384,11 @@ RESUME_ARGS = [
     "checkpoint.save_interval_updates=6",
     "dataset.validate_interval_updates=1000",
     "+criterion.max_update=12",  # the first run stops at 6 on purpose: the landing phase still starts at 11
+    # units go inactive before and after the resume (checks every 2 updates, 2 in a row below p = 0.83: the
+    # FFN units start at 0.83), so the resumed run must restore both the active sets and the streaks
+    "criterion.inactive_threshold=0.83",
+    "criterion.inactive_checks=2",
+    "criterion.inactive_check_interval=2",
 ] + P.schedule_overrides("dphubert", 2, LRS, total=12)
 
 
@@ -422,11 +427,21 @@ def test_resume_continues_exactly(workdir, data, teacher):
         "lr_gates",
         "lr_lagrangian",
         "gnorm",
+        "active_heads",
+        "active_ffn_units",
+        "active_conv_channels",
+        "active_macs_ratio",
+        "active_gmacs",
     )
     for update, record in got.items():
         for key in keys:
             assert record[key] == expected[update][key], (update, key)
     assert float(got["12"]["lambda1"]) != 0.0
+    # the student shrank before the resume and again after it
+    first_records = {r["num_updates"]: r for r in P.logged(first.stdout, "train_inner")}
+    assert float(first_records["6"]["active_ffn_units"]) < 1.0
+    assert float(got["12"]["active_ffn_units"]) < float(got["7"]["active_ffn_units"])
+    assert float(got["12"]["active_macs_ratio"]) < float(first_records["1"]["active_macs_ratio"]) == 1.0
     assert "projection_offset" in got["12"] and "projection_offset" not in got["10"]
 
 
