@@ -190,6 +190,43 @@ def save_random_teacher(path: str, data: str, shape: Shape, seed: int = 1) -> st
     return path
 
 
+def random_teacher_in(work: str, shape: Shape) -> str:
+    """``work/teacher.pt``: ``save_random_teacher`` of ``shape``, its label audio written under ``work``."""
+    return save_random_teacher(
+        os.path.join(work, "teacher.pt"), write_audio(os.path.join(work, "labels"), 1, 2.0), shape
+    )
+
+
+# ----- one measured update per worker -----
+
+
+def trainer_on_batch(cfg, batch: int, seconds: float):
+    """(trainer, task, sample): the trainer of ``cfg`` and the first training batch, checked to be ``batch``
+    items of ``seconds`` each (the fixed batch every worker of a benchmark times)."""
+    trainer, task = build_trainer(cfg)
+    sample = first_batch(task, "train", batch)
+    if sample["net_input"]["source"].shape != (batch, int(seconds * SAMPLE_RATE)):
+        raise RuntimeError(f"unexpected batch {tuple(sample['net_input']['source'].shape)}")
+    return trainer, task, sample
+
+
+def time_updates(trainer, sample, memory: "PeakMemory", device: str, warmup: int, repeat: int):
+    """(step, figures): ``trainer.train_step`` on ``sample`` timed (``time_calls``) with the peak memory of the
+    timed updates (``memory``, made before any model was built); ``step`` runs one more update."""
+    step = lambda: trainer.train_step([sample])  # noqa: E731
+    memory.start()
+    seconds = time_calls(step, device, warmup, repeat)
+    return step, {"update_seconds": seconds, "peak_memory_bytes": memory.peak_bytes()}
+
+
+def worker_args(args, teacher: str) -> List[str]:
+    """The arguments every worker of a benchmark shares: device, precision, batch, timing, the teacher and the
+    thread count of the invocation ``args``."""
+    shared = ["--device", args.device, "--precision", args.precision, "--batch", str(args.batch)]
+    shared += ["--warmup", str(args.warmup), "--repeat", str(args.repeat), "--teacher", teacher]
+    return shared + (["--threads", str(args.threads)] if args.threads else [])
+
+
 # ----- meters -----
 
 

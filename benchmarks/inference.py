@@ -26,7 +26,15 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from harness import REPO, SHAPES, machine, save_random_teacher, synchronize, table, write_audio, write_json
+from harness import (
+    REPO,
+    SHAPES,
+    machine,
+    random_teacher_in,
+    synchronize,
+    table,
+    write_json,
+)
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.macs import count_macs
@@ -95,10 +103,7 @@ def main() -> int:
         teacher = dp.load_teacher(args.teacher)
     else:
         work = tempfile.mkdtemp(prefix="dphubert-bench-")
-        labels = write_audio(os.path.join(work, "labels"), 1, 2.0)
-        teacher = dp.load_teacher(
-            save_random_teacher(os.path.join(work, "teacher.pt"), labels, SHAPES["base"])
-        )
+        teacher = dp.load_teacher(random_teacher_in(work, SHAPES["base"]))
     teacher_cfg = config_from_fairseq(teacher)
     models = {"teacher": teacher.eval()}
     provenance = {}

@@ -26,7 +26,14 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import torch
-from harness import REPO, SHAPES, machine, save_random_teacher, table, write_audio, write_json
+from harness import (
+    REPO,
+    SHAPES,
+    machine,
+    random_teacher_in,
+    table,
+    write_json,
+)
 from inference import audio
 
 import dphubert_fairseq as dp
@@ -67,10 +74,7 @@ def main() -> int:
 
 
 def run(args, onnxruntime, work: str) -> int:
-    labels = write_audio(os.path.join(work, "labels"), 1, 2.0)
-    teacher = dp.student_from_teacher(
-        save_random_teacher(os.path.join(work, "teacher.pt"), labels, SHAPES["base"]), prune_units=()
-    )
+    teacher = dp.student_from_teacher(random_teacher_in(work, SHAPES["base"]), prune_units=())
     with open(args.structure) as f:
         recorded = json.load(f)
     models: Dict[str, DPHuBERTModel] = {

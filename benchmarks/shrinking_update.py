@@ -42,17 +42,18 @@ from harness import (
     SHAPES,
     PeakMemory,
     batch_overrides,
-    build_trainer,
     decode_active,
     device_overrides,
-    first_batch,
     machine,
+    random_teacher_in,
     run_worker,
-    save_random_teacher,
     table,
     teacher_forward,
     time_calls,
+    time_updates,
+    trainer_on_batch,
     update_config,
+    worker_args,
     write_audio,
     write_json,
 )
@@ -267,10 +268,7 @@ def worker(args) -> Dict:
         common,
         no_checks,
     )
-    trainer, task = build_trainer(cfg)
-    sample = first_batch(task, "train", args.batch)
-    if sample["net_input"]["source"].shape != (args.batch, int(args.item_seconds * 16000)):
-        raise RuntimeError(f"unexpected batch {tuple(sample['net_input']['source'].shape)}")
+    trainer, task, sample = trainer_on_batch(cfg, args.batch, args.item_seconds)
     result: Dict = {}
     if args.worker != "stock":
         model = trainer.get_model()
@@ -278,10 +276,7 @@ def worker(args) -> Dict:
             apply_state(model, state_at(load_run(args.states), args.update))
         result["active_fractions"] = model.active_fractions()
         result["active_macs_ratio"] = active_macs_ratio(model)
-    step = lambda: trainer.train_step([sample])  # noqa: E731
-    memory.start()
-    result["update_seconds"] = time_calls(step, args.device, args.warmup, args.repeat)
-    result["peak_memory_bytes"] = memory.peak_bytes()
+    result.update(time_updates(trainer, sample, memory, args.device, args.warmup, args.repeat)[1])
     if args.worker != "stock":
         forward = teacher_forward(trainer, task, sample, args.precision)
         result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
@@ -377,9 +372,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     """Save the teacher and the batch under ``work``, run the workers, print and write the results."""
     gpu = args.device == "cuda"
     landmarks = run_landmarks(run)
-    teacher = save_random_teacher(
-        os.path.join(work, "teacher.pt"), write_audio(os.path.join(work, "labels"), 1, 2.0), SHAPES["base"]
-    )
+    teacher = random_teacher_in(work, SHAPES["base"])
     try:
         notes = check_states(run, teacher)
     except StatesError as e:
@@ -388,28 +381,8 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     for note in notes:
         print(note)
     data = write_audio(os.path.join(work, "data"), args.batch, args.seconds)
-    shared = [
-        "--states",
-        args.states,
-        "--device",
-        args.device,
-        "--precision",
-        args.precision,
-        "--batch",
-        str(args.batch),
-        "--warmup",
-        str(args.warmup),
-        "--repeat",
-        str(args.repeat),
-        "--teacher",
-        teacher,
-        "--data",
-        data,
-        "--item-seconds",
-        str(args.seconds),
-    ]
-    if args.threads:
-        shared += ["--threads", str(args.threads)]
+    shared = worker_args(args, teacher) + ["--states", args.states, "--data", data]
+    shared += ["--item-seconds", str(args.seconds)]
 
     rows: List[Dict] = []
     for kind, update in [("stock", None), ("today", None)] + [("state", u) for u in updates]:

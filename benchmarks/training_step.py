@@ -26,16 +26,17 @@ from harness import (
     SHAPES,
     PeakMemory,
     batch_overrides,
-    build_trainer,
     device_overrides,
-    first_batch,
     machine,
+    random_teacher_in,
     run_worker,
-    save_random_teacher,
     table,
     teacher_forward,
     time_calls,
+    time_updates,
+    trainer_on_batch,
     update_config,
+    worker_args,
     write_audio,
     write_json,
 )
@@ -65,18 +66,9 @@ def worker(args) -> Dict:
     shape = SHAPES[args.shape]
     common = device_overrides(args.device, args.precision) + batch_overrides(args.batch, args.item_seconds)
     cfg = update_config(args.worker, args.data, args.teacher, shape, common)
-    trainer, task = build_trainer(cfg)
-    sample = first_batch(task, "train", args.batch)
-    if sample["net_input"]["source"].shape != (args.batch, int(args.item_seconds * 16000)):
-        raise RuntimeError(f"unexpected batch {tuple(sample['net_input']['source'].shape)}")
-    step = lambda: trainer.train_step([sample])  # noqa: E731
-    memory.start()
-    seconds = time_calls(step, args.device, args.warmup, args.repeat)
-    result = {
-        "update_seconds": seconds,
-        "peak_memory_bytes": memory.peak_bytes(),
-        "ops_per_update": count_ops(step),
-    }
+    trainer, task, sample = trainer_on_batch(cfg, args.batch, args.item_seconds)
+    step, result = time_updates(trainer, sample, memory, args.device, args.warmup, args.repeat)
+    result["ops_per_update"] = count_ops(step)
     if args.worker == "dphubert":
         forward = teacher_forward(trainer, task, sample, args.precision)
         result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
@@ -132,29 +124,8 @@ def main() -> int:
         return 0
 
     work = tempfile.mkdtemp(prefix="dphubert-bench-")
-    teacher = save_random_teacher(
-        os.path.join(work, "teacher.pt"),
-        write_audio(os.path.join(work, "labels"), 1, 2.0),
-        SHAPES[args.shape],
-    )
-    shared = [
-        "--device",
-        args.device,
-        "--shape",
-        args.shape,
-        "--precision",
-        args.precision,
-        "--batch",
-        str(args.batch),
-        "--warmup",
-        str(args.warmup),
-        "--repeat",
-        str(args.repeat),
-        "--teacher",
-        teacher,
-    ]
-    if args.threads:
-        shared += ["--threads", str(args.threads)]
+    teacher = random_teacher_in(work, SHAPES[args.shape])
+    shared = worker_args(args, teacher) + ["--shape", args.shape]
     rows: List[Dict] = []
     for seconds in args.seconds:
         data = write_audio(os.path.join(work, f"data_{seconds:g}s"), args.batch, seconds)
