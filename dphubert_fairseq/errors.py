@@ -17,7 +17,12 @@ class CheckpointLayoutError(CheckpointError):
 
 
 class ManifestError(DPHuBERTError):
-    """A manifest or an audio file it lists cannot be used; the message names the file and the line."""
+    """A manifest or an audio file it lists cannot be used; the message names the file and the line. ``line``:
+    the manifest line of the entry at fault (0 for the manifest as a whole)."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class ConfigError(DPHuBERTError):

@@ -153,9 +153,9 @@ def total_macs(cfg, num_samples: int, sizes: UnitSizes) -> Number:
     """The total of ``count_macs``, for ``sizes`` that may be expected (tensor) sizes: differentiable in
     them, exactly as ``param_count.total_params`` is."""
     parts = _parts(cfg, num_samples, sizes)
-    return (
-        sum(parts.conv) + parts.feature_projection + parts.pos_conv + parts.attention.sum() + parts.ffn.sum()
-    )
+    # summed together: a structure without gates is one number standing for every layer (per_layer_vectors),
+    # which broadcasts against the other's per-layer vector
+    return sum(parts.conv) + parts.feature_projection + parts.pos_conv + (parts.attention + parts.ffn).sum()
 
 
 def nominal_samples(cfg) -> int:

@@ -1,7 +1,9 @@
 import glob
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +36,15 @@ def pytest_configure(config):
         "ignore:.*torch.nn.utils.weight_norm.*is deprecated.*:FutureWarning",
     ):
         config.addinivalue_line("filterwarnings", line)
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from one random state (torch, numpy, random): a random input is the same input on
+    every run and machine, whichever tests ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

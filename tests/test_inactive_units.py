@@ -291,6 +291,31 @@ def test_active_sets_travel_with_the_state_dict():
     assert restored.active_macs() == model.active_macs() < tiny_student().active_macs()
 
 
+@pytest.mark.parametrize("kind", ["base", "large"])
+def test_a_conv_layer_keeps_one_channel_whatever_its_gates(kind):
+    """Every channel of a conv layer below the threshold: the one with the largest logit stays active, so
+    that the block is still computed (a 0-channel conv cannot be); the other layers' units close as usual."""
+    model = tiny_student(kind)
+    block = model.feature_extractor.blocks[2]
+    with torch.no_grad():
+        for gate in model.gates().values():
+            gate.log_alpha.fill_(5.0)
+        block.gate.log_alpha.copy_(-30.0 - torch.arange(block.gate.n, dtype=torch.float32))
+        block.gate.log_alpha[7] = -20.0
+    heads = model.gates()["encoder.layers.1.self_attn.head_gate"]
+    with torch.no_grad():
+        heads.log_alpha.fill_(-30.0)
+    closed = model.update_active_sets(1e-4, checks=1)
+    source, padding = batch()
+    model.train()
+    loss_of(model, source, padding)[0].backward()
+    model.eval()
+    assert all(torch.isfinite(h).all() for h in model(source, padding)["hidden_states"])
+    assert block.gate.active.nonzero().flatten().tolist() == [7]
+    assert heads.num_active == 0  # attention runs with no head: only its bias
+    assert closed == block.gate.n - 1 + heads.n
+
+
 # ----- two workers (torch DDP over gloo, as a launcher starts them) -----
 
 

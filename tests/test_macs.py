@@ -78,6 +78,19 @@ def test_expected_macs_are_the_exports_when_no_gate_is_stochastic(tiny_teachers,
     assert float(ungated.expected_size("macs")) == ungated.size("macs") == student.cfg.teacher_macs
 
 
+@pytest.mark.parametrize("units", [["head"], ["interm"], ["attlayer", "ffnlayer"]])
+def test_expected_macs_with_one_kind_of_unit_gated(tiny_teachers, units):
+    """Gates on one kind of unit only (the others count one number for every layer): the expected MACs are
+    the export's once the gates are saturated."""
+    student = randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=units))
+    with torch.no_grad():
+        for gate in student.gates().values():
+            gate.log_alpha.copy_(torch.where(gate.log_alpha > 0, 30.0, -30.0))
+    exported = dp.prune(student.eval()).size("macs")
+    assert exported < student.size("macs")
+    assert float(student.expected_size("macs")) == pytest.approx(exported, rel=1e-6)
+
+
 def test_expected_macs_are_differentiable_in_every_gate(tiny_teachers):
     student = randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=ALL_UNITS))
     student.expected_size("macs").backward()

@@ -64,19 +64,60 @@ def test_lagrangian_is_maximised_over_the_multipliers():
     assert lagrangian.lambda1.item() < 0 < lagrangian.lambda2.item()
 
 
+def cpu_amp_optimizer(cfg, params, init_scale: float = 1024.0):
+    """fairseq's AMPOptimizer (as the trainer builds it under ``common.amp``) with torch's CPU GradScaler in
+    place of CUDA's, which is off without a GPU."""
+    from fairseq.optim.amp_optimizer import AMPOptimizer
+
+    opt = AMPOptimizer.build_optimizer(cfg, params)
+    opt._grad_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return opt
+
+
+def recipe_cfg(name: str = "dphubert"):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import helpers as P
+
+    card = ["task.data=D", "task.teacher_path=T", "checkpoint.save_dir=O", "optimization.max_update=10"]
+    if name == "dphubert_final":
+        card.append("task.student_path=S")
+    return P.compose(os.path.join(P.REPO, "configs"), name, card)
+
+
+def grouped_params():
+    """Two parameters in each of the recipe's composite optimizer groups."""
+    params = []
+    for group in ("default", "gates", "lagrangian"):
+        for _ in range(2):
+            p = torch.nn.Parameter(torch.ones(3))
+            p.param_group = group
+            params.append(p)
+    return params
+
+
+def overflowing_step(opt, params) -> None:
+    """A backward pass whose gradients overflowed (one is inf), then the step fairseq takes."""
+    opt.zero_grad()
+    opt.backward(sum(p.sum() for p in params))
+    params[0].grad[0] = float("inf")
+    opt.clip_grad_norm(10.0)
+    opt.step()
+
+
 def _amp_and_plain_updates(cfg, make_params):
     """One AMP step (fairseq's AMPOptimizer with a loss scale of 1024) and one fp32 step on equal copies of the
     parameters; returns their updates and the AMP optimizer."""
     from fairseq import optim
-    from fairseq.optim.amp_optimizer import AMPOptimizer
 
     updates = []
     for amp in (True, False):
         params = make_params()
         start = [p.detach().clone() for p in params]
         if amp:
-            opt = AMPOptimizer.build_optimizer(cfg, params)
-            opt._grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # CUDA's scaler is off on CPU
+            opt = cpu_amp_optimizer(cfg, params)
         else:
             opt = optim.build_optimizer(cfg.optimizer, params)
         opt.zero_grad()
@@ -94,50 +135,94 @@ def _amp_and_plain_updates(cfg, make_params):
 def test_amp_unscales_gradients_once_with_the_recipes_composite_optimizer():
     """fairseq's AMPOptimizer unscaled every gradient twice (clip and step named different objects to the
     GradScaler) and failed on the composite optimizer; the plugin's fix makes an AMP step an fp32 step."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import helpers as P
-
-    cfg = P.compose(
-        os.path.join(P.REPO, "configs"),
-        "dphubert",
-        ["task.data=D", "task.teacher_path=T", "checkpoint.save_dir=O", "optimization.max_update=10"],
-    )
-
-    def make_params():
-        params = []
-        for group in ("default", "gates", "lagrangian"):
-            for _ in range(2):
-                p = torch.nn.Parameter(torch.ones(3))
-                p.param_group = group
-                params.append(p)
-        return params
-
-    (amp, plain), opt = _amp_and_plain_updates(cfg, make_params)
+    (amp, plain), opt = _amp_and_plain_updates(recipe_cfg(), grouped_params)
     assert any(u.abs().max() > 0 for u in plain)
     for a, b in zip(amp, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
     state = opt.state_dict()  # checkpoints save it
-    assert set(state) == {"default", "gates", "lagrangian"}
+    assert set(state) == {"default", "gates", "lagrangian", "amp_scaler"}
     opt.load_state_dict(state)
 
 
 def test_amp_step_equals_the_fp32_step_with_stage2s_plain_adam():
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import helpers as P
-
-    cfg = P.compose(
-        os.path.join(P.REPO, "configs"),
-        "dphubert_final",
-        ["task.data=D", "task.teacher_path=T", "checkpoint.save_dir=O", "task.student_path=S"],
-    )
     (amp, plain), _ = _amp_and_plain_updates(
-        cfg, lambda: [torch.nn.Parameter(torch.ones(3)) for _ in range(6)]
+        recipe_cfg("dphubert_final"), lambda: [torch.nn.Parameter(torch.ones(3)) for _ in range(6)]
     )
     for a, b in zip(amp, plain):  # without the fix the smallest gradients' updates shrank ~250-fold
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dphubert", "dphubert_final"])
+def test_amp_optimizer_is_still_the_torch_optimizer_to_fairseq(name):
+    """``AMPOptimizer.optimizer`` stays the torch optimizer that reduce_lr_on_plateau, optimizer sharding and
+    the trainer read; the fix lives in what clip and step hand the scaler."""
+    make = grouped_params if name == "dphubert" else lambda: [torch.nn.Parameter(torch.ones(3))]
+    opt = cpu_amp_optimizer(recipe_cfg(name), make())
+    assert opt.optimizer is opt.fp32_optimizer.optimizer
+    assert isinstance(opt.optimizer, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("name", ["dphubert", "dphubert_final"])
+def test_the_loss_scale_survives_a_resume(name, tmp_path):
+    """The scaler's state travels with the optimizer's in the checkpoint (read back weights-only), and a resumed
+    optimizer continues from the loss scale the run had reached, not from common.fp16_init_scale."""
+    make = grouped_params if name == "dphubert" else lambda: [torch.nn.Parameter(torch.ones(3))]
+    params = make()
+    opt = cpu_amp_optimizer(recipe_cfg(name), params)
+    overflowing_step(opt, params)
+    assert not opt.last_step_taken and opt.scaler.get_scale() == 512.0
+    torch.save(opt.state_dict(), tmp_path / "state.pt")
+    resumed = cpu_amp_optimizer(recipe_cfg(name), make())
+    assert resumed.scaler.get_scale() == 1024.0
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.scaler.get_scale() == 512.0
+    assert resumed.scaler.state_dict() == opt.scaler.state_dict()
+
+
+def test_a_skipped_amp_step_is_not_an_update(tiny_teachers, tmp_path):
+    """When the scaled gradients overflowed the scaler skips the step and fairseq retries the batch with the
+    same update number: the criterion's once-per-update work (inactive-unit checks, the landing) runs once per
+    step taken, not once per try."""
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
+    from dphubert_fairseq.models.dphubert import DPHuBERTConfig
+    from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+
+    task = DPHuBERTDistillTask.setup_task(
+        OmegaConf.structured(
+            DPHuBERTDistillConfig(data=str(tmp_path), teacher_path=tiny_teachers["hubert_base"], tpu=False)
+        )
+    )
+    model = task.build_model(OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=["interm"])))
+    criterion = DPHuBERTDistillCriterion(
+        DPHuBERTDistillCriterionConfig(
+            distill_layers="0;1,2,3",
+            target_sparsity=0.5,
+            sparsity_warmup_updates=1,
+            target_projection_start=0.0,
+            max_update=10,
+            inactive_check_interval=1,
+            inactive_checks=2,
+            inactive_threshold=0.99,  # every FFN unit (P(open) about 0.83 at the start) is below it
+        ),
+        task,
+    )
+    params = [p for m in (model, criterion) for p in m.parameters() if p.requires_grad]
+    opt = cpu_amp_optimizer(recipe_cfg(), params)
+    gate = model.gates()["encoder.layers.0.ffn.unit_gate"]
+    sample = {"net_input": {"source": torch.randn(2, 8000), "padding_mask": None}}
+    model.train()
+    for overflow in (True, False):  # the first try overflows, fairseq retries the batch as the same update
+        opt.zero_grad()
+        task.train_step(sample, model, criterion, opt, update_num=3)
+        if overflow:
+            gate.log_alpha.grad[0] = float("inf")
+        opt.clip_grad_norm(10.0)
+        task.optimizer_step(opt, model, update_num=3)
+        assert opt.last_step_taken is not overflow
+        if overflow:
+            assert criterion.projection_offset is None  # no landing for a step not taken
+    assert criterion.projection_offset is not None
+    assert int(gate.below_threshold_checks.max()) == 1  # one check for the one update taken
+    assert gate.all_active  # two checks in a row are needed

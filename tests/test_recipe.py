@@ -195,19 +195,33 @@ def test_recipe_trains_with_automatic_mixed_precision():
 
 
 def test_teacher_targets_are_float32_under_autocast_and_reduced_otherwise(task):
-    net_input = {"source": torch.randn(2, 8000), "padding_mask": None}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        states = task.teacher_hidden_states(net_input, torch.bfloat16)
-    assert all(h.dtype == torch.float32 for h in states)
-    assert next(task.teacher.parameters()).dtype == torch.float32  # weights stay float32 under AMP
-    full = task.teacher_hidden_states(net_input, torch.float32)
-    # autocast did run the matmuls in bf16: the targets differ from the float32 ones by bf16 rounding only
-    assert not torch.equal(states[-1], full[-1])
-    assert torch.allclose(states[-1], full[-1], atol=0.1, rtol=0.05)
-    # fairseq's fp16 / bf16 modes cast the student; the teacher then runs in the same reduced precision
-    reduced = task.teacher_hidden_states(net_input, torch.bfloat16)
-    assert all(h.dtype == torch.bfloat16 for h in reduced)
-    task.teacher.float()
+    """Under autocast (``common.amp``) the teacher keeps float32 weights, autocast runs its matmuls in reduced
+    precision and the targets come back as float32; under fairseq's fp16 / bf16 modes the teacher runs in the
+    student's dtype. Checked on the dtypes each Linear and conv of the teacher computes in, not on values: CPU
+    bf16 kernels differ between CPUs (AMX / AVX512-BF16 ones round the grouped positional conv far off)."""
+    modules = [m for m in task.teacher.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
+    computed = []
+    hooks = [m.register_forward_hook(lambda m, i, out: computed.append(out.dtype)) for m in modules]
+    try:
+        source = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0))
+        net_input = {"source": source, "padding_mask": None}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            states = task.teacher_hidden_states(net_input, torch.bfloat16)
+        assert all(h.dtype == torch.float32 for h in states)
+        assert all(p.dtype == torch.float32 for p in task.teacher.parameters())  # weights stay float32
+        assert computed and set(computed) == {torch.bfloat16}  # autocast did run every matmul in bf16
+        computed.clear()
+        full = task.teacher_hidden_states(net_input, torch.float32)
+        assert all(h.dtype == torch.float32 for h in full) and set(computed) == {torch.float32}
+        computed.clear()
+        # fairseq's fp16 / bf16 modes cast the student; the teacher then runs in the same reduced precision
+        reduced = task.teacher_hidden_states(net_input, torch.bfloat16)
+        assert all(h.dtype == torch.bfloat16 for h in reduced) and set(computed) == {torch.bfloat16}
+        assert all(p.dtype == torch.bfloat16 for p in task.teacher.parameters())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        task.teacher.float()
 
 
 def test_criterion_under_autocast_keeps_loss_gates_and_multipliers_float32(task):

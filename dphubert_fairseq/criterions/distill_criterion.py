@@ -244,13 +244,16 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         loss = distill + out["x"][..., :0].sum()
         # logged values stay tensors: an .item() here would make the host wait for the GPU before it can
         # queue the backward pass; fairseq's metrics convert them when it aggregates the logs
+        # every value has the same kind (tensor or number) on every rank, whatever its batch: fairseq's
+        # all_reduce_dict packs tensors and numbers into two buffers, which must have one length on all ranks
+        batch, frames = student_states[0].shape[:2]
         log: Dict[str, object] = {
             "loss": loss.detach(),
             "distill_loss": distill.detach(),
-            "ntokens": valid.sum().detach()
+            "ntokens": valid.sum()
             if valid is not None
-            else student_states[0].shape[0] * student_states[0].shape[1],
-            "nsentences": student_states[0].size(0),
+            else torch.full((), batch * frames, dtype=torch.long, device=loss.device),
+            "nsentences": batch,
             "sample_size": 1,
             "count": 1,
         }

@@ -15,11 +15,15 @@ Lagrangian has settled on the target by itself, the offset is close to zero. The
 and the export stays exact: it folds the masks the model has.
 
 The offset is found by bisection on the device, with no value read back to the host (so a GPU never waits).
+With several workers, rank 0's offset is the one every worker applies (one scalar broadcast per update): the
+bisection sums over ``index_add``, which is not deterministic on CUDA, and near the target a rounding can tip
+two workers to different offsets, which nothing would bring back together.
 """
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..models.dphubert import DPHuBERTModel
 
@@ -73,8 +77,11 @@ def offset_to_target(model: DPHuBERTModel, target_params: float, metric: str = "
 
 @torch.no_grad()
 def project_to_target(model: DPHuBERTModel, target_params: float, metric: str = "params") -> torch.Tensor:
-    """Shift every gate logit of ``model`` by ``offset_to_target``; returns the offset."""
+    """Shift every gate logit of ``model`` by ``offset_to_target`` (rank 0's, with several workers); returns
+    the offset."""
     offset = offset_to_target(model, target_params, metric)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(offset, src=0)
     for gate in model.gate_set.gates:
         gate.log_alpha.add_(offset.to(gate.log_alpha.dtype))
     return offset

@@ -14,8 +14,10 @@ checkpoint_read_errors             checkpoint_utils.load_checkpoint_to_cpu      
                                                                                     ValueError naming it
 hubert_ctc_autoregressive          HubertCtc.build_model (fairseq issue 4916)       HubertCtcConfig lacks
                                                                                     ``autoregressive``
-amp_optimizer                      AMPOptimizer.optimizer                           it is not the fp32
-                                                                                    optimizer itself
+amp_optimizer                      AMPOptimizer's clip_grad_norm, step,             clip and step hand the
+                                   param_groups, zero_grad, state_dict,             scaler two objects, a step
+                                   load_state_dict                                  hides whether it was taken,
+                                                                                    or no loss scale is saved
 atomic_checkpoint_copies           checkpoint_utils.PathManager                     save_checkpoint copies with
                                                                                     PathManager.copy
 resume_past_damaged_checkpoint     checkpoint_utils.load_checkpoint                 it resolves checkpoint_last

@@ -127,7 +127,11 @@ class DPHuBERTConfig(FairseqDataclass):
     activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})
     dropout_input: float = field(default=0.0, metadata={"help": "dropout after the feature projection"})
     feature_grad_mult: float = field(
-        default=1.0, metadata={"help": "gradient multiplier of the CNN (0 freezes it)"}
+        default=1.0,
+        metadata={
+            "help": "gradient multiplier of the CNN; 0 freezes it (its parameters do not require gradients, "
+            "and 'conv' cannot be in prune_units)"
+        },
     )
     # --- input conventions, copied from the teacher ---
     frame_padding: FRAME_PADDING_STYLES = field(
@@ -190,7 +194,12 @@ class DPHuBERTConfig(FairseqDataclass):
         default=1, metadata={"help": "channels between non-overlapping spans"}
     )
     encoder_layerdrop: float = field(
-        default=0.0, metadata={"help": "probability of skipping a layer in training"}
+        default=0.0,
+        metadata={
+            "help": "probability of skipping a layer in training (fine-tuning); distillation takes it from this "
+            "config only, never from the teacher or task.student_path, and refuses it above 0 unless "
+            "distributed_training.find_unused_parameters=true"
+        },
     )
     # --- pruning ---
     prune_units: List[str] = field(
@@ -268,6 +277,11 @@ def validate_config(cfg) -> None:
                 f"{cfg.encoder_layers}"
             )
     validate_prune_units(cfg.prune_units)
+    if cfg.feature_grad_mult == 0 and "conv" in cfg.prune_units:
+        raise ConfigError(
+            "model.prune_units: 'conv' prunes the CNN, but model.feature_grad_mult=0 freezes it (its channel "
+            "gates could never learn); leave 'conv' out of model.prune_units or set model.feature_grad_mult > 0"
+        )
     if cfg.relative_position_buckets > 0:
         heads = cfg.relative_position_heads
         if heads < 1 or cfg.encoder_embed_dim % heads:
@@ -320,6 +334,10 @@ class DPHuBERTModel(BaseFairseqModel):
         if not cfg.post_extract_proj:
             gated[-1] = False  # the CNN's last channels are the encoder's dimension: nothing to prune into
         self.feature_extractor = ConvFeatureExtractor(conv_layers, cfg.extractor_mode, cfg.conv_bias, gated)
+        if cfg.feature_grad_mult == 0:
+            # frozen, not merely run without gradient: a parameter that gets no gradient at an update is one that
+            # DDP without find_unused_parameters refuses, and the optimizer need not hold it
+            self.feature_extractor.requires_grad_(False)
         channels = conv_layers[-1][0]
         self.layer_norm = FeatureLayerNorm(
             channels, cfg.feature_norm_removed_channels, cfg.feature_norm_channel_scale

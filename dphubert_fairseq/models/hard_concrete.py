@@ -35,11 +35,18 @@ class HardConcrete(Float32Module):
     ``below_threshold_checks`` streaks are buffers: saved in checkpoints and restored on resume.
     """
 
-    def __init__(self, n: int, init_drop_rate: float, init_std: float = INIT_STD) -> None:
+    def __init__(
+        self, n: int, init_drop_rate: float, init_std: float = INIT_STD, min_active: int = 0
+    ) -> None:
+        """``min_active``: units that stay active whatever their gates (``inactive_units``), the ones with the
+        largest logits: a conv layer needs one channel to be computed at all."""
         super().__init__()
         if n <= 0:
             raise ValueError(f"a gate vector needs at least one unit, got n={n}")
+        if not 0 <= min_active <= n:
+            raise ValueError(f"min_active must be in [0, n={n}], got {min_active}")
         self.n = n
+        self.min_active = min_active
         self.init_drop_rate = init_drop_rate
         self.init_std = init_std
         self.log_alpha = nn.Parameter(torch.empty(n))

@@ -11,6 +11,9 @@ What this changes: a skipped unit would have been non-zero in a training sample 
 ``threshold`` per update; skipping it sets that sample to 0. The logits of inactive units also stop moving
 (they get no gradient), and the eval mask and the landing cannot reopen them.
 
+A gate may keep some units active whatever their logits (``HardConcrete.min_active``: a conv layer keeps one
+channel, or it could not be computed).
+
 Every worker takes the same decision: the per-unit "below threshold" flags are combined with a MIN all-reduce
 before they count, so a unit is deactivated only where every worker saw it below (they all hold the same
 logits under DDP, so this only guards against arithmetic differences).
@@ -50,11 +53,25 @@ def update_active_sets(
         )
         gate.below_threshold_checks.copy_(streak)
         closing = gate.active & (streak >= checks)
+        if gate.min_active:
+            closing = _keep_min_active(gate, closing)
         count = int(closing.sum())
         if count:
             gate.set_active(gate.active & ~closing)
             newly += count
     return newly
+
+
+def _keep_min_active(gate: HardConcrete, closing: torch.Tensor) -> torch.Tensor:
+    """``closing`` less the units that keep ``gate.min_active`` active: the active ones with the largest logits
+    (the same on every worker, whose logits DDP keeps equal)."""
+    remaining = gate.active & ~closing
+    short = gate.min_active - int(remaining.sum())
+    if short <= 0:
+        return closing
+    candidates = gate.log_alpha.detach().float().masked_fill(~closing, float("-inf"))
+    spared = candidates.topk(short).indices
+    return closing.index_fill(0, spared, False)
 
 
 def touch(*modules: nn.Module) -> torch.Tensor:

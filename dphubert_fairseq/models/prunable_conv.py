@@ -43,7 +43,9 @@ class ConvBlock(nn.Module):
             self.norm = Fp32LayerNorm(out_channels, elementwise_affine=True)
         else:
             self.norm = None
-        self.gate = HardConcrete(out_channels, INIT_DROP_RATE["conv"]) if gated else None
+        # one channel always stays active: a block with none left could not be computed (its conv would have
+        # no output channel), and an export refuses a conv layer without channels anyway
+        self.gate = HardConcrete(out_channels, INIT_DROP_RATE["conv"], min_active=1) if gated else None
 
     @property
     def out_channels(self) -> int:

@@ -11,12 +11,13 @@ import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
-from omegaconf import MISSING, open_dict
+from omegaconf import II, MISSING, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from ..checkpoint_io import load_model_and_extra_state
 from ..data.finite_audio import FiniteAudioDataset
 from ..data.length_filter import drop_long_utterances
-from ..data.manifest_check import check_manifest
+from ..data.manifest_check import check_manifest_on_workers
 from ..errors import CheckpointError, ConfigError
 from ..macs import architecture_size
 from ..models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
@@ -61,7 +62,16 @@ _ARCHITECTURE_KEYS = [
     "teacher_macs",
     "teacher_identity",
 ]
-_TRAINING_KEYS = ["dropout", "attention_dropout", "activation_dropout", "dropout_input", "feature_grad_mult"]
+_TRAINING_KEYS = [
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "dropout_input",
+    "feature_grad_mult",
+    # never from the teacher or the stage-1 export (the reference format records 0.05): the reference distils
+    # without layerdrop, and a skipped layer's parameters leave the graph, which c10d DDP refuses
+    "encoder_layerdrop",
+]
 LONG_UTTERANCES = ChoiceEnum(["drop", "crop"])
 
 
@@ -112,6 +122,13 @@ class DPHuBERTDistillConfig(AudioPretrainingConfig):
             "of 16 kHz float32 audio); files of integer samples (PCM WAV, FLAC) cannot hold NaN/inf and are "
             "not read. Without it, batches are still checked as they are built: such items are left out of "
             "training and validation, and their files logged as warnings"
+        },
+    )
+    find_unused_parameters: bool = field(
+        default=II("distributed_training.find_unused_parameters"),
+        metadata={
+            "help": "taken from distributed_training.find_unused_parameters: model.encoder_layerdrop > 0 skips "
+            "whole layers, whose parameters then get no gradient, which DDP allows only with it"
         },
     )
 
@@ -220,7 +237,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs) -> None:
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
-        count = check_manifest(
+        count = check_manifest_on_workers(
             manifest,
             int(self.cfg.sample_rate),
             read_headers=self.cfg.check_audio_files,
@@ -289,12 +306,29 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         for key in _TRAINING_KEYS:
             setattr(student_cfg, key, getattr(cfg, key))
         student_cfg.prune_units = list(cfg.prune_units)
+        self._check_layerdrop(student_cfg.encoder_layerdrop)
         model = load_weights(DPHuBERTModel(student_cfg), source)
         with open_dict(cfg):
             for key in _ARCHITECTURE_KEYS:
                 value = getattr(student_cfg, key)
                 cfg[key] = list(value) if isinstance(value, list) else value
         return model
+
+    def _check_layerdrop(self, layerdrop: float) -> None:
+        """Layerdrop leaves skipped layers' parameters without a gradient: refused unless DDP looks for them."""
+        if layerdrop <= 0:
+            return
+        try:
+            allowed = bool(self.cfg.find_unused_parameters)
+        except OmegaConfBaseException:  # a task config built outside a full fairseq config
+            allowed = False
+        if not allowed:
+            raise ConfigError(
+                f"model.encoder_layerdrop={layerdrop} skips whole layers, whose parameters then get no gradient, "
+                "which multi-GPU training (ddp_backend c10d) refuses unless "
+                "distributed_training.find_unused_parameters=true; set model.encoder_layerdrop=0 (the reference "
+                "distils without layerdrop) or distributed_training.find_unused_parameters=true"
+            )
 
     def _check_same_teacher(self, recorded: str) -> None:
         """Stage 2 distils from the teacher of stage 1, whose identity the stage-1 export recorded."""
@@ -320,5 +354,8 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
 
     def optimizer_step(self, optimizer, model, update_num) -> None:
         super().optimizer_step(optimizer, model, update_num)
-        if hasattr(self._criterion, "after_optimizer_step"):
+        # under AMP the loss scaler skips the step when the gradients overflowed, and fairseq retries the batch
+        # with the same update_num: what runs once per update (the landing, the inactive-unit checks, the
+        # end-of-run report) runs once per step taken (fairseq_patches/amp_optimizer.py says which)
+        if getattr(optimizer, "last_step_taken", True) and hasattr(self._criterion, "after_optimizer_step"):
             self._criterion.after_optimizer_step(model, update_num)
