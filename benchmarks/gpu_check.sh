@@ -8,7 +8,8 @@
 # About 9 minutes on an H100 (estimated; never run): a Base-shaped stage-1 update against stock HuBERT pretraining
 # (AMP, 16 x 10 s), inference (8 x 10 s, fp16), the stage-1 update at the active sets recorded along a run
 # (shrinking_update.py), the length scaling (8 items of 2 to 16 s), and stage 1 with two workers through
-# fairseq's distributed start (c10d, both ranks on the one GPU over gloo), checkpointed and resumed.
+# fairseq's distributed start (c10d, both ranks on the one GPU over gloo): units becoming inactive mid-run, a
+# forced AMP overflow, a resume that keeps the loss scale, a wav2vec2 teacher with padded batches.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 WHEELS=${1:-}

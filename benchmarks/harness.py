@@ -139,18 +139,24 @@ def write_audio(folder: str, count: int, seconds: float, seed: int = 0) -> str:
     """``count`` clips of exactly ``seconds`` (noise shaped like speech levels; content does not change cost),
     listed in ``train.tsv`` / ``valid.tsv``, with random 50 Hz labels ``*.km`` and ``dict.km.txt`` for stock
     HuBERT. Returns ``folder``."""
+    return write_clips(folder, [seconds] * count, seed)
+
+
+def write_clips(folder: str, seconds: Sequence[float], seed: int = 0) -> str:
+    """``write_audio`` with one length per clip, in manifest order. Returns ``folder``."""
     rng = np.random.default_rng(seed)
-    samples = int(seconds * SAMPLE_RATE)
-    frames = samples * LABEL_RATE // SAMPLE_RATE
     os.makedirs(os.path.join(folder, "wav"), exist_ok=True)
-    lines = []
-    for i in range(count):
+    lines, lengths = [], [int(s * SAMPLE_RATE) for s in seconds]
+    for i, samples in enumerate(lengths):
         name = f"wav/{i}.wav"
         sf.write(
             os.path.join(folder, name), (0.1 * rng.standard_normal(samples)).astype("float32"), SAMPLE_RATE
         )
         lines.append(f"{name}\t{samples}\n")
-    labels = [" ".join(str(v) for v in rng.integers(0, 100, frames)) + "\n" for _ in range(count)]
+    labels = [
+        " ".join(str(v) for v in rng.integers(0, 100, samples * LABEL_RATE // SAMPLE_RATE)) + "\n"
+        for samples in lengths
+    ]
     for split in ("train", "valid"):
         with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
             f.write(folder + "\n")
@@ -175,15 +181,37 @@ def stock_hubert_overrides(data: str, shape: Shape) -> List[str]:
     return _stock_hubert_overrides(data, shape, LABEL_RATE, tempfile.mkdtemp(prefix="dphubert-bench-hydra-"))
 
 
-def save_random_teacher(path: str, data: str, shape: Shape, seed: int = 1) -> str:
-    """A HuBERT of ``shape`` with random weights, built from fairseq's own recipe and written by its
-    trainer exactly as a pretraining run writes ``checkpoint_last.pt``."""
+def fairseq_wav2vec2_config_dir() -> str:
+    """fairseq's own wav2vec 2.0 pretraining recipes (``wav2vec2_base_librispeech.yaml``), next to HuBERT's."""
+    examples = os.path.dirname(os.path.dirname(os.path.dirname(fairseq_hubert_config_dir())))
+    return os.path.join(examples, "wav2vec", "config", "pretraining")
+
+
+def stock_wav2vec2_overrides(data: str, shape: Shape) -> List[str]:
+    """Overrides of fairseq's own ``wav2vec2_base_librispeech.yaml`` for this data and shape."""
+    # that recipe has some of the shape's keys and lacks others: '++' sets a key either way
+    reshaped = ["++" + o.lstrip("+") for o in shape.hubert_overrides()]
+    return [
+        f"task.data={data}",
+        "hydra.run.dir=" + tempfile.mkdtemp(prefix="dphubert-bench-hydra-"),
+        *reshaped,
+    ]
+
+
+#: kind -> (fairseq's recipe folder, recipe name, its overrides for (data, shape))
+TEACHER_RECIPES = {
+    "hubert": (fairseq_hubert_config_dir, "hubert_base_librispeech", stock_hubert_overrides),
+    "wav2vec2": (fairseq_wav2vec2_config_dir, "wav2vec2_base_librispeech", stock_wav2vec2_overrides),
+}
+
+
+def save_random_teacher(path: str, data: str, shape: Shape, seed: int = 1, kind: str = "hubert") -> str:
+    """A HuBERT (``kind`` 'hubert') or wav2vec 2.0 ('wav2vec2') of ``shape`` with random weights, built from
+    fairseq's own Base recipe and written by its trainer exactly as a pretraining run writes
+    ``checkpoint_last.pt``."""
+    config_dir, config_name, overrides = TEACHER_RECIPES[kind]
     torch.manual_seed(seed)
-    cfg = compose(
-        fairseq_hubert_config_dir(),
-        "hubert_base_librispeech",
-        stock_hubert_overrides(data, shape) + device_overrides("cpu", "fp32"),
-    )
+    cfg = compose(config_dir(), config_name, overrides(data, shape) + device_overrides("cpu", "fp32"))
     trainer, _ = build_trainer(cfg, load_data=False)
     trainer.consolidate_optimizer()
     trainer.save_checkpoint(path, {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}, "val_loss": 1.0})
