@@ -1,6 +1,6 @@
 """The comparison (``python -m examples.comparison``) at its tiny size: every model and every measure present
-and well formed (not the outcome), the exported students loadable at one parameter count, the report written,
-and the teacher reused by a second run."""
+and well formed (not the outcome), the exported students loadable at one parameter count, the schedules
+recorded, what DPHuBERT's gates kept read back, the report written, and the teacher reused by a second run."""
 
 import collections
 import json
@@ -13,7 +13,8 @@ import pytest
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.param_count import attention_params
-from examples.comparison.plan import KINDS, SIZES, TARGET_LAYERS, TEACHER
+from examples.comparison import structure
+from examples.comparison.plan import KINDS, PROPORTIONS, SIZES, TARGET_LAYERS, TEACHER
 from examples.comparison.report import LABELS
 
 
@@ -23,7 +24,7 @@ def test_comparison_tiny_end_to_end(tmp_path):
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "examples.comparison", "--out", str(out), "--size", "tiny", "--jobs", "2"]
-    done = helpers.run(cmd, cwd=str(tmp_path), timeout=900)
+    done = helpers.run(cmd, cwd=str(tmp_path), timeout=1500)  # 11 min on 2 busy cores
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for phase in range(1, 7):
         assert f"[{phase}/6" in done.stdout
@@ -57,7 +58,7 @@ def test_comparison_tiny_end_to_end(tmp_path):
             # every student at the target's parameter count and loadable as saved: the built ones within 1%,
             # the DPHuBERT ones within one head of it (the landing step's guarantee is one unit, and a head is
             # the largest unit of this teacher; the tiny run lands with a single landing update)
-            if row["kind"] in ("dphubert", "dphubert_10pct", "random_structure"):
+            if row["kind"] in (*PROPORTIONS, "random_structure"):
                 assert abs(row["params"] - target) <= one_head
             else:
                 assert abs(row["params"] - target) <= 0.01 * target
@@ -65,7 +66,7 @@ def test_comparison_tiny_end_to_end(tmp_path):
             model = dp.load_model(str(out / "models" / f"{row['kind']}_seed{row['seed']}.pt"))
             assert model.num_params() == row["params"]
             assert len(row["probes"]["keyword"]["layer_weights"]) == model.cfg.encoder_layers + 1
-    for row in (r for r in rows if r["kind"] in ("dphubert", "dphubert_10pct")):
+    for row in (r for r in rows if r["kind"] in PROPORTIONS):
         end = row["stage1_end"]  # how stage 1 ended, recorded with the result
         assert abs(end["export_sparsity"] - SIZES["tiny"].target_sparsity) <= 0.02
         assert 0 <= end["expected_sparsity"] <= 1 and 0 <= end["eval_sparsity"] <= 1
@@ -79,7 +80,43 @@ def test_comparison_tiny_end_to_end(tmp_path):
     summary = result["summary"]
     assert set(summary) == {"mfcc", "teacher", *KINDS}
     assert summary["dphubert"]["keyword_accuracy"]["n"] == seeds
-    assert len(result["statements"]) == 4
+    assert len(result["statements"]) == 5
+    assert any(
+        line.startswith(f"- {LABELS['dphubert']} minus {LABELS['dphubert_long_ramp']}: ")
+        for line in result["statements"]
+    )
+    # the schedules as run: every student the same total, DPHuBERT's stages in the size's proportions
+    schedules = result["schedules"]
+    assert {s["stage1"] + s["stage2"] for s in schedules.values()} == {SIZES["tiny"].student_updates}
+    for kind in PROPORTIONS:
+        expected = SIZES["tiny"].schedule(kind)
+        assert (schedules[kind]["stage1"], schedules[kind]["stage2"], schedules[kind]["ramp"]) == (
+            expected.stage1,
+            expected.stage2,
+            expected.ramp,
+        )
+        for stage, updates in (("stage1", expected.stage1), ("stage2", expected.stage2)):
+            log = (out / "logs" / f"{kind}_seed1_{stage}.log").read_text()  # fairseq logs its config
+            assert f"'max_update': {updates}," in log
+        assert (
+            f"'sparsity_warmup_updates': {expected.ramp},"
+            in (out / "logs" / f"{kind}_seed1_stage1.log").read_text()
+        )
+
+    # what the gates kept: per DPHuBERT kind and seed, the export's sizes and kept sets of those sizes
+    learned = result["structure"]
+    assert set(learned["kinds"]) == set(PROPORTIONS)
+    assert learned["uniform"]["heads"] == next(r for r in rows if r["kind"] == "uniform")["heads"]
+    assert learned["teacher"]["heads"] == [TEACHER.heads] * TEACHER.layers
+    for kind, data in learned["kinds"].items():
+        assert data["kept_sets_match_export"] and sorted(data["seeds"]) == [
+            str(s) for s in range(1, seeds + 1)
+        ]
+        for seed, record in data["seeds"].items():
+            exported = structure.exported_sizes(str(out / "models" / f"{kind}_seed{seed}_stage1.pt"))
+            assert record["sizes"] == exported
+            assert [bits.count("1") for bits in record["kept"]["ffn_units"]] == exported["ffn_units"]
+        assert data["overlap"]["heads"]["pairs"] == seeds * (seeds - 1) // 2
     keyword_items = next(r for r in rows if r["kind"] == "mfcc")["probes"]["keyword"]["test_items"]
     assert result["resolution"]["keyword_accuracy"] == pytest.approx(1 / keyword_items)
     assert result["command"].startswith("python -m examples.comparison") and result["commit"]
@@ -88,7 +125,9 @@ def test_comparison_tiny_end_to_end(tmp_path):
     for label in LABELS.values():
         assert f"| {label} |" in table
     assert result["commit"] in table and "![comparison](comparison.png)" in table
-    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## What the gates learned" in table and "![structure](structure.png)" in table
+    for png in ("comparison.png", "structure.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the report rendered again from results.json alone, recording the code that rendered it
     (out / "results.md").unlink()

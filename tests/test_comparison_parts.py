@@ -1,6 +1,6 @@
-"""The comparison's parts (``examples/comparison``) that decide what is compared: the baseline students (unit
-selection by magnitude, the parameter count reached), the probe, the label prior, the statistics of the
-report and the sentences."""
+"""The comparison's parts (``examples/comparison``) that decide what is compared: the students' schedules, the
+baseline students (unit selection by magnitude, the parameter count reached), the probe, the label prior, the
+statistics of the report and the sentences."""
 
 import math
 
@@ -10,8 +10,44 @@ import torch
 
 import dphubert_fairseq as dp
 from dphubert_fairseq.criterions.distill_loss import DistillationProjections
-from examples.comparison import corpus, measures, report, students
+from examples.comparison import corpus, measures, plan, report, students
 from fairseq_runs.kmeans_labels import label_prior
+
+
+@pytest.mark.parametrize(
+    "name, recipe, long_ramp",
+    [
+        ("default", (267, 133, 26), (300, 100, 200)),
+        ("long", (1067, 533, 106), (1200, 400, 800)),
+        ("tiny", (10, 5, 1), (11, 4, 7)),
+    ],
+)
+def test_schedules_follow_their_proportions_with_equal_totals(name, recipe, long_ramp):
+    """DPHuBERT: the target ramped over a tenth of stage 1, stage 2 half as long as stage 1 (the recipe's 50k /
+    5k / 25k); its long-ramp row: the ramp over 2/3 of stage 1, stage 2 a third of it. Every kind: the same
+    total."""
+    size = plan.SIZES[name]
+    ours, long = size.schedule("dphubert"), size.schedule("dphubert_long_ramp")
+    assert (ours.stage1, ours.stage2, ours.ramp) == recipe
+    assert (long.stage1, long.stage2, long.ramp) == long_ramp
+    assert ours.ramp == max(1, ours.stage1 // 10) and abs(2 * ours.stage2 - ours.stage1) <= 1
+    assert long.ramp == max(1, long.stage1 * 2 // 3) and abs(3 * long.stage2 - long.stage1) <= 2
+    assert size.schedule("dphubert_10pct") == ours
+    assert {size.schedule(kind).total for kind in plan.KINDS} == {size.student_updates}
+    baseline = size.schedule("uniform")
+    assert (baseline.stage1, baseline.stage2, baseline.ramp) == (0, size.student_updates, 0)
+    assert set(plan.PROPORTIONS) <= set(plan.KINDS) and set(plan.KINDS) <= set(report.LABELS)
+
+
+def test_split_rounds_stage_1_to_the_nearest_update():
+    for total in range(3, 400):
+        for proportions in (plan.RECIPE, plan.LONG_RAMP):
+            s = plan.split(total, proportions)
+            exact = total / (1 + float(proportions.stage2))
+            assert abs(s.stage1 - exact) <= 0.5 and s.total == total and s.stage2 > 0
+            assert s.ramp == max(1, int(s.stage1 * float(proportions.ramp) + 1e-9))
+    with pytest.raises(ValueError, match="cannot be split"):
+        plan.split(1, plan.RECIPE)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +106,17 @@ def test_uniform_student_has_equal_layers_at_the_count(teacher, fraction):
     assert student.cfg.encoder_layers == teacher.cfg.encoder_layers
     assert len(set(student.cfg.encoder_attention_heads)) == 1
     assert max(student.cfg.encoder_ffn_embed_dims) - min(student.cfg.encoder_ffn_embed_dims) <= 1
+
+
+def test_uniform_cut_is_what_the_uniform_student_keeps(teacher):
+    target = round(0.6 * teacher.num_params())
+    cut = students.uniform_cut(teacher.cfg, target)
+    student = students.uniform_student(teacher, target)
+    assert (
+        cut.heads == student.cfg.encoder_attention_heads
+        and cut.ffn_dims == student.cfg.encoder_ffn_embed_dims
+    )
+    assert cut.params == student.num_params()
 
 
 def test_uniform_student_refuses_a_count_it_cannot_reach(teacher):

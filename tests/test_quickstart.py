@@ -65,6 +65,12 @@ def test_quickstart_tiny_end_to_end(tmp_path, speech):  # noqa: F811  (the conft
         in (out / "report.md").read_text()
     )
     assert "teacher" in (out / "report.md").read_text() and "sparsity" in done.stdout
+    # per layer, the kept units next to a uniform cut of the teacher to the student's size
+    uniform = report["uniform"]
+    assert abs(uniform["params"] - report["student"]["params"]) <= 0.01 * report["student"]["params"]
+    assert len(uniform["heads"]) == 12 and uniform["conv_channels"] == report["teacher"]["conv_channels"]
+    assert "| layer | heads kept | uniform heads |" in (out / "report.md").read_text()
+    assert "layer  heads  uniform  ffn units  uniform" in done.stdout
     assert sorted(os.listdir(tmp_path)) == ["qs"]  # nothing outside the output folder
 
 
@@ -121,3 +127,67 @@ def test_espeak_sentences_in_several_voices():
         pytest.skip("espeak-ng is not installed")
     clips = speech.synthesise_sentences(voices=["en-us", "en-gb"], sentences=speech.SENTENCES[:2])
     assert len(clips) == 4 and all(len(c) > speech.SAMPLE_RATE for c in clips)
+
+
+def _report(uniform):
+    """A quickstart report as ``Quickstart.report`` writes it, for a 3-layer teacher."""
+    return {
+        "data": {"description": "speech", "train_utterances": 4, "valid_utterances": 1, "seconds": 9.0},
+        "teacher": {
+            "kind": "hubert",
+            "params": 1000,
+            "macs": 500,
+            "heads": [4, 4, 4],
+            "ffn_dims": [64, 64, 64],
+            "conv_channels": [32, 32],
+        },
+        "student": {
+            "params": 500,
+            "macs": 250,
+            "macs_seconds": 10.0,
+            "sparsity": 0.5,
+            "heads": [3, 1, 0],
+            "ffn_dims": [40, 12, 7],
+            "conv_channels": [30, 17],
+        },
+        "uniform": uniform,
+        "target_sparsity": 0.5,
+        "final_distill_loss": 0.5,
+        "timing": {"audio_seconds": 10.0, "teacher_seconds": 0.02, "student_seconds": 0.01},
+        "wall_seconds": 60.0,
+    }
+
+
+def test_report_shows_kept_units_per_layer_next_to_a_uniform_cut():
+    from examples.quickstart import report
+
+    uniform = {"method": "uniform_cut", "params": 498, "heads": [2, 2, 2], "ffn_dims": [20, 20, 19]}
+    uniform["conv_channels"] = [32, 32]
+    page = report.markdown(_report(uniform))
+    assert "| layer | heads kept | uniform heads | FFN units kept | uniform FFN units |" in page
+    assert "| 1 | 3 / 4 | 2 | 40 / 64 | 20 |" in page and "| 3 | 0 / 4 | 2 | 7 / 64 | 19 |" in page
+    assert "| 2 | 17 / 32 | 32 |" in page and "498 parameters" in page
+    lines = report.terminal(_report(uniform)).splitlines()
+    assert lines[lines.index("layer  heads  uniform  ffn units  uniform") + 1].split() == [
+        "1",
+        "3/4",
+        "2",
+        "40/64",
+        "20",
+    ]
+    assert lines[lines.index("conv layer  channels  uniform") + 2].split() == ["2", "17/32", "32"]
+    without = report.markdown(_report(None))
+    assert "No uniform cut" in without and "| 1 | 3 / 4 | - | 40 / 64 | - |" in without
+
+
+def test_uniform_reference_is_the_comparisons_uniform_cut(tiny_teachers):
+    from dphubert_fairseq.teacher import config_from_fairseq
+    from examples.quickstart.__main__ import uniform_reference
+
+    cfg = config_from_fairseq(dp.load_teacher(tiny_teachers["hubert_base"]))
+    total = dp.count_params(dp.load_teacher(tiny_teachers["hubert_base"]))
+    cut = uniform_reference(cfg, round(0.6 * total))
+    assert abs(cut["params"] - 0.6 * total) <= 0.01 * total
+    assert len(set(cut["heads"])) == 1 and max(cut["ffn_dims"]) - min(cut["ffn_dims"]) <= 1
+    assert cut["conv_channels"] == [24] * 7
+    assert uniform_reference(cfg, 10) is None

@@ -38,8 +38,18 @@ from fairseq_runs.phased_run import PhasedRun, exit_code
 from fairseq_runs.speech import SAMPLE_RATE, write_manifests
 
 from . import corpus as speech
-from . import measures, students
-from .plan import KINDS, LABEL_CLUSTERS, SIZES, TARGET_LAYERS, TEACHER, TEACHER_OVERRIDES, Size
+from . import measures, structure, students
+from .plan import (
+    KINDS,
+    LABEL_CLUSTERS,
+    PROPORTIONS,
+    SIZES,
+    TARGET_LAYERS,
+    TEACHER,
+    TEACHER_OVERRIDES,
+    Schedule,
+    Size,
+)
 from .report import write_report
 
 
@@ -148,8 +158,9 @@ class Comparison(PhasedRun):
     def distil(
         self, name: str, config: str, card: List[str], updates: int, extra: List[str], seed: int
     ) -> str:
-        """One fairseq run of ``configs/<config>.yaml`` into a fresh ``OUT/runs/<name>`` (fairseq would resume
-        a checkpoint left there by an earlier comparison); its output."""
+        """One fairseq run of ``configs/<config>.yaml`` of ``updates`` updates into a fresh ``OUT/runs/<name>``
+        (fairseq would resume a checkpoint left there by an earlier comparison); its output. Its learning-rate
+        decay ends at its last update (the configs' ``total_num_update`` follows ``optimization.max_update``)."""
         shutil.rmtree(self.path("runs", name), ignore_errors=True)
         overrides = [
             *card,
@@ -170,33 +181,36 @@ class Comparison(PhasedRun):
         with open(summary) as f:
             return json.load(f)
 
-    def dphubert(self, name: str, data: str, teacher: str, seed: int) -> Dict[str, object]:
-        """Stage 1 (target sparsity), export, stage 2, export."""
+    def dphubert(
+        self, name: str, data: str, teacher: str, seed: int, schedule: Schedule
+    ) -> Dict[str, object]:
+        """Stage 1 (target sparsity), export, stage 2, export, as ``schedule`` splits the updates; what the
+        stage-1 gates kept (``structure.seed_record``, from its training checkpoint, which stays in OUT/runs)."""
         size = self.size
         card = [f"task.data={data}", f"task.teacher_path={teacher}"]
-        n1, n2 = size.stage1_updates, size.stage2_updates
         stage1 = self.distil(
             f"{name}_stage1",
             "dphubert",
             card,
-            n1,
+            schedule.stage1,
             [
                 f"criterion.target_sparsity={size.target_sparsity}",
-                f"criterion.sparsity_warmup_updates={max(1, n1 * 2 // 3)}",
-                *composite_schedule(size.lrs, max(1, n1 // 60)),
+                f"criterion.sparsity_warmup_updates={schedule.ramp}",
+                *composite_schedule(size.lrs, schedule.stage1_warmup),
             ],
             seed,
         )
-        structure = self.path("models", f"{name}_stage1.pt")
-        exported = self.export(f"{name}_stage1", structure)
+        pruned = self.path("models", f"{name}_stage1.pt")
+        exported = self.export(f"{name}_stage1", pruned)
+        kept = structure.seed_record(self.path("runs", f"{name}_stage1", "checkpoint_last.pt"), pruned)
         self.distil(
             f"{name}_stage2",
             "dphubert_final",
-            card + [f"task.student_path={structure}"],
-            n2,
+            card + [f"task.student_path={pruned}"],
+            schedule.stage2,
             [
                 f"optimization.lr=[{size.lrs['default'] / 2}]",
-                f"lr_scheduler.warmup_updates={max(1, n2 // 10)}",
+                f"lr_scheduler.warmup_updates={schedule.stage2_warmup}",
             ],
             seed,
         )
@@ -211,7 +225,8 @@ class Comparison(PhasedRun):
         }
         return {
             "model": model,
-            "structure": structure,
+            "structure": pruned,
+            "stage1_structure": kept,
             # how stage 1 ended: the gates as its last logged update saw them (before that update's landing
             # step), the sparsity its export kept and how exactly the export reproduces the gated model
             "stage1_end": {
@@ -226,7 +241,7 @@ class Comparison(PhasedRun):
     ) -> Dict[str, object]:
         """Distil a built student (``students``) for as many updates as DPHuBERT's two stages together."""
         size = self.size
-        updates = size.stage1_updates + size.stage2_updates
+        schedule = size.schedule("uniform")  # every baseline's
         layers = (
             ",".join(map(str, TARGET_LAYERS))
             if prediction_heads
@@ -236,10 +251,10 @@ class Comparison(PhasedRun):
             name,
             "dphubert_final",
             [f"task.data={data}", f"task.teacher_path={teacher}", f"task.student_path={student}"],
-            updates,
+            schedule.stage2,
             [
                 f"optimization.lr=[{size.lrs['default']}]",
-                f"lr_scheduler.warmup_updates={max(1, updates // 60)}",
+                f"lr_scheduler.warmup_updates={schedule.stage2_warmup}",
                 f'criterion.distill_layers="{layers}"',
                 f"criterion.prediction_heads={str(prediction_heads).lower()}",
             ],
@@ -266,8 +281,13 @@ class Comparison(PhasedRun):
             ),
         }
         runs = {
-            "dphubert": lambda n, s: self.dphubert(n, data, teacher_path, s),
-            "dphubert_10pct": lambda n, s: self.dphubert(n, little, teacher_path, s),
+            "dphubert": lambda n, s: self.dphubert(n, data, teacher_path, s, size.schedule("dphubert")),
+            "dphubert_long_ramp": lambda n, s: self.dphubert(
+                n, data, teacher_path, s, size.schedule("dphubert_long_ramp")
+            ),
+            "dphubert_10pct": lambda n, s: self.dphubert(
+                n, little, teacher_path, s, size.schedule("dphubert_10pct")
+            ),
             "distilhubert": lambda n, s: self.baseline(n, data, teacher_path, built["distilhubert"], s, True),
             "uniform": lambda n, s: self.baseline(n, data, teacher_path, built["uniform"], s, False),
             "distilhubert_10pct": lambda n, s: self.baseline(
@@ -278,7 +298,7 @@ class Comparison(PhasedRun):
         # DPHuBERT first: every DPHuBERT run starts before any random_structure run, which waits for it
         jobs = [
             {"kind": kind, "seed": seed, "run": runs[kind]}
-            for group in (("dphubert", "dphubert_10pct"), ("distilhubert", "uniform", "distilhubert_10pct"))
+            for group in (tuple(PROPORTIONS), ("distilhubert", "uniform", "distilhubert_10pct"))
             for seed in seeds
             for kind in group
             if kind in self.kinds
@@ -363,14 +383,29 @@ class Comparison(PhasedRun):
             )
         return rows
 
+    def learned_structure(self, teacher_path: str, trained: List[Dict[str, object]]) -> Dict[str, object]:
+        """``structure.summarize`` of the DPHuBERT runs, against the teacher and the uniform student."""
+        from dphubert_fairseq import load_teacher
+
+        records: Dict[str, Dict[str, Dict[str, object]]] = {}
+        for run in trained:
+            if "stage1_structure" in run:
+                records.setdefault(run["kind"], {})[str(run["seed"])] = run["stage1_structure"]
+        teacher = structure.sizes(students.teacher_as_student(load_teacher(teacher_path)))
+        uniform = self.path("models", "uniform_init.pt")
+        return structure.summarize(
+            records, teacher, structure.exported_sizes(uniform) if os.path.exists(uniform) else None
+        )
+
     def run(self) -> Dict[str, object]:
         corpus, teacher_path, quality = self.speech_and_teacher()
         self.begin(
             f"students: {len(self.kinds)} kinds x {self.size.seeds} seed(s), {self.jobs} fairseq run(s) at a time"
         )
         trained = self.train_students(teacher_path)
-        self.begin("measures on held-out audio")
+        self.begin("measures on held-out audio, and what DPHuBERT's gates kept")
         rows = self.measure(corpus, teacher_path, trained)
+        learned = self.learned_structure(teacher_path, trained)
         self.begin("report")
         result = {
             "command": self.command,
@@ -382,7 +417,9 @@ class Comparison(PhasedRun):
             "data": corpus.description,
             "teacher": {"shape": asdict(TEACHER), **quality},
             "target_layers": list(TARGET_LAYERS),
+            "schedules": {kind: self.size.schedule_record(kind) for kind in self.kinds},
             "rows": rows,
+            "structure": learned,
             "wall_seconds": time.time() - self.started,
         }
         for path in write_report(result, self.out):

@@ -1,15 +1,26 @@
-"""What the comparison consists of: the teacher's shape, the student kinds, the target layers, and the sizes
-of a run (how much speech, how many updates and seeds)."""
+"""What the comparison consists of: the teacher's shape, the student kinds, the target layers, the sizes of a
+run (how much speech, how many updates and seeds), and how DPHuBERT splits its updates between its stages."""
 
+import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Dict
 
 from fairseq_runs import Shape
 
 #: the teacher: a 12-layer HuBERT of width 64 with 8 heads (so that heads can be thinned uniformly)
 TEACHER = Shape(12, 64, 256, 8, "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2", 32, 8, 32)
-#: student kinds, in the table's order; '_10pct': trained on a tenth of the training audio
-KINDS = ("dphubert", "distilhubert", "uniform", "random_structure", "dphubert_10pct", "distilhubert_10pct")
+#: student kinds, in the table's order; '_10pct': trained on a tenth of the training audio; 'dphubert_long_ramp':
+#: DPHuBERT with the schedule the comparison ran before it followed the recipe's proportions
+KINDS = (
+    "dphubert",
+    "dphubert_long_ramp",
+    "distilhubert",
+    "uniform",
+    "random_structure",
+    "dphubert_10pct",
+    "distilhubert_10pct",
+)
 TARGET_LAYERS = (4, 8, 12)
 #: k-means clusters of the MFCC labels the teacher predicts
 LABEL_CLUSTERS = 50
@@ -18,22 +29,88 @@ LABEL_CLUSTERS = 50
 TEACHER_OVERRIDES = ("model.mask_prob=0.3", "criterion.pred_nomask_weight=1.0")
 
 
+@dataclass(frozen=True)
+class Proportions:
+    """DPHuBERT's schedule as fractions of its stage 1: stage 2's updates, and the updates over which the
+    target sparsity ramps up from 0."""
+
+    name: str
+    stage2: Fraction
+    ramp: Fraction
+
+
+#: the recipe's (configs/dphubert*.yaml: 50k stage-1 updates, the target ramped over 5k, 25k stage-2 updates)
+RECIPE = Proportions("the recipe's proportions", stage2=Fraction(1, 2), ramp=Fraction(1, 10))
+#: the comparison's schedule before it followed the recipe: a ramp over 2/3 of stage 1, stage 2 a third of it
+LONG_RAMP = Proportions("the comparison's earlier proportions", stage2=Fraction(1, 3), ramp=Fraction(2, 3))
+#: the DPHuBERT kinds and their proportions; every other kind is one distillation run of all the updates
+PROPORTIONS = {"dphubert": RECIPE, "dphubert_long_ramp": LONG_RAMP, "dphubert_10pct": RECIPE}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one student spends the comparison's updates. A DPHuBERT kind: ``stage1`` updates of distillation
+    and pruning with the target ramped over the first ``ramp``, then ``stage2`` of distillation. Any other
+    kind: one run of ``stage2`` updates (``stage1`` and ``ramp`` 0). Learning-rate decays end at each run's
+    ``optimization.max_update``, as in the configs."""
+
+    stage1: int
+    stage2: int
+    ramp: int
+
+    @property
+    def total(self) -> int:
+        return self.stage1 + self.stage2
+
+    @property
+    def stage1_warmup(self) -> int:
+        """Learning-rate warm-up of stage 1 (a sixtieth of it: at this scale a longer one wastes updates)."""
+        return max(1, self.stage1 // 60)
+
+    @property
+    def stage2_warmup(self) -> int:
+        """Learning-rate warm-up of stage 2 (a tenth of it); of a baseline's one run, a sixtieth of it."""
+        return max(1, self.stage2 // (10 if self.stage1 else 60))
+
+
+def split(total: int, proportions: Proportions) -> Schedule:
+    """``total`` updates split as ``proportions`` asks. Stage 1 is ``total / (1 + stage2)`` rounded to the
+    nearest integer (a half rounded up), stage 2 the rest, so that the total is exact; the ramp is
+    ``stage1 * ramp`` rounded down, as the criterion rounds its default tenth, and at least 1 update."""
+    exact = Fraction(total) / (1 + proportions.stage2)
+    stage1 = math.floor(exact + Fraction(1, 2))
+    if not 0 < stage1 < total:
+        raise ValueError(f"{total} updates cannot be split into two stages with {proportions.name}")
+    return Schedule(stage1, total - stage1, max(1, math.floor(stage1 * proportions.ramp)))
+
+
 @dataclass
 class Size:
-    """How big the comparison is. 'default' takes 25 to 30 minutes on 2 CPU cores; 'tiny' is for tests."""
+    """How big the comparison is. 'default' took 25 to 30 minutes on 2 CPU cores with six kinds; the
+    long-ramp row adds about a sixth. 'tiny' is for tests."""
 
     train_sentences: int
     held_out_sentences: int
     renditions: int  # of corpus.RENDITIONS, per voice and keyword
     teacher_updates: int
-    stage1_updates: int
-    stage2_updates: int
+    student_updates: int  # every student's, DPHuBERT's two stages together
     seeds: int
     max_tokens: int
     teacher_lr: float = 1e-3
     little_fraction: float = 0.1
     target_sparsity: float = 0.75
     lrs: Dict[str, float] = field(default_factory=lambda: {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1})
+
+    def schedule(self, kind: str) -> Schedule:
+        """How student ``kind`` spends ``student_updates`` (``Schedule``)."""
+        if kind in PROPORTIONS:
+            return split(self.student_updates, PROPORTIONS[kind])
+        return Schedule(0, self.student_updates, 0)
+
+    def schedule_record(self, kind: str) -> Dict[str, object]:
+        """``schedule(kind)`` as the results record it, with the name of its proportions."""
+        record: Dict[str, object] = asdict(self.schedule(kind))
+        return {**record, "proportions": PROPORTIONS[kind].name if kind in PROPORTIONS else "one run"}
 
     def teacher_key(self, data_description: str) -> Dict[str, object]:
         """What the cached teacher and its data depend on (``data_description``: the corpus's, which counts
@@ -51,8 +128,10 @@ class Size:
 
 
 SIZES = {
-    "default": Size(320, 40, 4, 1500, 300, 100, 3, 160000),
+    # DPHuBERT: 267 + 133 updates, ramp 26; its long-ramp row 300 + 100, ramp 200
+    "default": Size(320, 40, 4, 1500, 400, 3, 160000),
     # four times the student updates, the same teacher (cached when OUT holds it): does a gap close with training?
-    "long": Size(320, 40, 4, 1500, 1200, 400, 1, 160000),
-    "tiny": Size(16, 4, 1, 4, 8, 4, 1, 64000),
+    "long": Size(320, 40, 4, 1500, 1600, 1, 160000),
+    # DPHuBERT: 10 + 5 updates, ramp 1; its long-ramp row 11 + 4, ramp 7
+    "tiny": Size(16, 4, 1, 4, 15, 1, 64000),
 }

@@ -1,6 +1,6 @@
 """The comparison's report: per model kind, the mean and spread over seeds of every measure; a Markdown table,
-the JSON of every run, a figure, and plain statements of which differences are outside the seed-to-seed
-noise."""
+the JSON of every run, a figure, plain statements of which differences are outside the seed-to-seed noise,
+and what DPHuBERT's gates kept (``structure``)."""
 
 import json
 import logging
@@ -9,9 +9,12 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import structure as learned
+
 LABELS = {
     "teacher": "teacher (upper line)",
     "dphubert": "DPHuBERT (stage 1 + 2)",
+    "dphubert_long_ramp": "DPHuBERT, long ramp (2/3 of stage 1), stage 2 1/3 of stage 1",
     "distilhubert": "DistilHuBERT-style (2 layers + heads)",
     "uniform": "uniformly thinned (magnitude)",
     "random_structure": "DPHuBERT structure, random init",
@@ -20,8 +23,10 @@ LABELS = {
     "mfcc": "MFCC (probes only)",
 }
 ORDER = list(LABELS)
-#: pairs compared in the statements: (DPHuBERT variant, baseline)
+STRUCTURE_FIGURE = "structure.png"
+#: pairs compared in the statements: (DPHuBERT variant, baseline), and the recipe's proportions against the long ramp
 PAIRS = [
+    ("dphubert", "dphubert_long_ramp"),
     ("dphubert", "distilhubert"),
     ("dphubert", "uniform"),
     ("dphubert", "random_structure"),
@@ -100,6 +105,30 @@ def statements(
     return lines
 
 
+def students_text(result: Dict) -> str:
+    """How the students spent their updates: ``result['schedules']``, or (results written before it was
+    recorded) the size's two DPHuBERT stages."""
+    size = result["size"]
+    head = f"Students: target sparsity {size['target_sparsity']}; "
+    tail = f"; {size['seeds']} seed(s) each (mean ± sample standard deviation)."
+    schedules = result.get("schedules")
+    if not schedules:
+        total = size["stage1_updates"] + size["stage2_updates"]
+        return (
+            head + f"DPHuBERT {size['stage1_updates']} stage-1 + {size['stage2_updates']} stage-2 updates, "
+            f"every baseline {total} updates on the same audio" + tail
+        )
+    totals = {s["stage1"] + s["stage2"] for s in schedules.values()}
+    parts = [f"every student {' / '.join(map(str, sorted(totals)))} updates on the same audio"]
+    for kind, s in schedules.items():
+        if s["stage1"]:
+            parts.append(
+                f"{LABELS[kind]}: {s['stage1']} stage-1 updates (the target ramped over the first {s['ramp']}) "
+                f"+ {s['stage2']} stage-2, {s['proportions']}"
+            )
+    return head + "; ".join(parts) + tail
+
+
 def _cell(stat: Optional[Dict[str, float]], fmt: str, scale: float = 1.0) -> str:
     if stat is None:
         return ""
@@ -110,7 +139,6 @@ def _cell(stat: Optional[Dict[str, float]], fmt: str, scale: float = 1.0) -> str
 def markdown(result: Dict, summary: Dict) -> str:
     layers = result["target_layers"]
     t = result["teacher"]
-    size = result["size"]
     lines = [
         "# DPHuBERT against its baselines, at one parameter count",
         "",
@@ -128,9 +156,7 @@ def markdown(result: Dict, summary: Dict) -> str:
         f"frame (masked frames {t['masked_bits']:.3f}, unmasked {t['unmasked_bits']:.3f}) against "
         f"{t['prior_bits']:.3f} for predicting the label prior; accuracy on masked frames "
         f"{t['masked_accuracy']:.3f} against {t['prior_accuracy']:.3f} for the most frequent label.",
-        f"Students: target sparsity {size['target_sparsity']}; DPHuBERT {size['stage1_updates']} stage-1 + "
-        f"{size['stage2_updates']} stage-2 updates, every baseline {size['stage1_updates'] + size['stage2_updates']} "
-        f"updates on the same audio; {size['seeds']} seed(s) each (mean ± sample standard deviation).",
+        students_text(result),
         "",
         "| model | parameters | MACs, 10 s | CPU ms, 10 s | "
         + " | ".join(f"cos@{layer}" for layer in layers)
@@ -156,7 +182,8 @@ def markdown(result: Dict, summary: Dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Differences of the means (DPHuBERT variant minus baseline); outside the noise when larger than the two "
+        "Differences of the means (DPHuBERT variant minus baseline, or the recipe's proportions minus the long "
+        "ramp); outside the noise when larger than the two "
         "standard deviations added and, for a probe, than one test item "
         + ", ".join(
             f"{key.split('_')[0]} {r:.3f} ({1 / r:.0f} items)" for key, r in result["resolution"].items()
@@ -168,15 +195,16 @@ def markdown(result: Dict, summary: Dict) -> str:
         "![comparison](comparison.png)",
         "",
     ]
+    if result.get("structure"):
+        lines += learned.markdown(result["structure"], LABELS, STRUCTURE_FIGURE)
     return "\n".join(lines)
 
 
 def figure(summary: Dict, layers: Sequence[int], path: str) -> None:
-    import matplotlib
-
     logging.getLogger("matplotlib").setLevel(
         logging.WARNING
     )  # fairseq's logging setup lets its DEBUG through
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -215,7 +243,8 @@ def figure(summary: Dict, layers: Sequence[int], path: str) -> None:
 
 
 def write_report(result: Dict, folder: str) -> List[str]:
-    """``results.json`` (every run and the summary), ``results.md`` and ``comparison.png`` in ``folder``."""
+    """``results.json`` (every run and the summary), ``results.md`` and ``comparison.png`` in ``folder``, and
+    ``structure.png`` when the result has a ``structure`` section."""
     layers = result["target_layers"]
     summary = aggregate(result["rows"], layers)
     resolution = resolutions(result["rows"])
@@ -229,4 +258,7 @@ def write_report(result: Dict, folder: str) -> List[str]:
     with open(paths[1], "w") as f:
         f.write(markdown(result, summary))
     figure(summary, layers, paths[2])
+    if result.get("structure"):
+        paths.append(os.path.join(folder, STRUCTURE_FIGURE))
+        learned.figure(result["structure"], LABELS, paths[-1])
     return paths

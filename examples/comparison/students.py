@@ -12,7 +12,7 @@ the teacher.
 """
 
 import copy
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import torch
 
@@ -127,11 +127,20 @@ def _ffn_total_for(cfg, layers: int, heads: List[int], target: int, limit: int) 
     return best
 
 
-def uniform_student(teacher_model: DPHuBERTModel, target_params: int) -> DPHuBERTModel:
-    """Every layer kept with the same heads and FFN units (up to one unit), cut by one fraction to
-    ``target_params``: the fraction ``f`` whose ``round(H f)`` heads (at least 1) and ``round(F f)`` FFN units per
-    layer come closest to the count; the FFN units are then adjusted to make it up within one unit."""
-    cfg = as_config(teacher_model.cfg)
+class UniformCut(NamedTuple):
+    """A uniform cut of an architecture: per layer the heads and FFN units kept, the CNN whole."""
+
+    heads: List[int]
+    ffn_dims: List[int]
+    params: int
+
+
+def uniform_cut(cfg, target_params: int) -> UniformCut:
+    """Architecture ``cfg`` cut uniformly to ``target_params``: every layer kept with the same heads and FFN
+    units (up to one unit), the CNN whole. The fraction ``f`` whose ``round(H f)`` heads (at least 1) and
+    ``round(F f)`` FFN units per layer come closest to the count; the FFN units are then adjusted to make it up
+    within one unit."""
+    cfg = as_config(cfg)
     layers, full_heads = cfg.encoder_layers, cfg.encoder_attention_heads[0]
     full_ffn = cfg.encoder_ffn_embed_dims[0]
     fraction = min(
@@ -151,7 +160,14 @@ def uniform_student(teacher_model: DPHuBERTModel, target_params: int) -> DPHuBER
             f"{target_params:,} asked"
         )
     ffn = _spread(_ffn_total_for(cfg, layers, heads, target_params, full_ffn), layers)
-    return select_units(teacher_model, range(layers), heads, ffn)
+    return UniformCut(heads, ffn, _sized(cfg, layers, heads, ffn))
+
+
+def uniform_student(teacher_model: DPHuBERTModel, target_params: int) -> DPHuBERTModel:
+    """The teacher cut uniformly to ``target_params`` (``uniform_cut``), keeping in each layer the heads and
+    FFN units of largest magnitude."""
+    cut = uniform_cut(teacher_model.cfg, target_params)
+    return select_units(teacher_model, range(len(cut.heads)), cut.heads, cut.ffn_dims)
 
 
 def distilhubert_student(teacher_model: DPHuBERTModel, target_params: int, layers: int = 2) -> DPHuBERTModel:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from fairseq_runs.speech import (
 from fairseq_runs.timing import forward_seconds
 from fairseq_runs.wavlm import wavlm_config, write_wavlm_checkpoint
 
+from ..comparison.students import uniform_cut
 from . import report as reporting
 
 
@@ -83,6 +84,23 @@ SIZES = {
         20, False, 12, 32, 4, 64, "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", 4, 16, 4, 0.5, 64000
     ),
 }
+
+
+def uniform_reference(teacher_cfg, params: int) -> Optional[Dict[str, object]]:
+    """What a uniform cut of the teacher to ``params`` parameters keeps (the comparison's uniformly thinned
+    student's arithmetic, ``uniform_cut``): per layer the same heads and FFN units, every conv channel. None
+    when no uniform cut is that small."""
+    try:
+        cut = uniform_cut(teacher_cfg, params)
+    except ValueError:
+        return None
+    return {
+        "method": "uniform_cut",
+        "params": cut.params,
+        "heads": cut.heads,
+        "ffn_dims": cut.ffn_dims,
+        "conv_channels": [c for c, _, _ in parse_conv_layers(teacher_cfg.conv_feature_layers)],
+    }
 
 
 def teacher_shape(size: Size) -> Shape:
@@ -246,6 +264,7 @@ class Quickstart(PhasedRun):
             },
             "teacher": original,
             "student": summarize(student),
+            "uniform": uniform_reference(teacher_cfg, count_params(student)),
             "target_sparsity": self.size.target_sparsity,
             "final_distill_loss": float(valid2[-1]["valid_distill_loss"]) if valid2 else float("nan"),
             "timing": timing,

@@ -16,6 +16,23 @@ def target_params(report: Dict[str, Any]) -> int:
     return round((1.0 - report["target_sparsity"]) * report["teacher"]["params"])
 
 
+def uniform_text(report: Dict[str, Any]) -> str:
+    """What the uniform column is."""
+    u = report.get("uniform")
+    if not u:
+        return "No uniform cut of the teacher (the same heads and FFN units in every layer) is that small."
+    return (
+        f"Uniform: what a uniform cut of the teacher to the pruned student's size keeps ({u['params']:,} "
+        "parameters): the same heads and FFN units in every layer, every conv channel (the arithmetic of the "
+        "comparison's uniformly thinned student, examples/comparison/students.py)."
+    )
+
+
+def _uniform(report: Dict[str, Any], key: str, i: int) -> str:
+    u = report.get("uniform")
+    return f"{u[key][i]}" if u else "-"
+
+
 def markdown(report: Dict[str, Any]) -> str:
     s = report["student"]
     lines = [
@@ -40,17 +57,25 @@ def markdown(report: Dict[str, Any]) -> str:
         f"loss (stage 2, validation) {report['final_distill_loss']:.4f}. Wall time of the whole run: "
         f"{report['wall_seconds']:.0f} s.",
         "",
-        "| layer | heads kept | FFN units kept |",
-        "|---|---|---|",
+        uniform_text(report),
+        "",
+        "| layer | heads kept | uniform heads | FFN units kept | uniform FFN units |",
+        "|---|---|---|---|---|",
     ]
+    t = report["teacher"]
     for i, (h, f) in enumerate(zip(s["heads"], s["ffn_dims"])):
         lines.append(
-            f"| {i + 1} | {h} / {report['teacher']['heads'][i]} | {f} / {report['teacher']['ffn_dims'][i]} |"
+            f"| {i + 1} | {h} / {t['heads'][i]} | {_uniform(report, 'heads', i)} | {f} / {t['ffn_dims'][i]} | "
+            f"{_uniform(report, 'ffn_dims', i)} |"
         )
     lines += [
         "",
-        "CNN channels kept: "
-        + ", ".join(f"{k}/{o}" for k, o in zip(s["conv_channels"], report["teacher"]["conv_channels"])),
+        "| conv layer | channels kept | uniform channels |",
+        "|---|---|---|",
+        *(
+            f"| {i + 1} | {k} / {o} | {_uniform(report, 'conv_channels', i)} |"
+            for i, (k, o) in enumerate(zip(s["conv_channels"], t["conv_channels"]))
+        ),
         "",
         "![architecture](architecture.png)",
         "",
@@ -72,13 +97,19 @@ def terminal(report: Dict[str, Any]) -> str:
         f"{report['timing']['teacher_seconds'] * 1000:.1f} ms, "
         f"student {report['timing']['student_seconds'] * 1000:.1f} ms",
         f"final distillation loss {report['final_distill_loss']:.4f}",
-        "layer  heads      ffn units",
+        uniform_text(report),
+        "layer  heads  uniform  ffn units  uniform",
     ]
     for i, (h, f) in enumerate(zip(s["heads"], s["ffn_dims"])):
-        lines.append(f"{i + 1:>5}  {h:>2}/{t['heads'][i]:<2}     {f:>4}/{t['ffn_dims'][i]}")
-    lines.append(
-        "conv channels: " + " ".join(f"{k}/{o}" for k, o in zip(s["conv_channels"], t["conv_channels"]))
-    )
+        heads, ffn = f"{h}/{t['heads'][i]}", f"{f}/{t['ffn_dims'][i]}"
+        lines.append(
+            f"{i + 1:>5}  {heads:>5}  {_uniform(report, 'heads', i):>7}  {ffn:>9}  "
+            f"{_uniform(report, 'ffn_dims', i):>7}"
+        )
+    lines.append("conv layer  channels  uniform")
+    for i, (k, o) in enumerate(zip(s["conv_channels"], t["conv_channels"])):
+        channels = f"{k}/{o}"
+        lines.append(f"{i + 1:>10}  {channels:>8}  {_uniform(report, 'conv_channels', i):>7}")
     return "\n".join(lines)
 
 
@@ -93,21 +124,22 @@ def figures(report: Dict[str, Any], curve: List[Dict[str, float]], folder: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, t = report["student"], report["teacher"]
+    s, t, u = report["student"], report["teacher"], report.get("uniform")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, title in ((axes[0], "heads", "attention heads"), (axes[1], "ffn_dims", "FFN units")):
+    panels = (
+        (axes[0], "heads", "attention heads", "transformer layer"),
+        (axes[1], "ffn_dims", "FFN units", "transformer layer"),
+        (axes[2], "conv_channels", "conv channels", "CNN layer"),
+    )
+    for ax, key, title, xlabel in panels:
         layers = range(1, len(t[key]) + 1)
         ax.bar(layers, t[key], color="#d9d9d9", label="teacher")
         ax.bar(layers, s[key], color="#3b75af", label="kept")
-        ax.set_xlabel("transformer layer")
+        if u:
+            ax.plot(layers, u[key], "k.-", label="uniform cut, same size")
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.legend()
-    layers = range(1, len(t["conv_channels"]) + 1)
-    axes[2].bar(layers, t["conv_channels"], color="#d9d9d9", label="teacher")
-    axes[2].bar(layers, s["conv_channels"], color="#3b75af", label="kept")
-    axes[2].set_xlabel("CNN layer")
-    axes[2].set_title("conv channels")
-    axes[2].legend()
     fig.suptitle(f"pruned architecture: {s['params']:,} of {t['params']:,} parameters")
     fig.tight_layout()
     arch = os.path.join(folder, "architecture.png")
