@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from dphubert_fairseq.models.dphubert import pad_waveforms  # noqa: E402
+from dphubert_fairseq.models.dphubert import DPHuBERTConfig, pad_waveforms  # noqa: E402
 from dphubert_fairseq.teacher import import_data2vec  # noqa: E402
 from fairseq_runs import (  # noqa: E402,F401  (re-exported for the tests)
     CONFIGS,
@@ -75,6 +75,26 @@ def padded_batch(clips, normalize: bool = False):
     if normalize:
         clips = [(c - c.mean()) / (c.std() + 1e-5) for c in clips]
     return pad_waveforms([c.float() for c in clips])
+
+
+def tiny_student_config(**overrides) -> DPHuBERTConfig:
+    """A tiny student's config: 3 layers of width 32 (4 heads of 8, FFN 64), a CNN of 24 channels, heads and
+    FFN units gated; ``overrides`` on top."""
+    values = dict(
+        conv_feature_layers="[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
+        encoder_layers=3,
+        encoder_embed_dim=32,
+        attention_head_dim=8,
+        encoder_attention_heads=[4] * 3,
+        encoder_ffn_embed_dims=[64] * 3,
+        use_attention=[1] * 3,
+        use_ffn=[1] * 3,
+        conv_pos=16,
+        conv_pos_groups=4,
+        prune_units=["head", "interm"],
+    )
+    values.update(overrides)
+    return DPHuBERTConfig(**values)
 
 
 def randomise_gates(model, seed=0):

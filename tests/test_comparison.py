@@ -32,9 +32,10 @@ def test_comparison_tiny_end_to_end(tmp_path):
     result = json.loads((out / "results.json").read_text())
     seeds = SIZES["tiny"].seeds
     rows = result["rows"]
+    probe_seeds = SIZES["tiny"].phoneme_probe_seeds  # the upper and lower lines: one row per probe seed
     assert collections.Counter(r["kind"] for r in rows) == {
-        "mfcc": 1,
-        "teacher": 1,
+        "mfcc": probe_seeds,
+        "teacher": probe_seeds,
         **{k: seeds for k in KINDS},
     }
     teacher = next(r for r in rows if r["kind"] == "teacher")
@@ -47,6 +48,10 @@ def test_comparison_tiny_end_to_end(tmp_path):
             p = row["probes"][probe]
             assert 0.0 <= p["accuracy"] <= 1.0 and p["test_items"] > 0 and p["train_items"] > 0
             assert math.isclose(sum(p["layer_weights"]), 1.0, rel_tol=1e-5)
+        per = row["phonemes"]  # the phoneme probe: PER overall, on new voices, on the training voices
+        assert all(0.0 <= per[key] for key in ("per", "per_held_out_voices", "per_train_voices"))
+        assert per["test_items"] == SIZES["tiny"].held_out_sentences and per["phonemes"] > 10
+        assert math.isclose(sum(per["layer_weights"]), 1.0, rel_tol=1e-5)
         if row["kind"] == "mfcc":
             assert len(row["probes"]["keyword"]["layer_weights"]) == 1
             continue
@@ -125,6 +130,8 @@ def test_comparison_tiny_end_to_end(tmp_path):
     for label in LABELS.values():
         assert f"| {label} |" in table
     assert result["commit"] in table and "![comparison](comparison.png)" in table
+    assert "Phoneme probe (a linear CTC head" in table and "| PER | PER, new voices |" in table
+    assert summary["teacher"]["per"]["n"] == probe_seeds
     assert "## What the gates learned" in table and "![structure](structure.png)" in table
     for png in ("comparison.png", "structure.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

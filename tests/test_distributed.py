@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.distributed as dist
-from helpers import free_port
+from helpers import free_port, tiny_student_config
 
 from dphubert_fairseq.errors import ConfigError, ManifestError
 from dphubert_fairseq.models.dphubert import DPHuBERTConfig, DPHuBERTModel
@@ -44,24 +44,6 @@ def run_ranks(scenario: str, folder, **args) -> List[Dict]:
     for w, text in zip(workers, texts):
         assert w.returncode == 0, text[-3000:]
     return [torch.load(out, weights_only=False) for out in outs]
-
-
-def tiny_config(**overrides) -> DPHuBERTConfig:
-    values = dict(
-        conv_feature_layers="[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
-        encoder_layers=3,
-        encoder_embed_dim=32,
-        attention_head_dim=8,
-        encoder_attention_heads=[4] * 3,
-        encoder_ffn_embed_dims=[64] * 3,
-        use_attention=[1] * 3,
-        use_ffn=[1] * 3,
-        conv_pos=16,
-        conv_pos_groups=4,
-        prune_units=["head", "interm"],
-    )
-    values.update(overrides)
-    return DPHuBERTConfig(**values)
 
 
 def ddp_updates(model: DPHuBERTModel, rank: int, updates: int = 3) -> Dict[str, torch.Tensor]:
@@ -144,7 +126,7 @@ def test_logged_values_reduce_across_ranks_as_in_one_process(tmp_path, tiny_teac
 
 def frozen_cnn_scenario(rank: int) -> Dict:
     torch.manual_seed(0)
-    model = DPHuBERTModel(tiny_config(feature_grad_mult=0.0))
+    model = DPHuBERTModel(tiny_student_config(feature_grad_mult=0.0))
     params = ddp_updates(model, rank)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     return {"params": params, "frozen": frozen}
@@ -195,7 +177,7 @@ def test_layerdrop_and_a_frozen_cnn_are_refused_where_they_cannot_work(tmp_path,
     from omegaconf import OmegaConf
 
     with pytest.raises(ConfigError) as err:
-        DPHuBERTModel(tiny_config(feature_grad_mult=0.0, prune_units=["conv", "head"]))
+        DPHuBERTModel(tiny_student_config(feature_grad_mult=0.0, prune_units=["conv", "head"]))
     assert_one_line(str(err.value), "model.prune_units: 'conv'", ["model.feature_grad_mult"])
 
     layerdrop = OmegaConf.structured(DPHuBERTConfig(_name="dphubert", encoder_layerdrop=0.1))

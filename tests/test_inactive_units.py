@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from helpers import free_port, randomise_gates
+from helpers import free_port, randomise_gates, tiny_student_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dphubert_fairseq.macs import count_macs
-from dphubert_fairseq.models.dphubert import DPHuBERTConfig, DPHuBERTModel
+from dphubert_fairseq.models.dphubert import DPHuBERTModel
 from dphubert_fairseq.models.hard_concrete import HardConcrete
 from dphubert_fairseq.models.inactive_units import update_active_sets
 
@@ -28,16 +28,6 @@ def tiny_student(kind: str = "base", units=ALL_UNITS) -> DPHuBERTModel:
     computations then draw the same random numbers)."""
     large, wavlm = KINDS[kind]
     config = dict(
-        conv_feature_layers="[(24,10,5)] + [(24,3,2)] * 4 + [(24,2,2)] * 2",
-        encoder_layers=3,
-        encoder_embed_dim=32,
-        attention_head_dim=8,
-        encoder_attention_heads=[4] * 3,
-        encoder_ffn_embed_dims=[64] * 3,
-        use_attention=[1] * 3,
-        use_ffn=[1] * 3,
-        conv_pos=16,
-        conv_pos_groups=4,
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
@@ -51,7 +41,7 @@ def tiny_student(kind: str = "base", units=ALL_UNITS) -> DPHuBERTModel:
             relative_position_buckets=16, relative_position_max_distance=64, relative_position_heads=4
         )
     torch.manual_seed(0)
-    model = DPHuBERTModel(DPHuBERTConfig(**config))
+    model = DPHuBERTModel(tiny_student_config(**config))
     with torch.no_grad():  # LayerNorms and biases away from 1 / 0, so that a wrong slice shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

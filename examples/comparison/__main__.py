@@ -38,7 +38,7 @@ from fairseq_runs.phased_run import PhasedRun, exit_code
 from fairseq_runs.speech import SAMPLE_RATE, write_manifests
 
 from . import corpus as speech
-from . import measures, structure, students
+from . import ctc_probe, measures, phonemes, structure, students
 from .plan import (
     KINDS,
     LABEL_CLUSTERS,
@@ -349,16 +349,33 @@ class Comparison(PhasedRun):
                 "speaker": measures.linear_probe(features, voices, speaker_train),
             }
 
-        rows = [{"kind": "mfcc", "seed": None, "probes": probes(measures.pooled_mfcc(corpus.words))}]
-        rows.append(
-            {
-                "kind": "teacher",
-                "seed": None,
-                **measures.size_and_cost(teacher, audio),
-                "layers": {str(l): {"l1": 0.0, "cos": 1.0} for l in TARGET_LAYERS},
-                "probes": probes(measures.pooled_layers(teacher, corpus.words)),
-            }
-        )
+        targets = phonemes.sentence_phonemes(corpus)
+
+        def phoneme_recognition(extract, seed: int) -> Dict[str, object]:
+            """The phoneme probe (PER) on ``extract``'s frame features of the sentences."""
+            return ctc_probe.phoneme_recognition(
+                extract(corpus.train_sentence_audio),
+                extract(corpus.held_out),
+                targets,
+                seed=seed,
+                steps=self.size.phoneme_probe_steps,
+            )
+
+        # the upper and lower lines, one row per probe seed: their PER margin is what makes the probe valid
+        teacher_row = {
+            "kind": "teacher",
+            **measures.size_and_cost(teacher, audio),
+            "layers": {str(l): {"l1": 0.0, "cos": 1.0} for l in TARGET_LAYERS},
+            "probes": probes(measures.pooled_layers(teacher, corpus.words)),
+        }
+        rows = []
+        for row, extract in (
+            ({"kind": "mfcc", "probes": probes(measures.pooled_mfcc(corpus.words))}, ctc_probe.frame_mfcc),
+            (teacher_row, lambda clips: ctc_probe.frame_layers(teacher, clips)),
+        ):
+            for seed in range(self.size.phoneme_probe_seeds):
+                rows.append({**row, "seed": seed, "phonemes": phoneme_recognition(extract, seed)})
+                self.say(f"    {row['kind']}, probe seed {seed}: PER {rows[-1]['phonemes']['per']:.3f}")
         for run in trained:
             model, extra = load_model_and_extra_state(run["model"])
             proj = measures.projections(extra, model.encoder_embed_dim)
@@ -370,6 +387,9 @@ class Comparison(PhasedRun):
                     **measures.size_and_cost(model, audio),
                     "layers": {str(l): v for l, v in similarity.items()},
                     "probes": probes(measures.pooled_layers(model, corpus.words)),
+                    "phonemes": phoneme_recognition(
+                        lambda clips: ctc_probe.frame_layers(model, clips), int(run["seed"])
+                    ),
                     "train_seconds": run["seconds"],
                     **({"stage1_end": run["stage1_end"]} if "stage1_end" in run else {}),
                     "heads": list(model.cfg.encoder_attention_heads),
@@ -378,7 +398,8 @@ class Comparison(PhasedRun):
             )
             self.say(
                 f"    {run['name']}: {rows[-1]['params']:,} parameters, cos@{TARGET_LAYERS[-1]} "
-                f"{similarity[TARGET_LAYERS[-1]]['cos']:.3f}, keywords {rows[-1]['probes']['keyword']['accuracy']:.3f}, "
+                f"{similarity[TARGET_LAYERS[-1]]['cos']:.3f}, PER {rows[-1]['phonemes']['per']:.3f}, "
+                f"keywords {rows[-1]['probes']['keyword']['accuracy']:.3f}, "
                 f"speaker {rows[-1]['probes']['speaker']['accuracy']:.3f}"
             )
         return rows

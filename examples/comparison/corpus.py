@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
@@ -175,6 +175,11 @@ class Corpus:
     words: List[np.ndarray]
     word_labels: List[Dict[str, object]]  # keyword, voice, rendition of each word
     description: str
+    # the training sentences whole (``train`` and ``valid`` hold them cut and mixed with the LibriVox clips),
+    # the (text, voice) of each of them and of each held-out sentence: what the phoneme targets are made from
+    train_sentence_audio: List[np.ndarray] = field(default_factory=list)
+    train_sentence_items: List[Tuple[str, str]] = field(default_factory=list)
+    held_out_items: List[Tuple[str, str]] = field(default_factory=list)
 
 
 def make_corpus(
@@ -182,13 +187,15 @@ def make_corpus(
 ) -> Corpus:
     """Train and valid: ``train_sentences`` sentences, each said by one training voice (in turn), plus the
     LibriVox clips; held out: other sentences, half by held-out voices, half by training voices; the words:
-    every keyword said by every voice in the first ``renditions`` of ``RENDITIONS``."""
+    every keyword said by every voice in the first ``renditions`` of ``RENDITIONS``. The training sentences
+    are also kept whole, and every sentence's text and voice (for the phoneme targets)."""
     if not have_espeak():
         raise RuntimeError("the comparison needs espeak-ng (apt-get install espeak-ng)")
     texts = sentences(train_sentences, seed)
     held_texts = sentences(held_out_sentences, seed + 1, exclude=texts)
     voices = list(TRAIN_VOICES)
-    spoken = speak([(t, voices[i % len(voices)], 160, 50) for i, t in enumerate(texts)])
+    train_items = [(t, voices[i % len(voices)]) for i, t in enumerate(texts)]
+    spoken = speak([(t, v, 160, 50) for t, v in train_items])
     librivox = read_speech_clips()
     utterances = cut(spoken + librivox)
     order = np.random.default_rng(seed).permutation(len(utterances))
@@ -212,4 +219,5 @@ def make_corpus(
         + (f" + {len(librivox)} LibriVox clips" if librivox else "")
         + f", {seconds:.0f} s in {len(train)} train + {len(valid)} valid utterances"
     )
-    return Corpus(train, valid, held_out, words, word_labels, description)
+    held_items = list(zip(held_texts, held_voices))
+    return Corpus(train, valid, held_out, words, word_labels, description, spoken, train_items, held_items)

@@ -97,6 +97,10 @@ class Size:
     seeds: int
     max_tokens: int
     teacher_lr: float = 1e-3
+    #: the phoneme probe (``ctc_probe``): its Adam steps, and the probe seeds of the teacher and MFCC rows,
+    #: whose PER margin decides whether the probe can tell models apart (students: one, their own seed)
+    phoneme_probe_steps: int = 2000
+    phoneme_probe_seeds: int = 3
     little_fraction: float = 0.1
     target_sparsity: float = 0.75
     lrs: Dict[str, float] = field(default_factory=lambda: {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1})
@@ -133,5 +137,5 @@ SIZES = {
     # four times the student updates, the same teacher (cached when OUT holds it): does a gap close with training?
     "long": Size(320, 40, 4, 1500, 1600, 1, 160000),
     # DPHuBERT: 10 + 5 updates, ramp 1; its long-ramp row 11 + 4, ramp 7
-    "tiny": Size(16, 4, 1, 4, 15, 1, 64000),
+    "tiny": Size(16, 4, 1, 4, 15, 1, 64000, phoneme_probe_steps=20, phoneme_probe_seeds=2),
 }

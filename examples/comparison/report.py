@@ -22,6 +22,11 @@ LABELS = {
     "distilhubert_10pct": "DistilHuBERT-style, 10% of the audio",
     "mfcc": "MFCC (probes only)",
 }
+#: the phoneme probe's measures (``ctc_probe.phoneme_recognition``), lower is better
+PER_KEYS = ("per", "per_held_out_voices", "per_train_voices")
+#: the teacher must beat MFCCs on PER by this much (absolute, mean over probe seeds) for the probe to mean
+#: anything: otherwise it measures acoustic detail passed through, not what the teacher learned
+PER_MARGIN = 0.05
 ORDER = list(LABELS)
 STRUCTURE_FIGURE = "structure.png"
 #: pairs compared in the statements: (DPHuBERT variant, baseline), and the recipe's proportions against the long ramp
@@ -46,6 +51,8 @@ def measure_values(row: Dict, layers: Sequence[int]) -> Dict[str, float]:
             out[f"l1@{layer}"] = row["layers"][str(layer)]["l1"]
     for probe in ("keyword", "speaker"):
         out[f"{probe}_accuracy"] = row["probes"][probe]["accuracy"]
+    for key in PER_KEYS if "phonemes" in row else ():
+        out[key] = row["phonemes"][key]
     return out
 
 
@@ -87,6 +94,7 @@ def statements(
     resolution = resolution or {}
     lines = []
     measures = ["keyword_accuracy", "speaker_accuracy"] + [f"cos@{layer}" for layer in layers]
+    measures = [key for key in PER_KEYS[:2] if key in summary.get("dphubert", {})] + measures
     for ours, other in PAIRS:
         if ours not in summary or other not in summary:
             continue
@@ -129,6 +137,27 @@ def students_text(result: Dict) -> str:
     return head + "; ".join(parts) + tail
 
 
+def per_validity(summary: Dict) -> List[str]:
+    """Whether the phoneme probe can tell models apart: the teacher's PER against MFCCs' (over probe seeds),
+    overall and on voices no model heard; empty for results without the probe."""
+    if "per" not in summary.get("teacher", {}) or "per" not in summary.get("mfcc", {}):
+        return []
+    t, m = summary["teacher"], summary["mfcc"]
+    margin = m["per"]["mean"] - t["per"]["mean"]
+    voices = m["per_held_out_voices"]["mean"] - t["per_held_out_voices"]["mean"]
+    verdict = (
+        "the probe needs what the teacher learned, so its PER can rank the students"
+        if margin >= PER_MARGIN
+        else f"below the {PER_MARGIN:.2f} it needs: the PER column cannot rank the students"
+    )
+    return [
+        f"Phoneme probe (a linear CTC head on the frozen model's frames, layers combined by learned softmax "
+        f"weights, as SUPERB's PR; espeak-ng's phonemes; PER on held-out sentences): the teacher "
+        f"{_cell(t['per'], '.3f')} against MFCCs {_cell(m['per'], '.3f')} over {t['per']['n']} probe seeds, "
+        f"a margin of {margin:.3f} ({voices:.3f} on the new voices): {verdict}."
+    ]
+
+
 def _cell(stat: Optional[Dict[str, float]], fmt: str, scale: float = 1.0) -> str:
     if stat is None:
         return ""
@@ -162,8 +191,8 @@ def markdown(result: Dict, summary: Dict) -> str:
         + " | ".join(f"cos@{layer}" for layer in layers)
         + " | "
         + " | ".join(f"L1@{layer}" for layer in layers)
-        + " | keyword acc. | speaker acc. |",
-        "|---" * (6 + 2 * len(layers)) + "|",
+        + " | PER | PER, new voices | keyword acc. | speaker acc. |",
+        "|---" * (8 + 2 * len(layers)) + "|",
     ]
     for kind in ORDER:
         if kind not in summary:
@@ -176,10 +205,13 @@ def markdown(result: Dict, summary: Dict) -> str:
             _cell(s.get("cpu_seconds"), ".1f", 1e3),
             *[_cell(s.get(f"cos@{layer}"), ".3f") for layer in layers],
             *[_cell(s.get(f"l1@{layer}"), ".3f") for layer in layers],
+            _cell(s.get("per"), ".3f"),
+            _cell(s.get("per_held_out_voices"), ".3f"),
             _cell(s["keyword_accuracy"], ".3f"),
             _cell(s["speaker_accuracy"], ".3f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *per_validity(summary)]
     lines += [
         "",
         "Differences of the means (DPHuBERT variant minus baseline, or the recipe's proportions minus the long "
