@@ -362,6 +362,29 @@ def distill_task(data, teacher, **task_cfg):
     return DPHuBERTDistillTask.setup_task(cfg)
 
 
+def landing_student(data, teacher, prune_units: Sequence[str], **criterion_overrides):
+    """(task, model, criterion): a stage-1 student of ``teacher`` with ``prune_units`` gated and a criterion
+    that lands at every update (a 10-update run whose target, 0.5, is reached after one), distilling layers
+    0-3 of a tiny teacher; ``criterion_overrides`` on top."""
+    from omegaconf import OmegaConf
+
+    from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
+
+    task = distill_task(data, teacher)
+    model = task.build_model(
+        OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=list(prune_units)))
+    )
+    settings = dict(
+        distill_layers="0;1,2,3",
+        target_sparsity=0.5,
+        sparsity_warmup_updates=1,
+        target_projection_start=0.0,
+        max_update=10,
+    )
+    settings.update(criterion_overrides)
+    return task, model, DPHuBERTDistillCriterion(DPHuBERTDistillCriterionConfig(**settings), task)
+
+
 def tiny_run_overrides(data, teacher, save_dir, max_update: int, log_interval: int = 1) -> List[str]:
     """Stage-1 command-line overrides for a short CPU run of a 3-layer tiny teacher (distilling layers 1-3)."""
     return [

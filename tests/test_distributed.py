@@ -198,31 +198,12 @@ def test_layerdrop_and_a_frozen_cnn_are_refused_where_they_cannot_work(tmp_path,
 def landing_scenario(rank: int, teacher: str, data: str) -> Dict:
     """The landing step on both ranks, with rank 1's bisection made to find another offset (as index_add's
     non-determinism on CUDA can, near the target)."""
-    from helpers import distill_task
-    from omegaconf import OmegaConf
+    from helpers import landing_student
 
-    from dphubert_fairseq.criterions import (
-        DPHuBERTDistillCriterion,
-        DPHuBERTDistillCriterionConfig,
-        target_projection,
-    )
+    from dphubert_fairseq.criterions import target_projection
 
-    task = distill_task(data, teacher)
     torch.manual_seed(0)
-    model = task.build_model(
-        OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=["head", "interm"]))
-    )
-    criterion = DPHuBERTDistillCriterion(
-        DPHuBERTDistillCriterionConfig(
-            distill_layers="0;1,2,3",
-            target_sparsity=0.5,
-            sparsity_warmup_updates=1,
-            target_projection_start=0.0,
-            max_update=10,
-            skip_inactive_units=False,
-        ),
-        task,
-    )
+    _, model, criterion = landing_student(data, teacher, ["head", "interm"], skip_inactive_units=False)
     if rank == 1:
         found = target_projection.offset_to_target
         target_projection.offset_to_target = lambda *a, **k: found(*a, **k) + 0.37

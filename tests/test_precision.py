@@ -183,30 +183,19 @@ def test_a_skipped_amp_step_is_not_an_update(tiny_teachers, tmp_path):
     """When the scaled gradients overflowed the scaler skips the step and fairseq retries the batch with the
     same update number: the criterion's once-per-update work (inactive-unit checks, the landing) runs once per
     step taken, not once per try."""
-    from omegaconf import OmegaConf
+    import os
+    import sys
 
-    from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
-    from dphubert_fairseq.models.dphubert import DPHuBERTConfig
-    from dphubert_fairseq.tasks import DPHuBERTDistillConfig, DPHuBERTDistillTask
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import landing_student
 
-    task = DPHuBERTDistillTask.setup_task(
-        OmegaConf.structured(
-            DPHuBERTDistillConfig(data=str(tmp_path), teacher_path=tiny_teachers["hubert_base"], tpu=False)
-        )
-    )
-    model = task.build_model(OmegaConf.structured(DPHuBERTConfig(_name="dphubert", prune_units=["interm"])))
-    criterion = DPHuBERTDistillCriterion(
-        DPHuBERTDistillCriterionConfig(
-            distill_layers="0;1,2,3",
-            target_sparsity=0.5,
-            sparsity_warmup_updates=1,
-            target_projection_start=0.0,
-            max_update=10,
-            inactive_check_interval=1,
-            inactive_checks=2,
-            inactive_threshold=0.99,  # every FFN unit (P(open) about 0.83 at the start) is below it
-        ),
-        task,
+    task, model, criterion = landing_student(
+        tmp_path,
+        tiny_teachers["hubert_base"],
+        ["interm"],
+        inactive_check_interval=1,
+        inactive_checks=2,
+        inactive_threshold=0.99,  # every FFN unit (P(open) about 0.83 at the start) is below it
     )
     params = [p for m in (model, criterion) for p in m.parameters() if p.requires_grad]
     opt = cpu_amp_optimizer(recipe_cfg(), params)
