@@ -14,8 +14,17 @@ import pytest
 import dphubert_fairseq as dp
 from dphubert_fairseq.param_count import attention_params
 from examples.comparison import structure
-from examples.comparison.plan import KINDS, PROPORTIONS, SIZES, TARGET_LAYERS, TEACHER
-from examples.comparison.report import LABELS
+from examples.comparison.plan import (
+    AS_STAGE2_OF,
+    FROM_DPHUBERT_STRUCTURE,
+    GATE_INIT_IMPORTANCE,
+    KINDS,
+    PROPORTIONS,
+    SIZES,
+    TARGET_LAYERS,
+    TEACHER,
+)
+from examples.comparison.report import ABLATION_STEPS, LABELS, PAIRS
 
 
 @pytest.mark.slow
@@ -63,7 +72,7 @@ def test_comparison_tiny_end_to_end(tmp_path):
             # every student at the target's parameter count and loadable as saved: the built ones within 1%,
             # the DPHuBERT ones within one head of it (the landing step's guarantee is one unit, and a head is
             # the largest unit of this teacher; the tiny run lands with a single landing update)
-            if row["kind"] in (*PROPORTIONS, "random_structure"):
+            if row["kind"] in (*PROPORTIONS, *FROM_DPHUBERT_STRUCTURE):
                 assert abs(row["params"] - target) <= one_head
             else:
                 assert abs(row["params"] - target) <= 0.01 * target
@@ -85,14 +94,16 @@ def test_comparison_tiny_end_to_end(tmp_path):
     summary = result["summary"]
     assert set(summary) == {"mfcc", "teacher", *KINDS}
     assert summary["dphubert"]["keyword_accuracy"]["n"] == seeds
-    assert len(result["statements"]) == 5
+    assert len(result["statements"]) == len(PAIRS)
     assert any(
         line.startswith(f"- {LABELS['dphubert']} minus {LABELS['dphubert_long_ramp']}: ")
         for line in result["statements"]
     )
     # the schedules as run: every student the same total, DPHuBERT's stages in the size's proportions
     schedules = result["schedules"]
-    assert {s["stage1"] + s["stage2"] for s in schedules.values()} == {SIZES["tiny"].student_updates}
+    assert {s["stage1"] + s["stage2"] for k, s in schedules.items() if k not in AS_STAGE2_OF} == {
+        SIZES["tiny"].student_updates
+    }
     for kind in PROPORTIONS:
         expected = SIZES["tiny"].schedule(kind)
         assert (schedules[kind]["stage1"], schedules[kind]["stage2"], schedules[kind]["ramp"]) == (
@@ -107,6 +118,20 @@ def test_comparison_tiny_end_to_end(tmp_path):
             f"'sparsity_warmup_updates': {expected.ramp},"
             in (out / "logs" / f"{kind}_seed1_stage1.log").read_text()
         )
+
+    # the ablations: each seed's DPHuBERT sizes with the teacher's largest units, one of them trained as
+    # DPHuBERT's stage 2; the option: DPHuBERT with its gates started from the units' importance
+    for seed in range(1, seeds + 1):
+        ours = next(r for r in rows if r["kind"] == "dphubert" and r["seed"] == seed)
+        for kind in ("largest_in_structure", "largest_in_structure_stage2"):
+            row = next(r for r in rows if r["kind"] == kind and r["seed"] == seed)
+            assert (row["heads"], row["ffn_dims"]) == (ours["heads"], ours["ffn_dims"])
+    stage2 = SIZES["tiny"].schedule("dphubert").stage2
+    assert schedules["largest_in_structure_stage2"]["stage2"] == stage2
+    assert f"'max_update': {stage2}," in (out / "logs" / "largest_in_structure_stage2_seed1.log").read_text()
+    option = (out / "logs" / "dphubert_importance_init_seed1_stage1.log").read_text()
+    assert f"'gate_init_importance': {GATE_INIT_IMPORTANCE}," in option
+    assert "'gate_init_importance': 0.0," in (out / "logs" / "dphubert_seed1_stage1.log").read_text()
 
     # what the gates kept: per DPHuBERT kind and seed, the export's sizes and kept sets of those sizes
     learned = result["structure"]
@@ -133,6 +158,8 @@ def test_comparison_tiny_end_to_end(tmp_path):
     assert "Phoneme probe (a linear CTC head" in table and "| PER | PER, new voices |" in table
     assert summary["teacher"]["per"]["n"] == probe_seeds
     assert "## What the gates learned" in table and "![structure](structure.png)" in table
+    assert "## Where DPHuBERT gains or loses: the ablations" in table
+    assert all(f"- {text}: PER " in table for _, _, text in ABLATION_STEPS)
     for png in ("comparison.png", "structure.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import dphubert_fairseq as dp
+from dphubert_fairseq.conv_spec import parse_conv_layers
 from dphubert_fairseq.criterions.distill_loss import DistillationProjections
-from examples.comparison import corpus, measures, plan, report, students
+from examples.comparison import corpus, measures, plan, report, structure, students
 from fairseq_runs.kmeans_labels import label_prior
 
 
@@ -32,8 +33,12 @@ def test_schedules_follow_their_proportions_with_equal_totals(name, recipe, long
     assert (long.stage1, long.stage2, long.ramp) == long_ramp
     assert ours.ramp == max(1, ours.stage1 // 10) and abs(2 * ours.stage2 - ours.stage1) <= 1
     assert long.ramp == max(1, long.stage1 * 2 // 3) and abs(3 * long.stage2 - long.stage1) <= 2
-    assert size.schedule("dphubert_10pct") == ours
-    assert {size.schedule(kind).total for kind in plan.KINDS} == {size.student_updates}
+    assert size.schedule("dphubert_10pct") == ours == size.schedule("dphubert_importance_init")
+    equal = [kind for kind in plan.KINDS if kind not in plan.AS_STAGE2_OF]
+    assert {size.schedule(kind).total for kind in equal} == {size.student_updates}
+    # the ablation trained as DPHuBERT's stage 2: that many updates, in one run
+    stage2 = size.schedule("largest_in_structure_stage2")
+    assert (stage2.stage1, stage2.stage2, stage2.ramp) == (0, ours.stage2, 0)
     baseline = size.schedule("uniform")
     assert (baseline.stage1, baseline.stage2, baseline.ramp) == (0, size.student_updates, 0)
     assert set(plan.PROPORTIONS) <= set(plan.KINDS) and set(plan.KINDS) <= set(report.LABELS)
@@ -263,3 +268,32 @@ def test_probe_splits_hold_out_voices_and_words():
     assert not {w["voice"] for w, t in zip(labels, kws) if t} & set(corpus.HELD_OUT_VOICES)
     assert {w["keyword"] for w, t in zip(labels, speaker) if not t} == set(corpus.KEYWORDS[6:])
     assert {w["voice"] for w, t in zip(labels, speaker) if not t} == {w["voice"] for w in labels}
+
+
+def test_largest_in_structure_is_the_structure_with_the_teachers_largest_units(tiny_teachers, teacher):
+    """The ablations' students: the sizes asked (a whole block removed where 0 is asked), the units of
+    largest magnitude with the teacher's weights (the same as ``select_units`` picks), exact."""
+    native = dp.load_teacher(tiny_teachers["hubert_base"])
+    conv = [c for c, _, _ in parse_conv_layers(teacher.cfg.conv_feature_layers)]
+    sizes = {"heads": [2, 0, 4], "ffn_units": [5, 9, 64], "conv_channels": [conv[0] - 3] + conv[1:]}
+    built = students.largest_in_structure(native, sizes)
+    assert structure.sizes(built) == sizes and built.pruning_report.exact
+    assert built.cfg.encoder_attention_heads == [2, 0, 4]  # the block without heads adds its bias
+    # the transformer layers are select_units' largest units (conv channels aside, the weights are equal)
+    picked = students.select_units(teacher, [0, 1, 2], [2, 1, 4], [5, 9, 64])
+    ours, theirs = built.encoder.layers[0], picked.encoder.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert torch.equal(getattr(ours.self_attn, name).weight, getattr(theirs.self_attn, name).weight)
+    for layer in (0, 1, 2):
+        a, b = built.encoder.layers[layer].ffn, picked.encoder.layers[layer].ffn
+        assert torch.equal(a.fc1.weight, b.fc1.weight) and torch.equal(a.fc2.weight, b.fc2.weight)
+    # the conv channels removed from the first layer are its lightest
+    block = teacher.feature_extractor.blocks
+    scores = block[0].conv.weight.pow(2).flatten(1).sum(1) + block[1].conv.weight.transpose(0, 1).pow(
+        2
+    ).flatten(1).sum(1)
+    kept = built.feature_extractor.blocks[0].conv.weight
+    expected = block[0].conv.weight[torch.sort(torch.topk(scores, conv[0] - 3).indices).values]
+    assert torch.equal(kept, expected)
+    with pytest.raises(ValueError, match="units asked"):
+        students.largest_in_structure(native, {**sizes, "heads": [5, 0, 4]})

@@ -50,7 +50,13 @@ MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
             "inactive_checks",
             "inactive_check_interval",
         ),
-        "model": ("dropout", "attention_dropout", "activation_dropout", "feature_grad_mult"),
+        "model": (
+            "dropout",
+            "attention_dropout",
+            "activation_dropout",
+            "feature_grad_mult",
+            "gate_init_importance",
+        ),
     },
     "dphubert_final": {
         "task": TASK_KEYS,

@@ -206,6 +206,15 @@ class DPHuBERTConfig(FairseqDataclass):
         default_factory=list,
         metadata={"help": "structures that get hard-concrete gates: any of " + ", ".join(PRUNABLE_UNITS)},
     )
+    gate_init_importance: float = field(
+        default=0.0,
+        metadata={
+            "help": "stage 1: spread of the initial gate logits by the teacher's unit importance, in logit "
+            "units. Each head's, FFN unit's and conv channel's logit is the reference's initial value plus this "
+            "times its standardised log weight norm within its layer (unit_importance.py), so that heavier "
+            "units start more open; 0 (default): the reference's constant initialisation"
+        },
+    )
     feature_norm_removed_channels: int = field(
         default=0,
         metadata={
@@ -277,6 +286,8 @@ def validate_config(cfg) -> None:
                 f"{cfg.encoder_layers}"
             )
     validate_prune_units(cfg.prune_units)
+    if not cfg.gate_init_importance >= 0:
+        raise ConfigError(f"model.gate_init_importance must be >= 0, got {cfg.gate_init_importance}")
     if cfg.feature_grad_mult == 0 and "conv" in cfg.prune_units:
         raise ConfigError(
             "model.prune_units: 'conv' prunes the CNN, but model.feature_grad_mult=0 freezes it (its channel "

@@ -25,6 +25,7 @@ from ..param_count import config_params
 from ..safe_loading import check_checkpoint_file
 from ..student import load_weights
 from ..teacher import load_teacher_and_config, teacher_hidden_states, teacher_identity
+from ..unit_importance import init_gates_from_importance
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ _TRAINING_KEYS = [
     # never from the teacher or the stage-1 export (the reference format records 0.05): the reference distils
     # without layerdrop, and a skipped layer's parameters leave the graph, which c10d DDP refuses
     "encoder_layerdrop",
+    "gate_init_importance",
 ]
 LONG_UTTERANCES = ChoiceEnum(["drop", "crop"])
 
@@ -308,6 +310,8 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         student_cfg.prune_units = list(cfg.prune_units)
         self._check_layerdrop(student_cfg.encoder_layerdrop)
         model = load_weights(DPHuBERTModel(student_cfg), source)
+        if student_cfg.gate_init_importance > 0:
+            init_gates_from_importance(model, student_cfg.gate_init_importance)
         with open_dict(cfg):
             for key in _ARCHITECTURE_KEYS:
                 value = getattr(student_cfg, key)

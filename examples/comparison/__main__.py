@@ -11,6 +11,7 @@ by stock fairseq (cached in OUT/teacher: a second run with the same size skips i
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -40,6 +41,9 @@ from fairseq_runs.speech import SAMPLE_RATE, write_manifests
 from . import corpus as speech
 from . import ctc_probe, measures, phonemes, structure, students
 from .plan import (
+    AS_STAGE2_OF,
+    FROM_DPHUBERT_STRUCTURE,
+    GATE_INIT_IMPORTANCE,
     KINDS,
     LABEL_CLUSTERS,
     PROPORTIONS,
@@ -182,10 +186,17 @@ class Comparison(PhasedRun):
             return json.load(f)
 
     def dphubert(
-        self, name: str, data: str, teacher: str, seed: int, schedule: Schedule
+        self,
+        name: str,
+        data: str,
+        teacher: str,
+        seed: int,
+        schedule: Schedule,
+        stage1_extra: Sequence[str] = (),
     ) -> Dict[str, object]:
-        """Stage 1 (target sparsity), export, stage 2, export, as ``schedule`` splits the updates; what the
-        stage-1 gates kept (``structure.seed_record``, from its training checkpoint, which stays in OUT/runs)."""
+        """Stage 1 (target sparsity; ``stage1_extra``: more overrides), export, stage 2, export, as ``schedule``
+        splits the updates; what the stage-1 gates kept (``structure.seed_record``, from its training
+        checkpoint, which stays in OUT/runs)."""
         size = self.size
         card = [f"task.data={data}", f"task.teacher_path={teacher}"]
         stage1 = self.distil(
@@ -197,6 +208,7 @@ class Comparison(PhasedRun):
                 f"criterion.target_sparsity={size.target_sparsity}",
                 f"criterion.sparsity_warmup_updates={schedule.ramp}",
                 *composite_schedule(size.lrs, schedule.stage1_warmup),
+                *stage1_extra,
             ],
             seed,
         )
@@ -237,11 +249,21 @@ class Comparison(PhasedRun):
         }
 
     def baseline(
-        self, name: str, data: str, teacher: str, student: str, seed: int, prediction_heads: bool
+        self,
+        name: str,
+        data: str,
+        teacher: str,
+        student: str,
+        seed: int,
+        prediction_heads: bool,
+        kind: str = "",
     ) -> Dict[str, object]:
-        """Distil a built student (``students``) for as many updates as DPHuBERT's two stages together."""
+        """Distil a built student (``students``) for as many updates as DPHuBERT's two stages together; a kind
+        of ``AS_STAGE2_OF``: as that DPHuBERT kind's stage 2 (its updates, warm-up and learning rate)."""
         size = self.size
-        schedule = size.schedule("uniform")  # every baseline's
+        schedule, lr = size.schedule("uniform"), size.lrs["default"]  # every baseline's
+        if kind in AS_STAGE2_OF:
+            schedule, lr = size.schedule(AS_STAGE2_OF[kind]), lr / 2
         layers = (
             ",".join(map(str, TARGET_LAYERS))
             if prediction_heads
@@ -253,7 +275,7 @@ class Comparison(PhasedRun):
             [f"task.data={data}", f"task.teacher_path={teacher}", f"task.student_path={student}"],
             schedule.stage2,
             [
-                f"optimization.lr=[{size.lrs['default']}]",
+                f"optimization.lr=[{lr}]",
                 f"lr_scheduler.warmup_updates={schedule.stage2_warmup}",
                 f'criterion.distill_layers="{layers}"',
                 f"criterion.prediction_heads={str(prediction_heads).lower()}",
@@ -285,6 +307,14 @@ class Comparison(PhasedRun):
             "dphubert_long_ramp": lambda n, s: self.dphubert(
                 n, data, teacher_path, s, size.schedule("dphubert_long_ramp")
             ),
+            "dphubert_importance_init": lambda n, s: self.dphubert(
+                n,
+                data,
+                teacher_path,
+                s,
+                size.schedule("dphubert_importance_init"),
+                [f"model.gate_init_importance={GATE_INIT_IMPORTANCE}"],
+            ),
             "dphubert_10pct": lambda n, s: self.dphubert(
                 n, little, teacher_path, s, size.schedule("dphubert_10pct")
             ),
@@ -305,14 +335,27 @@ class Comparison(PhasedRun):
         ]
         futures: Dict[tuple, concurrent.futures.Future] = {}
 
-        def random_structure(name: str, seed: int) -> Dict[str, object]:
-            structure = futures[("dphubert", seed)].result()["structure"]
-            model = students.random_structure(load_model(structure), seed)
-            init = save_model(model, self.path("models", f"{name}_init.pt"))
-            return self.baseline(name, data, teacher_path, init, seed, False)
+        def from_structure(kind: str):
+            """The run of a kind built from DPHuBERT's structure of the same seed (its stage-1 export)."""
 
-        if "random_structure" in self.kinds:  # last: each waits for its DPHuBERT structure
-            jobs += [{"kind": "random_structure", "seed": seed, "run": random_structure} for seed in seeds]
+            def run(name: str, seed: int) -> Dict[str, object]:
+                pruned = futures[("dphubert", seed)].result()["structure"]
+                if kind == "random_structure":
+                    model = students.random_structure(load_model(pruned), seed)
+                else:
+                    model = students.largest_in_structure(teacher_path, structure.exported_sizes(pruned))
+                init = save_model(model, self.path("models", f"{name}_init.pt"))
+                return self.baseline(name, data, teacher_path, init, seed, False, kind)
+
+            return run
+
+        # last: each waits for its DPHuBERT structure
+        jobs += [
+            {"kind": kind, "seed": seed, "run": from_structure(kind)}
+            for seed in seeds
+            for kind in FROM_DPHUBERT_STRUCTURE
+            if kind in self.kinds
+        ]
 
         def run(job: Dict[str, object]) -> Dict[str, object]:
             name = f"{job['kind']}_seed{job['seed']}"
@@ -330,6 +373,8 @@ class Comparison(PhasedRun):
     # ----- measures -----
 
     def measure(self, corpus, teacher_path: str, trained: List[Dict[str, object]]) -> List[Dict[str, object]]:
+        """Every row's measures. The phoneme probes, most of the time, train ``--jobs`` at a time in worker
+        processes (one thread each) while this process extracts the next rows' features and runs the rest."""
         from dphubert_fairseq import load_teacher
         from dphubert_fairseq.checkpoint_io import load_model_and_extra_state
 
@@ -350,58 +395,77 @@ class Comparison(PhasedRun):
             }
 
         targets = phonemes.sentence_phonemes(corpus)
+        rows: List[Dict[str, object]] = []
+        pending: List[tuple] = []  # (row, its phoneme probe's future), in submission order
 
-        def phoneme_recognition(extract, seed: int) -> Dict[str, object]:
-            """The phoneme probe (PER) on ``extract``'s frame features of the sentences."""
-            return ctc_probe.phoneme_recognition(
-                extract(corpus.train_sentence_audio),
-                extract(corpus.held_out),
-                targets,
-                seed=seed,
-                steps=self.size.phoneme_probe_steps,
-            )
+        def settle(keep: int) -> None:
+            """Wait for the oldest probes until at most ``keep`` are pending (each holds a model's features)."""
+            while len(pending) > keep:
+                row, future = pending.pop(0)
+                row["phonemes"] = future.result()
+                name = row["kind"] + (
+                    f", probe seed {row['seed']}" if "params" not in row else f"_seed{row['seed']}"
+                )
+                self.say(f"    {name}: PER {row['phonemes']['per']:.3f}")
 
-        # the upper and lower lines, one row per probe seed: their PER margin is what makes the probe valid
-        teacher_row = {
-            "kind": "teacher",
-            **measures.size_and_cost(teacher, audio),
-            "layers": {str(l): {"l1": 0.0, "cos": 1.0} for l in TARGET_LAYERS},
-            "probes": probes(measures.pooled_layers(teacher, corpus.words)),
-        }
-        rows = []
-        for row, extract in (
-            ({"kind": "mfcc", "probes": probes(measures.pooled_mfcc(corpus.words))}, ctc_probe.frame_mfcc),
-            (teacher_row, lambda clips: ctc_probe.frame_layers(teacher, clips)),
-        ):
-            for seed in range(self.size.phoneme_probe_seeds):
-                rows.append({**row, "seed": seed, "phonemes": phoneme_recognition(extract, seed)})
-                self.say(f"    {row['kind']}, probe seed {seed}: PER {rows[-1]['phonemes']['per']:.3f}")
-        for run in trained:
-            model, extra = load_model_and_extra_state(run["model"])
-            proj = measures.projections(extra, model.encoder_embed_dim)
-            similarity = measures.layer_similarity(teacher, model, proj, corpus.held_out, TARGET_LAYERS)
-            rows.append(
-                {
+        context = multiprocessing.get_context("spawn")  # no fork of a process with torch's threads running
+        with concurrent.futures.ProcessPoolExecutor(
+            self.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+
+            def phoneme_recognition(row: Dict[str, object], extract, seed: int) -> None:
+                """Queue the phoneme probe (PER) on ``extract``'s frame features of the sentences for ``row``."""
+                settle(self.jobs)
+                future = pool.submit(
+                    ctc_probe.phoneme_recognition,
+                    extract(corpus.train_sentence_audio),
+                    extract(corpus.held_out),
+                    targets,
+                    seed,
+                    self.size.phoneme_probe_steps,
+                )
+                rows.append(row)
+                pending.append((row, future))
+
+            # the upper and lower lines, one row per probe seed: their PER margin is what makes the probe valid
+            teacher_row = {
+                "kind": "teacher",
+                **measures.size_and_cost(teacher, audio),
+                "layers": {str(l): {"l1": 0.0, "cos": 1.0} for l in TARGET_LAYERS},
+                "probes": probes(measures.pooled_layers(teacher, corpus.words)),
+            }
+            for row, extract in (
+                (
+                    {"kind": "mfcc", "probes": probes(measures.pooled_mfcc(corpus.words))},
+                    ctc_probe.frame_mfcc,
+                ),
+                (teacher_row, lambda clips: ctc_probe.frame_layers(teacher, clips)),
+            ):
+                for seed in range(self.size.phoneme_probe_seeds):
+                    phoneme_recognition({**row, "seed": seed}, extract, seed)
+            for run in trained:
+                model, extra = load_model_and_extra_state(run["model"])
+                proj = measures.projections(extra, model.encoder_embed_dim)
+                similarity = measures.layer_similarity(teacher, model, proj, corpus.held_out, TARGET_LAYERS)
+                row = {
                     "kind": run["kind"],
                     "seed": run["seed"],
                     **measures.size_and_cost(model, audio),
                     "layers": {str(l): v for l, v in similarity.items()},
                     "probes": probes(measures.pooled_layers(model, corpus.words)),
-                    "phonemes": phoneme_recognition(
-                        lambda clips: ctc_probe.frame_layers(model, clips), int(run["seed"])
-                    ),
                     "train_seconds": run["seconds"],
                     **({"stage1_end": run["stage1_end"]} if "stage1_end" in run else {}),
                     "heads": list(model.cfg.encoder_attention_heads),
                     "ffn_dims": list(model.cfg.encoder_ffn_embed_dims),
                 }
-            )
-            self.say(
-                f"    {run['name']}: {rows[-1]['params']:,} parameters, cos@{TARGET_LAYERS[-1]} "
-                f"{similarity[TARGET_LAYERS[-1]]['cos']:.3f}, PER {rows[-1]['phonemes']['per']:.3f}, "
-                f"keywords {rows[-1]['probes']['keyword']['accuracy']:.3f}, "
-                f"speaker {rows[-1]['probes']['speaker']['accuracy']:.3f}"
-            )
+                self.say(
+                    f"    {run['name']}: {row['params']:,} parameters, cos@{TARGET_LAYERS[-1]} "
+                    f"{similarity[TARGET_LAYERS[-1]]['cos']:.3f}, "
+                    f"keywords {row['probes']['keyword']['accuracy']:.3f}, "
+                    f"speaker {row['probes']['speaker']['accuracy']:.3f}"
+                )
+                phoneme_recognition(row, lambda clips: ctc_probe.frame_layers(model, clips), int(run["seed"]))
+            settle(0)
         return rows
 
     def learned_structure(self, teacher_path: str, trained: List[Dict[str, object]]) -> Dict[str, object]:
@@ -485,8 +549,9 @@ def main(argv=None) -> int:
         help="render OUT/results.md and OUT/comparison.png again from OUT/results.json (nothing is run)",
     )
     args = parser.parse_args(argv)
-    if "random_structure" in args.kinds and "dphubert" not in args.kinds:
-        parser.error("--kinds: random_structure needs dphubert (it trains DPHuBERT's structure)")
+    needs = [kind for kind in FROM_DPHUBERT_STRUCTURE if kind in args.kinds]
+    if needs and "dphubert" not in args.kinds:
+        parser.error(f"--kinds: {', '.join(needs)} need(s) dphubert (built from DPHuBERT's structure)")
     if args.report_only:
         return rerender(args.out)
     size = SIZES[args.size] if args.seeds is None else replace(SIZES[args.size], seeds=max(1, args.seeds))

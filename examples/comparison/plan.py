@@ -2,7 +2,7 @@
 run (how much speech, how many updates and seeds), and how DPHuBERT splits its updates between its stages."""
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Dict
 
@@ -11,16 +11,27 @@ from fairseq_runs import Shape
 #: the teacher: a 12-layer HuBERT of width 64 with 8 heads (so that heads can be thinned uniformly)
 TEACHER = Shape(12, 64, 256, 8, "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2", 32, 8, 32)
 #: student kinds, in the table's order; '_10pct': trained on a tenth of the training audio; 'dphubert_long_ramp':
-#: DPHuBERT with the schedule the comparison ran before it followed the recipe's proportions
+#: DPHuBERT with the schedule the comparison ran before it followed the recipe's proportions;
+#: 'dphubert_importance_init': DPHuBERT with ``model.gate_init_importance`` (an option, off by default);
+#: 'largest_in_structure' / 'largest_in_structure_stage2': the ablations (each seed's DPHuBERT layer sizes
+#: filled with the teacher's largest units, trained as the baselines / as DPHuBERT's stage 2)
 KINDS = (
     "dphubert",
     "dphubert_long_ramp",
+    "dphubert_importance_init",
     "distilhubert",
     "uniform",
     "random_structure",
+    "largest_in_structure",
+    "largest_in_structure_stage2",
     "dphubert_10pct",
     "distilhubert_10pct",
 )
+#: the kinds built from a DPHuBERT seed's structure (they wait for that run)
+FROM_DPHUBERT_STRUCTURE = ("random_structure", "largest_in_structure", "largest_in_structure_stage2")
+#: ``model.gate_init_importance`` of 'dphubert_importance_init', fixed before any run: a spread of one logit
+#: unit per standard deviation of a layer's log unit norms (the reference's constant start has 0.01 of noise)
+GATE_INIT_IMPORTANCE = 1.0
 TARGET_LAYERS = (4, 8, 12)
 #: k-means clusters of the MFCC labels the teacher predicts
 LABEL_CLUSTERS = 50
@@ -43,8 +54,16 @@ class Proportions:
 RECIPE = Proportions("the recipe's proportions", stage2=Fraction(1, 2), ramp=Fraction(1, 10))
 #: the comparison's schedule before it followed the recipe: a ramp over 2/3 of stage 1, stage 2 a third of it
 LONG_RAMP = Proportions("the comparison's earlier proportions", stage2=Fraction(1, 3), ramp=Fraction(2, 3))
-#: the DPHuBERT kinds and their proportions; every other kind is one distillation run of all the updates
-PROPORTIONS = {"dphubert": RECIPE, "dphubert_long_ramp": LONG_RAMP, "dphubert_10pct": RECIPE}
+#: the DPHuBERT kinds and their proportions; every other kind is one distillation run of all the updates,
+#: but 'largest_in_structure_stage2', one run as long as DPHuBERT's stage 2
+PROPORTIONS = {
+    "dphubert": RECIPE,
+    "dphubert_long_ramp": LONG_RAMP,
+    "dphubert_importance_init": RECIPE,
+    "dphubert_10pct": RECIPE,
+}
+#: kinds trained exactly as a DPHuBERT kind's stage 2 (its updates, warm-up and learning rate)
+AS_STAGE2_OF = {"largest_in_structure_stage2": "dphubert"}
 
 
 @dataclass(frozen=True)
@@ -106,15 +125,24 @@ class Size:
     lrs: Dict[str, float] = field(default_factory=lambda: {"default": 5e-4, "gates": 0.1, "lagrangian": 0.1})
 
     def schedule(self, kind: str) -> Schedule:
-        """How student ``kind`` spends ``student_updates`` (``Schedule``)."""
+        """How student ``kind`` spends ``student_updates`` (``Schedule``); a kind of ``AS_STAGE2_OF``: the
+        stage 2 of its DPHuBERT kind."""
         if kind in PROPORTIONS:
             return split(self.student_updates, PROPORTIONS[kind])
+        if kind in AS_STAGE2_OF:
+            return replace(self.schedule(AS_STAGE2_OF[kind]), stage1=0, ramp=0)
         return Schedule(0, self.student_updates, 0)
 
     def schedule_record(self, kind: str) -> Dict[str, object]:
         """``schedule(kind)`` as the results record it, with the name of its proportions."""
         record: Dict[str, object] = asdict(self.schedule(kind))
-        return {**record, "proportions": PROPORTIONS[kind].name if kind in PROPORTIONS else "one run"}
+        if kind in PROPORTIONS:
+            proportions = PROPORTIONS[kind].name
+        elif kind in AS_STAGE2_OF:
+            proportions = f"one run, as {AS_STAGE2_OF[kind]}'s stage 2"
+        else:
+            proportions = "one run"
+        return {**record, "proportions": proportions}
 
     def teacher_key(self, data_description: str) -> Dict[str, object]:
         """What the cached teacher and its data depend on (``data_description``: the corpus's, which counts

@@ -15,9 +15,12 @@ LABELS = {
     "teacher": "teacher (upper line)",
     "dphubert": "DPHuBERT (stage 1 + 2)",
     "dphubert_long_ramp": "DPHuBERT, long ramp (2/3 of stage 1), stage 2 1/3 of stage 1",
+    "dphubert_importance_init": "DPHuBERT, gates started from unit importance (option)",
     "distilhubert": "DistilHuBERT-style (2 layers + heads)",
     "uniform": "uniformly thinned (magnitude)",
     "random_structure": "DPHuBERT structure, random init",
+    "largest_in_structure": "DPHuBERT structure, teacher's largest units, trained as the baselines",
+    "largest_in_structure_stage2": "DPHuBERT structure, teacher's largest units, trained as its stage 2",
     "dphubert_10pct": "DPHuBERT, 10% of the audio",
     "distilhubert_10pct": "DistilHuBERT-style, 10% of the audio",
     "mfcc": "MFCC (probes only)",
@@ -36,6 +39,28 @@ PAIRS = [
     ("dphubert", "uniform"),
     ("dphubert", "random_structure"),
     ("dphubert_10pct", "distilhubert_10pct"),
+    ("dphubert_importance_init", "dphubert"),
+]
+#: the ablations, one step each from DPHuBERT to the uniform student: (from, to, what the step changes)
+ABLATION_STEPS = [
+    (
+        "dphubert",
+        "largest_in_structure_stage2",
+        "the weights kept: the units and weights DPHuBERT's stage 1 gave, or the teacher's units of largest "
+        "magnitude, in the same structure with the same training after it (DPHuBERT's stage 2)",
+    ),
+    (
+        "largest_in_structure_stage2",
+        "largest_in_structure",
+        "the training after the structure settles: DPHuBERT's stage 2 (a third of the budget at half the "
+        "learning rate), or the whole budget as the baselines train",
+    ),
+    (
+        "largest_in_structure",
+        "uniform",
+        "the structure: DPHuBERT's per-layer sizes, or the same sizes in every layer, with the same selection "
+        "rule and training",
+    ),
 ]
 
 
@@ -111,6 +136,34 @@ def statements(
             parts.append(f"{key} {diff:+.3f} ({verdict})")
         lines.append(f"- {LABELS[ours]} minus {LABELS[other]}: " + "; ".join(parts))
     return lines
+
+
+def ablation_lines(summary: Dict) -> List[str]:
+    """The ablation steps (``ABLATION_STEPS``) present in ``summary``: each step's change of the mean PER (and
+    of cos at the last target layer), outside the noise when larger than the two kinds' standard deviations
+    together; their sum is uniform's PER minus DPHuBERT's."""
+    lines = []
+    for a, b, text in ABLATION_STEPS:
+        if a not in summary or b not in summary or "per" not in summary[a]:
+            continue
+        x, y = summary[a]["per"], summary[b]["per"]
+        diff = y["mean"] - x["mean"]
+        noise = x["std"] + y["std"]
+        verdict = "one seed" if min(x["n"], y["n"]) < 2 else ("outside" if abs(diff) > noise else "inside")
+        lines.append(
+            f"- {text}: PER {x['mean']:.3f} -> {y['mean']:.3f} ({diff:+.3f}; {verdict} the noise of {noise:.3f})"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "## Where DPHuBERT gains or loses: the ablations",
+        "",
+        "One step at a time from DPHuBERT to the uniform student, each seed's ablations built from that seed's "
+        "DPHuBERT structure (PER: lower is better):",
+        "",
+        *lines,
+    ]
 
 
 def students_text(result: Dict) -> str:
@@ -227,8 +280,9 @@ def markdown(result: Dict, summary: Dict) -> str:
         "![comparison](comparison.png)",
         "",
     ]
+    lines += ablation_lines(summary)
     if result.get("structure"):
-        lines += learned.markdown(result["structure"], LABELS, STRUCTURE_FIGURE)
+        lines += ["", *learned.markdown(result["structure"], LABELS, STRUCTURE_FIGURE)]
     return "\n".join(lines)
 
 
@@ -242,16 +296,22 @@ def figure(summary: Dict, layers: Sequence[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = [k for k in ORDER if k in summary]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, probe in zip(axes[:2], ("keyword", "speaker")):
-        stats = [summary[k][f"{probe}_accuracy"] for k in kinds]
-        ax.bar(range(len(kinds)), [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3)
-        ax.set_xticks(range(len(kinds)))
-        ax.set_xticklabels([LABELS[k] for k in kinds], rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel("accuracy on held-out items")
-        ax.set_title(f"{probe} probe (mean ± std over seeds)")
-        ax.set_ylim(0, 1)
-    ax = axes[2]
+    panels = [("per", "phone error rate, held-out sentences", "PER probe (lower is better)")] * (
+        any("per" in summary[k] for k in kinds)
+    )
+    panels += [(f"{p}_accuracy", "accuracy on held-out items", f"{p} probe") for p in ("keyword", "speaker")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 5.5))
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        shown = [k for k in kinds if key in summary[k]]
+        stats = [summary[k][key] for k in shown]
+        ax.bar(range(len(shown)), [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3)
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels([LABELS[k] for k in shown], rotation=40, ha="right", fontsize=6)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} (mean ± std over seeds)", fontsize=9)
+        if key != "per":
+            ax.set_ylim(0, 1)
+    ax = axes[-1]
     for kind in kinds:
         if f"cos@{layers[0]}" not in summary[kind] or kind == "teacher":
             continue

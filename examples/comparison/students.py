@@ -5,22 +5,25 @@
   reach a parameter count (prediction heads are the criterion's, ``criterion.prediction_heads``);
 - ``uniform``: every layer kept, the same number of heads and of FFN units in every layer, the units of
   largest weight magnitude;
-- ``random_structure``: a given (pruned) architecture with fresh random weights.
+- ``random_structure``: a given (pruned) architecture with fresh random weights;
+- ``largest_in_structure``: a given (pruned) architecture filled with the teacher's units of largest magnitude
+  (the ablations of DPHuBERT's structure and of the weights its gates kept).
 
 Units are selected by slicing the teacher's weights, so a selected unit computes exactly what it computed in
-the teacher.
+the teacher; their magnitude is ``dphubert_fairseq.unit_importance``'s.
 """
 
 import copy
-from typing import List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence
 
 import torch
 
-from dphubert_fairseq import DPHuBERTModel
+from dphubert_fairseq import DPHuBERTModel, prune, student_from_teacher
 from dphubert_fairseq.models.dphubert import as_config
 from dphubert_fairseq.param_count import config_params
 from dphubert_fairseq.student import load_weights
 from dphubert_fairseq.teacher import config_from_fairseq, teacher_identity
+from dphubert_fairseq.unit_importance import ffn_scores, head_scores, unit_scores
 
 
 def teacher_as_student(teacher: torch.nn.Module) -> DPHuBERTModel:
@@ -30,24 +33,6 @@ def teacher_as_student(teacher: torch.nn.Module) -> DPHuBERTModel:
     cfg.teacher_params = config_params(cfg)
     cfg.teacher_identity = teacher_identity(teacher)
     return load_weights(DPHuBERTModel(cfg), teacher).eval()
-
-
-def head_scores(model: DPHuBERTModel, layer: int) -> torch.Tensor:
-    """``(H,)`` squared L2 norm of each head's q/k/v rows and out_proj columns."""
-    attn = model.encoder.layers[layer].self_attn
-    d, heads = model.cfg.attention_head_dim, model.cfg.encoder_attention_heads[layer]
-    rows = sum(
-        p.weight.detach().view(heads, d, -1).pow(2).sum((1, 2))
-        for p in (attn.q_proj, attn.k_proj, attn.v_proj)
-    )
-    cols = attn.out_proj.weight.detach().view(-1, heads, d).pow(2).sum((0, 2))
-    return rows + cols
-
-
-def ffn_scores(model: DPHuBERTModel, layer: int) -> torch.Tensor:
-    """``(F,)`` squared L2 norm of each FFN unit's fc1 row and fc2 column."""
-    ffn = model.encoder.layers[layer].ffn
-    return ffn.fc1.weight.detach().pow(2).sum(1) + ffn.fc2.weight.detach().pow(2).sum(0)
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,9 +61,10 @@ def select_units(
     source = model.state_dict()
     state = {k: v for k, v in source.items() if not k.startswith("encoder.layers.")}
     for new, old in enumerate(layers):
-        head_idx = _top(head_scores(model, old), heads[new])
+        layer = model.encoder.layers[old]
+        head_idx = _top(head_scores(layer.self_attn), heads[new])
         rows = (head_idx[:, None] * d + torch.arange(d)).reshape(-1)
-        units = _top(ffn_scores(model, old), ffn_dims[new])
+        units = _top(ffn_scores(layer.ffn), ffn_dims[new])
         for key, value in source.items():
             prefix = f"encoder.layers.{old}."
             if not key.startswith(prefix):
@@ -190,3 +176,33 @@ def random_structure(structure: DPHuBERTModel, seed: int) -> DPHuBERTModel:
     """The architecture of ``structure`` with fresh weights (each module's own initialisation, seeded)."""
     torch.manual_seed(seed)
     return DPHuBERTModel(copy.deepcopy(as_config(structure.cfg))).eval()
+
+
+#: a gate logit that opens (closes) a hard-concrete gate for good: its eval mask is 1.0 (0.0) in float32
+_SURE = 40.0
+
+
+def largest_in_structure(teacher: torch.nn.Module, sizes: Dict[str, List[int]]) -> DPHuBERTModel:
+    """The teacher (a loaded fairseq model) cut to ``sizes`` (``structure.sizes`` of a pruned model: per layer
+    its heads and FFN units, per conv layer its channels), keeping in each layer the units of largest magnitude.
+    Built as DPHuBERT's export builds its model: a gated copy of the teacher whose gates are set fully open on
+    the kept units and fully closed on the others, folded by ``prune`` (which checks that it computes what the
+    gated model computes)."""
+    gated = student_from_teacher(teacher, prune_units=("conv", "head", "interm"))
+    wanted = {
+        **{f"feature_extractor.blocks.{i}.gate": n for i, n in enumerate(sizes["conv_channels"])},
+        **{f"encoder.layers.{i}.self_attn.head_gate": n for i, n in enumerate(sizes["heads"])},
+        **{f"encoder.layers.{i}.ffn.unit_gate": n for i, n in enumerate(sizes["ffn_units"])},
+    }
+    gates = gated.gates()
+    with torch.no_grad():
+        for name, scores in unit_scores(gated).items():
+            if not 0 <= wanted[name] <= len(scores):
+                raise ValueError(f"{name}: {wanted[name]} units asked of {len(scores)}")
+            logits = torch.full_like(scores, -_SURE)
+            logits[torch.topk(scores, wanted[name]).indices] = _SURE
+            gates[name].log_alpha.copy_(logits)
+    pruned = prune(gated)
+    if not pruned.pruning_report.exact:
+        raise RuntimeError(f"the cut is not exact: {pruned.pruning_report.inexact_parts}")
+    return pruned
