@@ -4,10 +4,10 @@
     dphubert-import REF.pth OUT.pt [--json SUMMARY.json]
 
 REF.pth is a ``{"state_dict", "config"}`` file as pyf98/DPHuBERT writes its pruned models (HuBERT / wav2vec2
-or WavLM style; ``formats/reference.py``). OUT.pt is an ungated ``dphubert`` model that computes the same
-hidden states, written with ``save_model``: stock fairseq loads it (once the plugin is imported), fine-tunes
-it, and ``dphubert-export --format reference`` writes it back. The fine-tuning head (``aux``) and the
-reference's distillation projections are left out; the summary lists what was left out or reinterpreted.
+or WavLM style; ``formats/reference/reading.py``). OUT.pt is an ungated ``dphubert`` model that computes the
+same hidden states, written with ``save_model``: stock fairseq loads it (once the plugin is imported),
+fine-tunes it, and ``dphubert-export --format reference`` writes it back. The fine-tuning head (``aux``) and
+the reference's distillation projections are left out; the summary lists what was left out or reinterpreted.
 """
 
 import argparse
