@@ -3,7 +3,7 @@
 In a source checkout (an editable install included) that is the checkout's ``configs/``, the source of truth;
 in an installed wheel, the copy of it that ``setup.py`` put into the package (``dphubert_fairseq/configs``).
 ``--user-dir`` prints the plugin's folder, for ``common.user_dir=`` where fairseq cannot find the plugin by the
-configs' ``common.user_dir: dphubert_fairseq`` (see README, "Installing without a checkout").
+configs' ``common.user_dir: dphubert_fairseq`` (see docs/install.md).
 """
 
 import os

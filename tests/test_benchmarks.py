@@ -1,4 +1,4 @@
-"""The benchmark scripts run as the README says, at the smallest settings, and report consistent figures."""
+"""The benchmark scripts run as benchmarks/README.md says, at the smallest settings, and report consistent figures."""
 
 import json
 import os

@@ -1,6 +1,6 @@
-"""README's "On a SLURM cluster" route: stage 1 through hydra's submitit launcher. On CPU its local mode runs
+"""docs/recipe.md's "On a SLURM cluster" route: stage 1 through hydra's submitit launcher. On CPU its local mode runs
 the job as a cluster would (a separate job process, its log under hydra.sweep.dir/.submitit/JOB_ID/); a killed
-job resumes when the same command is resubmitted; the README's SLURM command composes as the installed
+job resumes when the same command is resubmitted; the SLURM command there composes as the installed
 launcher spells its keys."""
 
 import glob
@@ -25,7 +25,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install
 pytestmark = pytest.mark.slow
 
 LRS = {"default": 2e-4, "gates": 0.1, "lagrangian": 0.1}
-README = os.path.join(P.REPO, "README.md")
+RECIPE = os.path.join(P.REPO, "docs", "recipe.md")
 
 
 @pytest.fixture(scope="module")
@@ -174,17 +174,17 @@ def test_killed_job_resumes_when_resubmitted(tmp_path, data: str, teacher: str):
 
 
 def readme_slurm_command() -> List[str]:
-    """The README's SLURM command (the fenced block after "On a SLURM cluster"), split as a shell would."""
-    with open(README, encoding="utf-8") as f:
+    """docs/recipe.md's SLURM command (the fenced block after "On a SLURM cluster"), split as a shell would."""
+    with open(RECIPE, encoding="utf-8") as f:
         text = f.read()
     match = re.search(r"On a SLURM cluster.*?```(?:bash)?\n(.*?)```", text, re.S)
-    assert match, "README.md has no command block after 'On a SLURM cluster'"
+    assert match, "docs/recipe.md has no command block after 'On a SLURM cluster'"
     return shlex.split(match.group(1).replace("\\\n", " "))
 
 
 def test_readme_slurm_command_composes(tmp_path, data: str, teacher: str):
-    """The README's command with `--cfg hydra` instead of `-m` (hydra takes one of them) prints the hydra
-    config and submits nothing: submitit's SLURM launcher with the README's values. A misspelled launcher key
+    """That command with `--cfg hydra` instead of `-m` (hydra takes one of them) prints the hydra
+    config and submits nothing: submitit's SLURM launcher with the documented values. A misspelled launcher key
     fails."""
     readme = readme_slurm_command()
     assert readme[0] == "fairseq-hydra-train" and "-m" in readme

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .float32_module import Float32Module
 
-#: Temperature, stretch interval and clamping of the uniform noise (docs/method.md, "Constants and their sources").
+#: Temperature, stretch interval and clamping of the uniform noise (docs/method.md, "Gates: constants and their sources").
 BETA = 2.0 / 3.0
 LEFT = -0.1
 RIGHT = 1.1
