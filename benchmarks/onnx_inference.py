@@ -8,7 +8,8 @@ its ungated ``dphubert`` copy (``student_from_teacher`` without gates: the same 
 ``export_onnx`` takes); the student has the structure ``benchmarks/make_structure.py`` recorded at the paper's
 parameter target 0.75 (``structures/hubert_base_sp75.json``) with random weights. Both are written with
 ``dphubert_fairseq/formats/onnx_export.py`` (which checks each file against torch with onnxruntime on export)
-and run on the same audio with its padding mask: torch fp32 under ``torch.inference_mode`` with
+and run on the same audio with its padding mask (the student also as its int8 file, ``dphubert-export --int8``'s
+``formats/onnx_int8.py``, checked against torch fp32 like the export checks it): torch fp32 under ``torch.inference_mode`` with
 ``torch.set_num_threads(N)``, onnxruntime's CPU provider with ``intra_op_num_threads=N`` (graph optimisations
 at their default, all). Times are the median of ``--repeat`` forward passes after ``--warmup``, the four
 (model, runtime) pairs taking turns so that drift hits all alike; every ratio is taken within this run.
@@ -37,7 +38,8 @@ from harness import (
 from inference import audio
 
 import dphubert_fairseq as dp
-from dphubert_fairseq.formats.onnx_export import cpu_session, export_onnx, require_onnx
+from dphubert_fairseq.formats.onnx_export import cpu_session, export_onnx, probe_batch, require_onnx
+from dphubert_fairseq.formats.onnx_int8 import int8_summary_line, quantize_int8
 from dphubert_fairseq.models.dphubert import DPHuBERTModel, as_config
 
 STRUCTURE = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75.json")
@@ -92,6 +94,18 @@ def run(args, onnxruntime, work: str) -> int:
             "params": dp.count_params(model),
         }
         print(report.line())
+    # the student's int8 file (dphubert-export --int8), checked against torch fp32 on the export's probe
+    student = models["student"]
+    int8 = quantize_int8(
+        exports["student"]["path"], os.path.join(work, "student.int8.onnx"), student, probe_batch(student)
+    )
+    print(int8_summary_line(int8.summary()))
+    exports["student int8"] = {
+        "path": int8.path,
+        "bytes": os.path.getsize(int8.path),
+        "check": int8.summary(),
+        "params": exports["student"]["params"],
+    }
 
     source = audio(args.batch, args.seconds)
     mask = torch.zeros(source.shape, dtype=torch.bool)
@@ -105,13 +119,19 @@ def run(args, onnxruntime, work: str) -> int:
         for name, model in models.items():
             calls[f"{name} torch"] = lambda model=model: model.hidden_states(source, mask)
             calls[f"{name} onnxruntime"] = lambda session=sessions[name]: session.run(None, feed)
+        calls["student int8 onnxruntime"] = lambda session=sessions["student int8"]: session.run(None, feed)
         with torch.inference_mode():
             if threads == args.threads[0]:  # the deviation on this input, once
-                for name, model in models.items():
+                for name in exports:
+                    model = models[name.split()[0]]
                     got = sessions[name].run(None, feed)
                     want = model.hidden_states(source, mask)
                     exports[name]["max_abs_diff_bench_input"] = max(
                         float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want)
+                    )
+                    exports[name]["min_cosine_bench_input"] = min(
+                        float(np.sum(g * w.numpy()) / (np.linalg.norm(g) * np.linalg.norm(w.numpy())))
+                        for g, w in zip(got, want)
                     )
             timing[f"{threads} thread{'s' if threads > 1 else ''}"] = interleaved(
                 calls, args.warmup, args.repeat
@@ -120,14 +140,21 @@ def run(args, onnxruntime, work: str) -> int:
     header = ["model", "params", "ONNX MB"]
     for key in timing:
         header += [f"torch ms ({key})", f"ORT ms ({key})", "ORT/torch"]
-    header += ["max abs diff"]
+    header += ["max abs diff", "min cosine"]
     rows = []
-    for name in models:
+    for name in exports:
         row = [name, f"{exports[name]['params']:,}", f"{exports[name]['bytes'] / 2**20:.0f}"]
         for times in timing.values():
-            torch_s, ort_s = times[f"{name} torch"], times[f"{name} onnxruntime"]
-            row += [f"{1000 * torch_s:.0f}", f"{1000 * ort_s:.0f}", f"{ort_s / torch_s:.3f}"]
-        row.append(f"{exports[name]['max_abs_diff_bench_input']:.1e}")
+            ort_s = times[f"{name} onnxruntime"]
+            if f"{name} torch" in times:
+                torch_s = times[f"{name} torch"]
+                row += [f"{1000 * torch_s:.0f}", f"{1000 * ort_s:.0f}", f"{ort_s / torch_s:.3f}"]
+            else:  # int8: torch runs the fp32 model; its ratio is to the fp32 ONNX file's time
+                row += ["", f"{1000 * ort_s:.0f}", ""]
+        row += [
+            f"{exports[name]['max_abs_diff_bench_input']:.1e}",
+            f"{exports[name]['min_cosine_bench_input']:.4f}",
+        ]
         rows.append(row)
     ratio = ["student/teacher", f"{exports['student']['params'] / exports['teacher']['params']:.3f}", ""]
     for times in timing.values():
@@ -136,12 +163,21 @@ def run(args, onnxruntime, work: str) -> int:
             f"{times['student onnxruntime'] / times['teacher onnxruntime']:.3f}",
             "",
         ]
-    rows.append(ratio + [""])
+    rows.append(ratio + ["", ""])
+    int8_ratio = [
+        "student int8/fp32",
+        "",
+        f"{exports['student int8']['bytes'] / exports['student']['bytes']:.2f}",
+    ]
+    for times in timing.values():
+        int8_ratio += ["", f"{times['student int8 onnxruntime'] / times['student onnxruntime']:.3f}", ""]
+    rows.append(int8_ratio + ["", ""])
     print(f"\nCPU fp32, batch {args.batch} x {args.seconds:g} s, median of {args.repeat}")
     print(table(rows, header))
     print(
-        "ORT/torch: onnxruntime's time over torch's for the same model; max abs diff: onnxruntime against "
-        "torch over every hidden state on this input"
+        "ORT/torch: onnxruntime's time over torch's for the same model; max abs diff, min cosine: "
+        "onnxruntime against torch fp32 over every hidden state on this input; student int8/fp32: the int8 "
+        "file's size and onnxruntime time over the fp32 file's"
     )
     write_json(
         args.json,

@@ -3,7 +3,7 @@
     python -m dphubert_fairseq.export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
     dphubert-export STAGE_CHECKPOINT OUT.pt [--json SUMMARY.json] [--round-heads N] [--round-ffn N]
     dphubert-export STAGE_CHECKPOINT OUT.pth --format reference [--reference-layout exact|compact] [...]
-    dphubert-export STAGE_CHECKPOINT OUT.pt --onnx OUT.onnx [--onnx-audio WAV ...] [...]
+    dphubert-export STAGE_CHECKPOINT OUT.pt --onnx OUT.onnx [--int8] [--onnx-audio WAV ...] [...]
 
 Reads a checkpoint written by fairseq's trainer for the ``dphubert_distill`` task (stage 1 or 2), folds the
 eval-mode gates into the weights (``prune``), writes the result with ``save_model`` (the distillation
@@ -11,13 +11,15 @@ projections go along in ``extra_state`` for stage 2), prints a summary and optio
 
 ``--format reference`` writes OUT, instead of the fairseq checkpoint, as the reference implementation
 (pyf98/DPHuBERT) releases its models: ``{"state_dict", "config"}`` for its ``wav2vec2_model`` builder
-(``formats/reference.py``). It holds the model only (no distillation projections: a fairseq export is what
-stage 2 continues from), and the summary says whether it reproduces the model exactly, with the max abs
-hidden-state deviation measured on a probe input.
+(``formats/reference/writing.py``). It holds the model only (no distillation projections: a fairseq export
+is what stage 2 continues from), and the summary says whether it reproduces the model exactly, with the max
+abs hidden-state deviation measured on a probe input.
 
 ``--onnx`` also writes the pruned model as ONNX (``formats/onnx_export.py``: every hidden state an output,
 dynamic batch and length), once onnxruntime reproduces it within 1e-4 on a padded batch of the
 ``--onnx-audio`` files (else a built-in speech-like probe); the summary gets the file and the deviation.
+``--int8`` (with ``--onnx``) also writes ``OUT.int8.onnx``, the ONNX file dynamically quantised
+(``formats/onnx_int8.py``), once every hidden state on the same batch is within the cosine floor of torch fp32.
 """
 
 import argparse
@@ -35,7 +37,8 @@ from .checkpoint_kind import read_student_checkpoint
 from .conv_spec import parse_conv_layers
 from .criterions.target_projection import missed_target
 from .errors import ConfigError
-from .formats.onnx_export import audio_batch, export_onnx, require_onnx, summary_line
+from .formats.onnx_export import audio_batch, export_onnx, probe_batch, require_onnx, summary_line
+from .formats.onnx_int8 import MIN_COSINE, int8_path, int8_summary_line, quantize_int8
 from .formats.reference import LAYOUTS, ReferenceExportReport, reference_from_model, save_reference
 from .macs import NOMINAL_SECONDS
 from .models.dphubert import DPHuBERTModel, as_config
@@ -189,6 +192,7 @@ def export(
     reference_layout: str = "exact",
     onnx_path: Optional[str] = None,
     onnx_audio: Sequence[str] = (),
+    int8: bool = False,
 ) -> Dict[str, Any]:
     if output_format not in FORMATS:
         raise ConfigError(f"--format {output_format}: choose one of {', '.join(FORMATS)}")
@@ -203,11 +207,21 @@ def export(
             raise ConfigError(f"--json {json_path}: is the output checkpoint's path too; give another file")
     if onnx_audio and not onnx_path:
         raise ConfigError("--onnx-audio needs --onnx (the ONNX file that is checked on the audio)")
+    if int8 and not onnx_path:
+        raise ConfigError(
+            "--int8 needs --onnx (the int8 file is the ONNX file quantised, written next to it)"
+        )
     if onnx_path:
         check_destination(onnx_path, "--onnx")
-        for other, what in ((out, "the output checkpoint's"), (json_path, "the --json summary's")):
+        others = [(out, "the output checkpoint's"), (json_path, "the --json summary's")]
+        for other, what in others:
             if other and os.path.abspath(onnx_path) == os.path.abspath(other):
                 raise ConfigError(f"--onnx {onnx_path}: is {what} path too; give another file")
+        if int8:
+            check_destination(int8_path(onnx_path), "--int8")
+            for other, what in others:
+                if other and os.path.abspath(int8_path(onnx_path)) == os.path.abspath(other):
+                    raise ConfigError(f"--int8 {int8_path(onnx_path)}: is {what} path too; give another file")
         require_onnx()
     model, state = model_from_training_checkpoint(checkpoint)
     onnx_check = audio_batch(model, onnx_audio) if onnx_audio else None  # read before anything is written
@@ -256,8 +270,13 @@ def export(
         batch = None if onnx_check is None else (source, mask)
         try:
             summary["onnx"] = export_onnx(pruned, onnx_path, batch, checked_on=checked_on).summary()
+            if int8:
+                check = onnx_check or probe_batch(pruned)
+                report = quantize_int8(onnx_path, int8_path(onnx_path), pruned.float().cpu().eval(), check)
+                summary["onnx_int8"] = report.summary()
         except ValueError as err:
-            raise type(err)(f"{err}; {out} was written") from err
+            written = [out] + ([onnx_path] if "onnx" in summary else [])
+            raise type(err)(f"{err}; {' and '.join(written)} written") from err
     if json_path:
         atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -306,6 +325,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="also write the pruned model as ONNX here (needs the 'onnx' extra), checked with onnxruntime",
     )
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --onnx: also write OUT.int8.onnx, the ONNX file with int8 linear-layer weights (onnxruntime's "
+        "dynamic quantisation), once every hidden state on the check batch has a cosine of at least "
+        f"{MIN_COSINE} to the torch fp32 model's",
+    )
+    parser.add_argument(
         "--onnx-audio",
         nargs="+",
         action="extend",
@@ -327,6 +353,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             reference_layout=args.reference_layout,
             onnx_path=args.onnx_path,
             onnx_audio=args.onnx_audio,
+            int8=args.int8,
         )
     except ValueError as err:  # every DPHuBERTError is one
         print(f"dphubert-export: error: {err}", file=sys.stderr)
@@ -334,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_summary(summary))
     if summary.get("onnx"):
         print(summary_line(summary["onnx"]))
+    if summary.get("onnx_int8"):
+        print(int8_summary_line(summary["onnx_int8"]))
     print(f"wrote {args.out}" + (f" and {args.json_path}" if args.json_path else ""))
     return 0
 

@@ -15,10 +15,10 @@ from helpers import assert_one_line, padded_batch, randomise_gates
 
 import dphubert_fairseq as dp
 from dphubert_fairseq import export as export_cli
-from dphubert_fairseq.formats import onnx_export
+from dphubert_fairseq.formats import onnx_export, onnx_int8
 
 ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 ALL_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
 ATOL = 1e-4
@@ -110,7 +110,7 @@ def test_onnx_export_reproduces_a_pruned_wavlm(wavlm_teachers, speech, unequal_b
 
 
 def test_onnx_file_interface(tiny_teachers, tmp_path):
-    """Inputs, outputs, dynamic axes and metadata, as the README documents them."""
+    """Inputs, outputs, dynamic axes and metadata, as docs/outputs.md documents them."""
     pruned = dp.prune(gated_student(tiny_teachers["hubert_large"]))
     path = tmp_path / "model.onnx"
     onnx_export.export_onnx(pruned, str(path))
@@ -193,9 +193,57 @@ def test_export_cli_writes_a_checked_onnx_file(tiny_teachers, speech, tmp_path, 
     assert "on a built-in speech-like probe (" in capsys.readouterr().out
 
 
+def test_export_cli_writes_a_checked_int8_file(tiny_teachers, speech, tmp_path, capsys):
+    """``--int8``: the ONNX file with int8 linear weights next to the fp32 one, every hidden state compared
+    with torch fp32 on the check batch and reported; the file runs on other batches and stays close."""
+    checkpoint = _gated_checkpoint(tiny_teachers, tmp_path)
+    out, onnx_path, summary_path = (str(tmp_path / n) for n in ("pruned.pt", "pruned.onnx", "summary.json"))
+    assert export_cli.main([checkpoint, out, "--onnx", onnx_path, "--int8", "--json", summary_path]) == 0
+    printed = capsys.readouterr().out
+    int8_path = str(tmp_path / "pruned.int8.onnx")
+    summary = json.load(open(summary_path))["onnx_int8"]
+    pruned = dp.load_model(out)
+    names = [f"hidden_state_{i}" for i in range(pruned.cfg.encoder_layers + 1)]
+    assert summary["path"] == int8_path and sorted(summary["outputs"]) == names
+    assert summary["floor"] == onnx_int8.MIN_COSINE <= summary["min_cosine"] < 1.0
+    assert summary["min_cosine"] == min(o["cosine"] for o in summary["outputs"].values())
+    assert summary["max_abs_diff"] > 0  # int8 is not the fp32 file
+    assert f"onnx int8: {int8_path} checked with onnxruntime on a built-in speech-like probe" in printed
+    graph = onnx.load(int8_path).graph
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in graph.node)
+    assert {i.name for i in graph.input} == {"source", "padding_mask"} and [
+        o.name for o in graph.output
+    ] == names
+    source, mask = padded_batch([speech[0][:20800], speech[1][:30000]])
+    outputs = onnx_states(session_of(int8_path), source, mask)
+    with torch.no_grad():
+        expected = pruned.hidden_states(source, mask)
+    for got, want in zip(outputs, expected):
+        cosine = float(np.sum(got * want.numpy()) / (np.linalg.norm(got) * np.linalg.norm(want.numpy())))
+        assert cosine > 0.98
+
+
+def test_an_int8_file_below_the_floor_is_refused_and_not_written(tiny_teachers, tmp_path):
+    pruned = dp.prune(gated_student(tiny_teachers["hubert_base"]))
+    fp32 = tmp_path / "m.onnx"
+    onnx_export.export_onnx(pruned, str(fp32))
+    path = tmp_path / "m.int8.onnx"
+    path.write_bytes(b"the last good export")
+    source, mask, described = onnx_export.probe_batch(pruned)
+    with pytest.raises(dp.DPHuBERTError) as err:
+        onnx_int8.quantize_int8(str(fp32), str(path), pruned, (source, mask, described), min_cosine=1.0)
+    assert_one_line(
+        str(err.value),
+        starts_with=str(path),
+        contains=["cosine", "hidden_state_", "below the floor 1.0", "not written"],
+    )
+    assert path.read_bytes() == b"the last good export"
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
+        (["--int8"], "--int8 needs --onnx"),
         (["--onnx-audio", "{wav}"], "--onnx-audio needs --onnx"),
         (["--onnx", "{out}"], "is the output checkpoint's path too"),
         (["--onnx", "{dir}"], "is a directory"),
@@ -247,7 +295,15 @@ def test_onnx_inference_benchmark(tmp_path):
     result = json.load(open(out))
     models = result["models"]
     assert models["teacher"]["params"] == 94_370_944 > models["student"]["params"]
-    for model in models.values():
-        assert model["check"]["max_abs_diff"] <= ATOL and model["max_abs_diff_bench_input"] <= ATOL
+    for name in ("teacher", "student"):
+        assert (
+            models[name]["check"]["max_abs_diff"] <= ATOL and models[name]["max_abs_diff_bench_input"] <= ATOL
+        )
+    int8 = models["student int8"]  # checked against torch fp32 as the export checks it, and smaller
+    assert int8["check"]["min_cosine"] >= int8["check"]["floor"] == onnx_int8.MIN_COSINE
+    assert 0.9 < int8["min_cosine_bench_input"] < 1.0 and int8["bytes"] < 0.5 * models["student"]["bytes"]
+    assert "student int8/fp32" in proc.stdout
     times = result["seconds_per_forward"]["1 thread"]
-    assert set(times) == {f"{m} {r}" for m in ("teacher", "student") for r in ("torch", "onnxruntime")}
+    assert set(times) == {f"{m} {r}" for m in ("teacher", "student") for r in ("torch", "onnxruntime")} | {
+        "student int8 onnxruntime"
+    }
