@@ -282,7 +282,9 @@ def export(
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``dphubert-export`` (also what tests/test_docs.py checks the documented commands
+    against)."""
     parser = argparse.ArgumentParser(
         prog="dphubert-export",
         description="Export a dphubert training checkpoint as a pruned fairseq checkpoint.",
@@ -340,7 +342,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="with --onnx: audio files (at the model's sample rate) padded into the batch the ONNX file is "
         "checked on (default: a built-in speech-like probe)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = export(

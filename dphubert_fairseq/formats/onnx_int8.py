@@ -58,7 +58,7 @@ def int8_summary_line(summary: Dict[str, Any]) -> str:
     """The one line ``dphubert-export`` prints for an ``Int8Report.summary()``."""
     return (
         f"onnx int8: {summary['path']} checked with onnxruntime on {summary['checked_on']}: lowest cosine "
-        f"to torch fp32 {summary['min_cosine']:.4f} ({summary['worst_output']}, floor {summary['floor']}), "
+        f"to torch fp32 {summary['min_cosine']:.6f} ({summary['worst_output']}, floor {summary['floor']}), "
         f"max abs diff {summary['max_abs_diff']:.3g}"
     )
 

@@ -138,21 +138,33 @@ def statements(
     return lines
 
 
+def last_cos(stats: Dict) -> Optional[str]:
+    """The key of the cosine similarity at the deepest target layer in one kind's summary (None: none)."""
+    layers = [int(key.split("@")[1]) for key in stats if key.startswith("cos@")]
+    return f"cos@{max(layers)}" if layers else None
+
+
 def ablation_lines(summary: Dict) -> List[str]:
-    """The ablation steps (``ABLATION_STEPS``) present in ``summary``: each step's change of the mean PER (and
-    of cos at the last target layer), outside the noise when larger than the two kinds' standard deviations
-    together; their sum is uniform's PER minus DPHuBERT's."""
+    """The ablation steps (``ABLATION_STEPS``) present in ``summary``: each step's change of the mean PER and
+    of the cosine at the deepest target layer, outside the noise when larger than the two kinds' standard
+    deviations together; the steps add up to the uniform student's value minus DPHuBERT's."""
     lines = []
     for a, b, text in ABLATION_STEPS:
         if a not in summary or b not in summary or "per" not in summary[a]:
             continue
-        x, y = summary[a]["per"], summary[b]["per"]
-        diff = y["mean"] - x["mean"]
-        noise = x["std"] + y["std"]
-        verdict = "one seed" if min(x["n"], y["n"]) < 2 else ("outside" if abs(diff) > noise else "inside")
-        lines.append(
-            f"- {text}: PER {x['mean']:.3f} -> {y['mean']:.3f} ({diff:+.3f}; {verdict} the noise of {noise:.3f})"
-        )
+        parts = []
+        for key, name in (("per", "PER"), (last_cos(summary[a]), last_cos(summary[a]))):
+            if key is None:
+                continue
+            x, y = summary[a][key], summary[b][key]
+            diff, noise = y["mean"] - x["mean"], x["std"] + y["std"]
+            verdict = (
+                "one seed" if min(x["n"], y["n"]) < 2 else ("outside" if abs(diff) > noise else "inside")
+            )
+            parts.append(
+                f"{name} {x['mean']:.3f} -> {y['mean']:.3f} ({diff:+.3f}; {verdict} the noise of {noise:.3f})"
+            )
+        lines.append(f"- {text}: " + "; ".join(parts))
     if not lines:
         return []
     return [
@@ -160,7 +172,7 @@ def ablation_lines(summary: Dict) -> List[str]:
         "## Where DPHuBERT gains or loses: the ablations",
         "",
         "One step at a time from DPHuBERT to the uniform student, each seed's ablations built from that seed's "
-        "DPHuBERT structure (PER: lower is better):",
+        "DPHuBERT structure (PER: lower is better; cosine to the teacher: higher is better):",
         "",
         *lines,
     ]
