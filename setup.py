@@ -11,7 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class BuildWithConfigs(build_py):
-    """Ship the recipe's ``configs/*.yaml`` inside the package (``dphubert_fairseq/configs``), where
+    """Ship the recipe's ``configs/**/*.yaml`` inside the package (``dphubert_fairseq/configs``), where
     ``dphubert_fairseq.config_dir()`` finds them in a non-editable install. ``configs/`` at the top level stays
     the source of truth; an editable install reads it directly."""
 
@@ -20,9 +20,11 @@ class BuildWithConfigs(build_py):
         if getattr(self, "editable_mode", False):
             return
         target = os.path.join(self.build_lib, "dphubert_fairseq", "configs")
-        os.makedirs(target, exist_ok=True)
-        for path in sorted(glob.glob(os.path.join(HERE, "configs", "*.yaml"))):
-            shutil.copy2(path, target)
+        source = os.path.join(HERE, "configs")
+        for path in sorted(glob.glob(os.path.join(source, "**", "*.yaml"), recursive=True)):
+            copy = os.path.join(target, os.path.relpath(path, source))
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            shutil.copy2(path, copy)
 
 
 # What the plugin needs. On Python >= 3.11 the official fairseq 0.12.2 does not install (old hydra/omegaconf
@@ -93,6 +95,7 @@ setup(
         "console_scripts": [
             "dphubert-export=dphubert_fairseq.export:main",
             "dphubert-import=dphubert_fairseq.import_reference:main",
+            "dphubert-profile=dphubert_fairseq.latency_profile:main",
         ]
     },
     license="MIT",

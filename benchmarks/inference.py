@@ -3,11 +3,14 @@
     python benchmarks/inference.py                               # CPU, batch 1 x 10 s, 1 and 2 threads
     python benchmarks/inference.py --device cuda                 # GPU, batch 8 x 10 s, fp16
     python benchmarks/inference.py --teacher T.pt --model M.pt   # your own teacher and exported model
+    python benchmarks/inference.py --latency-table cost.json     # + what a dphubert-profile table predicts
 
 Without ``--model`` the exported architectures are the ones ``benchmarks/make_structure.py`` produced by actual
 stage-1 runs on a HuBERT Base-shaped teacher (``benchmarks/structures/``, with how each was made and its curves):
 ``sp75`` at parameter target 0.75 (the paper's), ``macs61`` at MACs target 0.61 (``criterion.target_metric=macs``:
-the paper's student costs 0.39 of its teacher's compute); random weights; the teacher is a HuBERT Base built
+the paper's student costs 0.39 of its teacher's compute, the CNN's gates started as ``configs/compute/macs.yaml``
+does), ``latency60`` at latency target 0.60 (``criterion.target_metric=latency`` against a ``dphubert-profile``
+table of this CPU at 1 thread, ``structures/cpu_1thread_latency_table.json``); random weights; the teacher is a HuBERT Base built
 from fairseq's own recipe. The rows ``rounded hXfY`` are the first structure exported with ``--round-heads X
 --round-ffn Y`` (kept heads and FFN
 units rounded up to multiples; the extra units are zero, so the output is unchanged). Times are the median of
@@ -37,14 +40,17 @@ from harness import (
 )
 
 import dphubert_fairseq as dp
+from dphubert_fairseq.latency import block_report, load_table
 from dphubert_fairseq.macs import count_macs
 from dphubert_fairseq.models.dphubert import DPHuBERTModel, as_config
+from dphubert_fairseq.param_count import static_sizes
 from dphubert_fairseq.pruning import rounded_config
 from dphubert_fairseq.teacher import config_from_fairseq
 
 STRUCTURES = [
     os.path.join(REPO, "benchmarks", "structures", name)
-    for name in ("hubert_base_sp75.json", "hubert_base_macs61.json")  # params target 0.75; MACs target 0.61
+    # params target 0.75; MACs target 0.61; latency target 0.60 (a table of this CPU at 1 thread)
+    for name in ("hubert_base_sp75.json", "hubert_base_macs61.json", "hubert_base_latency60.json")
 ]
 
 
@@ -73,6 +79,25 @@ def interleaved_times(models: Dict[str, torch.nn.Module], source, device, warmup
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def latency_report(path: str, models, teacher_cfg, timing) -> Dict[str, float]:
+    """Print what the table at ``path`` predicts per block kind for every model and, at the table's thread
+    count, the predicted against the measured fraction of the teacher's time; returns the predicted seconds."""
+    table = load_table(path, where="--latency-table")
+    key = f"{table.threads} thread{'s' if table.threads > 1 else ''}"
+    measured = timing.get(key, {})
+    configs = {name: teacher_cfg if name == "teacher" else as_config(m.cfg) for name, m in models.items()}
+    print(f"\n{path}: predicted seconds per block kind; measured at {key}" if measured else "")
+    print(block_report(table, {name: (cfg, measured.get(name)) for name, cfg in configs.items()}))
+    predicted = {name: float(table.predict(cfg, static_sizes(cfg))) for name, cfg in configs.items()}
+    for name in models:
+        if name != "teacher" and measured:
+            print(
+                f"{name}: predicted {predicted[name] / table.teacher_seconds():.3f} of the teacher's time, "
+                f"measured {measured[name] / measured['teacher']:.3f}"
+            )
+    return predicted
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -95,6 +120,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--json", default="benchmarks/results/inference.json")
+    parser.add_argument(
+        "--latency-table",
+        help="a dphubert-profile table: also print what it predicts per block kind for every model, next to "
+        "the measured time at its thread count",
+    )
     args = parser.parse_args()
     gpu = args.device == "cuda"
     batch = args.batch or (8 if gpu else 1)
@@ -176,6 +206,9 @@ def main() -> int:
     print(f"\n{where}, batch {batch} x {args.seconds:g} s, median of {args.repeat}")
     print(table(rows, header))
     print("time/MACs: the time ratio over the MACs ratio (1.00 = the speed-up the MAC count promises)")
+    predicted = (
+        latency_report(args.latency_table, models, teacher_cfg, timing) if args.latency_table else None
+    )
     write_json(
         args.json,
         {
@@ -185,6 +218,9 @@ def main() -> int:
             "structure": provenance,
             "models": info,
             "seconds_per_forward": timing,
+            "latency_table": None
+            if predicted is None
+            else {"path": args.latency_table, "predicted": predicted},
         },
     )
     return 0

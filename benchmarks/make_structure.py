@@ -37,10 +37,14 @@ from fairseq_runs.speech import gather_speech, write_manifests
 #: what the structure's file keeps of every logged stage-1 update (the curves behind the structure)
 CURVE_KEYS = (
     "num_updates",
+    "loss",
+    "distill_loss",
     "expected_sparsity",
     "expected_macs_sparsity",
     "eval_sparsity",
     "eval_macs_sparsity",
+    "expected_latency_sparsity",
+    "eval_latency_sparsity",
     "active_heads",
     "active_ffn_units",
     "active_conv_channels",
@@ -141,9 +145,15 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.75, help="target sparsity")
     parser.add_argument(
         "--metric",
-        choices=("params", "macs"),
+        choices=("params", "macs", "latency"),
         default="params",
-        help="what the target counts (criterion.target_metric): parameters, or MACs of a 10 s utterance",
+        help="what the target counts (criterion.target_metric): parameters, MACs of a 10 s utterance, or the "
+        "time --latency-table predicts",
+    )
+    parser.add_argument(
+        "--latency-table",
+        default=None,
+        help="criterion.latency_table: a dphubert-profile table of the teacher's shape (with --metric latency)",
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="base", help="the teacher's shape")
     parser.add_argument(
@@ -156,6 +166,12 @@ def main() -> int:
         help="criterion.inactive_threshold (default: the config's)",
     )
     parser.add_argument(
+        "--conv-gate-init-drop-rate",
+        type=float,
+        default=None,
+        help="model.conv_gate_init_drop_rate (default: the config's, the reference's 0.01)",
+    )
+    parser.add_argument(
         "--work", default=None, help="folder for data, teacher and checkpoints (default: temp)"
     )
     args = parser.parse_args()
@@ -165,6 +181,10 @@ def main() -> int:
     data, teacher, description = prepare(work, args.shape)
     save_dir = os.path.join(work, "stage1")
     extra = [f"criterion.inactive_threshold={args.inactive_threshold}"] if args.inactive_threshold else []
+    if args.conv_gate_init_drop_rate is not None:
+        extra.append(f"model.conv_gate_init_drop_rate={args.conv_gate_init_drop_rate}")
+    if args.latency_table:
+        extra.append(f"criterion.latency_table={os.path.abspath(args.latency_table)}")
     overrides = stage1_overrides(
         data, teacher, save_dir, args.updates, args.target, args.metric, args.states_every, extra=extra
     )
@@ -199,6 +219,10 @@ def main() -> int:
             "commit": commit,
             "eval_sparsity_at_end": float(valid[-1]["valid_eval_sparsity"]) if valid else None,
             "eval_macs_sparsity_at_end": float(valid[-1]["valid_eval_macs_sparsity"]) if valid else None,
+            "eval_latency_sparsity_at_end": float(valid[-1]["valid_eval_latency_sparsity"])
+            if valid and "valid_eval_latency_sparsity" in valid[-1]
+            else None,
+            "valid_distill_loss_at_end": float(valid[-1]["valid_distill_loss"]) if valid else None,
             "stage1_curve": [
                 {k: float(r[k]) for k in CURVE_KEYS if k in r} for r in records(output, "train_inner")
             ],
@@ -212,6 +236,7 @@ def main() -> int:
     print(
         f"sparsity {summary['sparsity']:.4f} ({summary['params']:,} of {summary['teacher_params']:,} params); "
         f"MACs sparsity {summary['macs_sparsity']:.4f} ({summary['macs']:,} of {summary['teacher_macs']:,})"
+        + (f"; latency sparsity {summary['latency_sparsity']:.4f}" if "latency_sparsity" in summary else "")
     )
     return 0
 

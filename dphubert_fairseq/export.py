@@ -40,6 +40,7 @@ from .errors import ConfigError
 from .formats.onnx_export import audio_batch, export_onnx, probe_batch, require_onnx, summary_line
 from .formats.onnx_int8 import MIN_COSINE, int8_path, int8_summary_line, quantize_int8
 from .formats.reference import LAYOUTS, ReferenceExportReport, reference_from_model, save_reference
+from .latency import load_table
 from .macs import NOMINAL_SECONDS
 from .models.dphubert import DPHuBERTModel, as_config
 from .pruning import prune
@@ -53,6 +54,26 @@ def model_from_training_checkpoint(path: str):
     model = DPHuBERTModel(as_config(state["cfg"]["model"]))
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), state
+
+
+#: the summary key of the sparsity each criterion.target_metric is checked against
+REACHED_KEY = {"params": "sparsity", "macs": "macs_sparsity", "latency": "latency_sparsity"}
+
+
+def latency_summary(model: DPHuBERTModel, table_path: str) -> Dict[str, Any]:
+    """The model's predicted seconds under the stage-1 run's latency table (``criterion.latency_table``), when
+    that file can still be read; otherwise only the path (and nothing to check the target against)."""
+    summary: Dict[str, Any] = {"latency_table": table_path}
+    try:
+        table = load_table(table_path)
+    except ConfigError as err:
+        logger.warning("no predicted seconds in the summary: %s", err)
+        return summary
+    seconds, teacher = model.size(table), table.teacher_seconds()
+    summary.update(
+        latency_seconds=seconds, teacher_latency_seconds=teacher, latency_sparsity=1 - seconds / teacher
+    )
+    return summary
 
 
 def summarize(model: DPHuBERTModel) -> Dict[str, Any]:
@@ -99,7 +120,14 @@ def format_summary(summary: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]
             lines[-1] += f" of {summary['teacher_macs']:,} (MACs sparsity {summary['macs_sparsity']:.4f})"
             if target is not None and metric == "macs":
                 lines[-1] += f"; target {target:.4f}, {round((1 - target) * summary['teacher_macs']):,} MACs"
-    reached = summary.get("macs_sparsity" if metric == "macs" else "sparsity")
+    if summary.get("latency_seconds") is not None:
+        lines.append(
+            f"predicted seconds ({summary['latency_table']}): {summary['latency_seconds']:.4f} of "
+            f"{summary['teacher_latency_seconds']:.4f} (latency sparsity {summary['latency_sparsity']:.4f})"
+        )
+        if target is not None and metric == "latency":
+            lines[-1] += f"; target {target:.4f}"
+    reached = summary.get(REACHED_KEY.get(metric, "sparsity"))
     if target is not None and reached is not None:
         warning = missed_target(reached, target, metric)
         if warning:
@@ -163,6 +191,7 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
             "prediction_heads": previous.get("prediction_heads"),
             "target_sparsity": (previous.get("export_summary") or {}).get("target_sparsity"),
             "target_metric": (previous.get("export_summary") or {}).get("target_metric"),
+            "latency_table": (previous.get("export_summary") or {}).get("latency_table"),
         }
     criterion_state = state.get("criterion") or {}
     criterion_cfg = state["cfg"].get("criterion") or {}
@@ -175,6 +204,7 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
         "prediction_heads": criterion_cfg.get("prediction_heads"),
         "target_sparsity": float(criterion_cfg["target_sparsity"]) if stage1 else None,
         "target_metric": str(criterion_cfg.get("target_metric") or "params") if stage1 else None,
+        "latency_table": criterion_cfg.get("latency_table"),
     }
 
 
@@ -244,11 +274,13 @@ def export(
     summary["source"] = os.path.abspath(checkpoint)
     summary["teacher"] = model.cfg.teacher_identity or None
     recorded = _recorded(state)
+    if recorded["latency_table"]:
+        summary.update(latency_summary(pruned, recorded["latency_table"]))
     if recorded["target_sparsity"] is not None:
         metric = recorded["target_metric"] or "params"
         summary["target_sparsity"] = recorded["target_sparsity"]
         summary["target_metric"] = metric
-        reached = summary["macs_sparsity" if metric == "macs" else "sparsity"]
+        reached = summary.get(REACHED_KEY[metric])
         warning = None if reached is None else missed_target(reached, summary["target_sparsity"], metric)
         if warning:
             logger.warning("%s: %s", checkpoint, warning)

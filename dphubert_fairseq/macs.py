@@ -22,12 +22,13 @@ transformer alone does not tell the speed-up.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .conv_spec import parse_conv_layers
+from .latency import LatencyTable
 from .param_count import Number, UnitSizes, per_layer_vectors, static_sizes, total_params
 
 #: The utterance length (seconds) at which MACs are a size: a training target (``criterion.target_metric:
@@ -35,8 +36,10 @@ from .param_count import Number, UnitSizes, per_layer_vectors, static_sizes, tot
 #: 10 s utterance, the middle of the recipe's 2 to 15.6 s (the reference's batches), weighs them as inference
 #: on such utterances does.
 NOMINAL_SECONDS = 10.0
-#: What a size (target, sparsity) can be counted in.
+#: What a size (target, sparsity) can be counted in without a measured table; a ``latency.LatencyTable`` is
+#: the third metric (predicted seconds on the device it was measured on), passed where these names are.
 METRICS = ("params", "macs")
+Metric = Union[str, LatencyTable]
 
 
 @dataclass
@@ -163,9 +166,12 @@ def nominal_samples(cfg) -> int:
     return int(round(NOMINAL_SECONDS * cfg.sample_rate))
 
 
-def size(cfg, sizes: UnitSizes, metric: str) -> Number:
-    """The size of an architecture in ``metric``: counted parameters, or MACs of one ``NOMINAL_SECONDS``
-    utterance. Ints for real sizes, differentiable tensors for expected ones."""
+def size(cfg, sizes: UnitSizes, metric: Metric) -> Number:
+    """The size of an architecture in ``metric``: counted parameters ('params'), MACs of one
+    ``NOMINAL_SECONDS`` utterance ('macs'), or the seconds a ``latency.LatencyTable`` predicts. Ints (floats
+    for seconds) for real sizes, differentiable tensors for expected ones."""
+    if isinstance(metric, LatencyTable):
+        return metric.predict(cfg, sizes)
     if metric == "params":
         return total_params(cfg, sizes)
     if metric == "macs":
@@ -174,6 +180,12 @@ def size(cfg, sizes: UnitSizes, metric: str) -> Number:
     raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
 
 
-def architecture_size(cfg, metric: str) -> int:
+def real_size(cfg, sizes: UnitSizes, metric: Metric) -> Union[int, float]:
+    """``size`` of real (int) ``sizes`` as a Python number: an int, or float seconds for a latency table."""
+    n = size(cfg, sizes, metric)
+    return float(n) if isinstance(metric, LatencyTable) else int(n)
+
+
+def architecture_size(cfg, metric: Metric) -> Union[int, float]:
     """The size in ``metric`` of the architecture a ``DPHuBERTConfig`` describes."""
-    return int(size(cfg, static_sizes(cfg), metric))
+    return real_size(cfg, static_sizes(cfg), metric)

@@ -43,6 +43,7 @@ MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
             "lagrangian",
             "target_sparsity",
             "target_metric",
+            "latency_table",
             "sparsity_warmup_updates",
             "target_projection_start",
             "skip_inactive_units",
@@ -56,6 +57,7 @@ MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
             "activation_dropout",
             "feature_grad_mult",
             "gate_init_importance",
+            "conv_gate_init_drop_rate",
         ),
     },
     "dphubert_final": {

@@ -12,6 +12,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+def config_files(root: str) -> list:
+    """Every yaml under ``root``, relative to it."""
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root)
+        for d, _, fs in os.walk(root)
+        for f in fs
+        if f.endswith(".yaml")
+    )
+
+
 def test_wheel_install_trains_stage1_from_another_folder(tmp_path, speech_manifests, pretrained_hubert):
     """A fresh venv (the project's packages through a .pth; this checkout installed with pip, not editable)
     imports its own copy of the plugin, reports the packaged configs, and runs ``fairseq-hydra-train
@@ -43,7 +53,7 @@ def test_wheel_install_trains_stage1_from_another_folder(tmp_path, speech_manife
     package_file, config_dir = where.stdout.strip().splitlines()[-2:]
     assert package_file.startswith(packages), package_file  # the installed copy, not the checkout's
     assert config_dir == os.path.join(packages, "dphubert_fairseq", "configs")
-    assert sorted(os.listdir(config_dir)) == ["dphubert.yaml", "dphubert_final.yaml"]
+    assert config_files(config_dir) == config_files(helpers.CONFIGS)  # compute/macs.yaml included
     printed = call(python, "-m", "dphubert_fairseq.packaged_configs")
     assert printed.stdout.strip().splitlines()[-1] == config_dir
     user_dir = (
@@ -60,7 +70,7 @@ def test_wheel_install_trains_stage1_from_another_folder(tmp_path, speech_manife
         "--config-dir",
         config_dir,
         "--config-name",
-        "dphubert",
+        "dphubert_macs",  # the recipe with compute/macs.yaml on top: composed from the packaged tree
         f"task.data={speech_manifests}",
         f"task.teacher_path={pretrained_hubert}",
         f"checkpoint.save_dir={save_dir}",
@@ -78,4 +88,5 @@ def test_wheel_install_trains_stage1_from_another_folder(tmp_path, speech_manife
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert len(helpers.records(out.stdout, "train_inner")) == 2
     assert (save_dir / "checkpoint_last.pt").exists()
+    assert "'target_metric': macs" in out.stdout and "'conv_gate_init_drop_rate': 0.5" in out.stdout
     assert os.listdir(work) == []  # nothing written into the launch folder

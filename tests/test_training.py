@@ -17,7 +17,7 @@ from dphubert_fairseq.teacher import config_from_fairseq
 sys.path.insert(0, os.path.dirname(__file__))
 import helpers as P  # noqa: E402
 
-STAGE1_UPDATES = 300
+STAGE1_UPDATES = 200
 #: what stage 1 logs every interval, to the console and to TensorBoard
 STAGE1_SCALARS = (
     "loss",
@@ -132,7 +132,7 @@ def test_stage1_with_a_macs_target_lands_on_it(workdir, data, teacher):
     save_dir = str(workdir / "stage1_macs")
     out = P.hydra_train(
         "dphubert",
-        stage1_overrides(data, teacher, save_dir, 150)
+        stage1_overrides(data, teacher, save_dir, 80)
         + ["criterion.target_metric=macs", "common.tensorboard_logdir=null"],
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

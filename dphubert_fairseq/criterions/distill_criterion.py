@@ -13,13 +13,22 @@ from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
-from ..macs import METRICS, architecture_size
+from ..latency import LatencyTable, load_table
+from ..macs import METRICS, Metric, architecture_size
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target
 
-TARGET_METRICS = ChoiceEnum(list(METRICS))
+TARGET_METRICS = ChoiceEnum([*METRICS, "latency"])
 logger = logging.getLogger(__name__)
+#: per size metric: the logged keys of its expected and its eval-mask sparsity
+LOG_KEYS = {
+    "params": ("expected_sparsity", "eval_sparsity"),
+    "macs": ("expected_macs_sparsity", "eval_macs_sparsity"),
+    "latency": ("expected_latency_sparsity", "eval_latency_sparsity"),
+}
+#: how a log line names the sparsity of each target_metric
+SPARSITY_NAMES = {"params": "sparsity", "macs": "MACs sparsity", "latency": "latency sparsity"}
 
 
 @dataclass
@@ -56,9 +65,18 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
     target_metric: TARGET_METRICS = field(
         default="params",
         metadata={
-            "help": "what target_sparsity counts: 'params' (the paper's: counted parameters) or 'macs' "
+            "help": "what target_sparsity counts: 'params' (the paper's: counted parameters), 'macs' "
             "(multiply-accumulates of one 10 s utterance, macs.NOMINAL_SECONDS: the cost of running the "
-            "model, the CNN front end included); both sparsities are logged whichever it is"
+            "model, the CNN front end included) or 'latency' (the forward time latency_table predicts on the "
+            "device it was measured on); the parameter and MACs sparsities are logged whichever it is, the "
+            "latency sparsity whenever latency_table is set"
+        },
+    )
+    latency_table: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a cost table written by dphubert-profile for this teacher's shape (per-unit seconds of "
+            "each block on one device, latency.py); needed by target_metric=latency"
         },
     )
     sparsity_warmup_updates: Optional[int] = field(
@@ -161,7 +179,13 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             else None
         )
         self.projection_offset: Optional[torch.Tensor] = None
-        self.teacher_size = {metric: _teacher_size(task, metric) for metric in METRICS}
+        #: the sizes the run logs: "params", "macs", and "latency" (a LatencyTable) with criterion.latency_table
+        self.size_metrics: Dict[str, Metric] = {metric: metric for metric in METRICS}
+        if cfg.target_metric == "latency" or cfg.latency_table:
+            table = load_table(cfg.latency_table)
+            table.check_shape(teacher_cfg, f"criterion.latency_table={cfg.latency_table}")
+            self.size_metrics["latency"] = table
+        self.teacher_size = {name: _teacher_size(task, m) for name, m in self.size_metrics.items()}
         self.teacher_params = self.teacher_size["params"]
         self.num_updates = 0
         _check_inactive_settings(cfg)
@@ -183,7 +207,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         if landing:
             metric = self.cfg.target_metric
             target_size = (1.0 - self.cfg.target_sparsity) * self.teacher_size[metric]
-            self.projection_offset = project_to_target(unwrap(model), target_size, metric)
+            self.projection_offset = project_to_target(unwrap(model), target_size, self.size_metrics[metric])
         if self.cfg.skip_inactive_units and (update_num + 1) % self.cfg.inactive_check_interval == 0:
             inner = unwrap(model)
             closed = inner.update_active_sets(self.cfg.inactive_threshold, self.cfg.inactive_checks)
@@ -203,14 +227,14 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     def _report_landing(self, model) -> None:
         """At the last update of stage 1: the size the export will keep against the target, loudly if missed."""
         metric = self.cfg.target_metric
-        reached = 1.0 - model.eval_mask_size(metric) / self.teacher_size[metric]
+        reached = 1.0 - model.eval_mask_size(self.size_metrics[metric]) / self.teacher_size[metric]
         warning = missed_target(reached, self.cfg.target_sparsity, metric)
         if warning:
             logger.warning(warning)
         else:
             logger.info(
                 "stage 1 ends at %s %.4f (criterion.target_sparsity=%.4f)",
-                "sparsity" if metric == "params" else "MACs sparsity",
+                SPARSITY_NAMES[metric],
                 reached,
                 self.cfg.target_sparsity,
             )
@@ -259,14 +283,13 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         }
         if self.lagrangian is not None:
             inner = unwrap(model)
-            expected = {metric: inner.expected_size(metric) for metric in METRICS}
-            sparsity = {metric: 1.0 - expected[metric] / self.teacher_size[metric] for metric in METRICS}
+            expected = {name: inner.expected_size(m) for name, m in self.size_metrics.items()}
+            sparsity = {name: 1.0 - expected[name] / self.teacher_size[name] for name in self.size_metrics}
             target = self.current_target()
             loss = loss + self.lagrangian(sparsity[self.cfg.target_metric], target)
+            log.update({LOG_KEYS[name][0]: value.detach() for name, value in sparsity.items()})
             log.update(
                 loss=loss.detach(),
-                expected_sparsity=sparsity["params"].detach(),
-                expected_macs_sparsity=sparsity["macs"].detach(),
                 target_sparsity=target,
                 lambda1=self.lagrangian.lambda1.detach().clone(),  # a copy: the optimizer steps them in place
                 lambda2=self.lagrangian.lambda2.detach().clone(),
@@ -275,9 +298,9 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             if self.projection_offset is not None:
                 log["projection_offset"] = self.projection_offset.detach().clone()
             if model.training:  # what an export would keep now (validation logs it from the masks themselves)
-                for metric, key in (("params", "eval_sparsity"), ("macs", "eval_macs_sparsity")):
+                for name, metric in self.size_metrics.items():
                     kept = inner.eval_mask_size(metric, sync_free=True)
-                    log[key] = 1.0 - kept / self.teacher_size[metric]
+                    log[LOG_KEYS[name][1]] = 1.0 - kept / self.teacher_size[name]
         if model.training and unwrap(model).gate_set.gates:
             log.update(self._active_units_log(unwrap(model)))
         if not model.training:
@@ -303,9 +326,13 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         params = inner.eval_mask_params()
         sizes = inner.unit_sizes("eval")
         log.update(
+            {
+                LOG_KEYS[name][1]: 1.0 - inner.eval_mask_size(metric) / self.teacher_size[name]
+                for name, metric in self.size_metrics.items()
+            }
+        )
+        log.update(
             eval_params=params,
-            eval_sparsity=1.0 - params / self.teacher_params,
-            eval_macs_sparsity=1.0 - inner.eval_mask_size("macs") / self.teacher_size["macs"],
             kept_conv_channels=sum(sizes.conv_channels),
             kept_heads=sum(h * k for h, k in zip(sizes.heads, sizes.attention_keep)),
             kept_ffn_units=sum(f * k for f, k in zip(sizes.ffn_dims, sizes.ffn_keep)),
@@ -395,9 +422,14 @@ def _sparsity_warmup(cfg, total: Optional[int]) -> int:
     return ramp
 
 
-def _teacher_size(task, metric: str) -> int:
-    """The teacher's size in ``metric`` (``macs.METRICS``), the denominator of every sparsity."""
-    n = architecture_size(task.teacher_config, metric)
+def _teacher_size(task, metric: Metric) -> float:
+    """The teacher's size in ``metric`` (``macs.size``), the denominator of every sparsity."""
+    n = (
+        metric.teacher_seconds()
+        if isinstance(metric, LatencyTable)
+        else architecture_size(task.teacher_config, metric)
+    )
     if n <= 0:
-        raise ConfigError(f"the teacher has no {metric} to count")
+        what = "predicted seconds (criterion.latency_table)" if isinstance(metric, LatencyTable) else metric
+        raise ConfigError(f"the teacher has no {what} to count")
     return n

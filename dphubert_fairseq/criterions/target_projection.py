@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..macs import Metric
 from ..models.dphubert import DPHuBERTModel
 
 #: Offsets are searched in [-SPAN, SPAN] (logit units); gate logits live within a few units of 0.
@@ -41,7 +42,9 @@ def missed_target(reached: float, target: float, metric: str = "params") -> Opti
     gap = reached - target
     if abs(gap) <= TARGET_TOLERANCE:
         return None
-    what = "sparsity" if metric == "params" else "MACs sparsity (criterion.target_metric=macs)"
+    what = {"params": "sparsity", "macs": "MACs sparsity"}.get(metric, f"{metric} sparsity")
+    if metric != "params":
+        what += f" (criterion.target_metric={metric})"
     return (
         f"stage 1 missed its target: {what} {reached:.4f} reached, criterion.target_sparsity={target:.4f} "
         f"asked ({abs(gap):.4f} {'too sparse' if gap > 0 else 'too dense'}). The run ended before its size "
@@ -52,8 +55,8 @@ def missed_target(reached: float, target: float, metric: str = "params") -> Opti
 
 
 @torch.no_grad()
-def offset_to_target(model: DPHuBERTModel, target_params: float, metric: str = "params") -> torch.Tensor:
-    """The scalar to add to every gate logit so that the eval-mask size in ``metric`` (``macs.METRICS``) is the
+def offset_to_target(model: DPHuBERTModel, target_params: float, metric: Metric = "params") -> torch.Tensor:
+    """The scalar to add to every gate logit so that the eval-mask size in ``metric`` (``macs.size``) is the
     nearest reachable to ``target_params`` (0 when the target cannot be bracketed within ``SPAN``). A float32
     scalar tensor on the gates' device."""
     device = model.gate_set.gates[0].log_alpha.device
@@ -76,7 +79,7 @@ def offset_to_target(model: DPHuBERTModel, target_params: float, metric: str = "
 
 
 @torch.no_grad()
-def project_to_target(model: DPHuBERTModel, target_params: float, metric: str = "params") -> torch.Tensor:
+def project_to_target(model: DPHuBERTModel, target_params: float, metric: Metric = "params") -> torch.Tensor:
     """Shift every gate logit of ``model`` by ``offset_to_target`` (rank 0's, with several workers); returns
     the offset."""
     offset = offset_to_target(model, target_params, metric)

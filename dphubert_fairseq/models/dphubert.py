@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..param_count import UnitSizes, config_params, static_sizes
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
-from .hard_concrete import GateSet, HardConcrete
+from .hard_concrete import INIT_DROP_RATE, GateSet, HardConcrete
 from .inactive_units import update_active_sets
 from .prunable_conv import ConvFeatureExtractor
 from .time_masking import TimeChannelMasking
@@ -215,6 +215,15 @@ class DPHuBERTConfig(FairseqDataclass):
             "units start more open; 0 (default): the reference's constant initialisation"
         },
     )
+    conv_gate_init_drop_rate: float = field(
+        default=INIT_DROP_RATE["conv"],
+        metadata={
+            "help": "stage 1: initial drop rate of the CNN's channel gates, in (0, 1): their logits start at "
+            "log((1 - m) / m). Default: the reference's 0.01 (4.6 logit units from the boundary, where a "
+            "short run never closes a channel); configs/dphubert_macs.yaml sets 0.5, as the FFN units "
+            "start, so that a compute target can take MACs from the CNN"
+        },
+    )
     feature_norm_removed_channels: int = field(
         default=0,
         metadata={
@@ -288,6 +297,10 @@ def validate_config(cfg) -> None:
     validate_prune_units(cfg.prune_units)
     if not cfg.gate_init_importance >= 0:
         raise ConfigError(f"model.gate_init_importance must be >= 0, got {cfg.gate_init_importance}")
+    if not 0 < cfg.conv_gate_init_drop_rate < 1:
+        raise ConfigError(
+            f"model.conv_gate_init_drop_rate must be in (0, 1), got {cfg.conv_gate_init_drop_rate}"
+        )
     if cfg.feature_grad_mult == 0 and "conv" in cfg.prune_units:
         raise ConfigError(
             "model.prune_units: 'conv' prunes the CNN, but model.feature_grad_mult=0 freezes it (its channel "
@@ -344,7 +357,9 @@ class DPHuBERTModel(BaseFairseqModel):
         gated = ["conv" in units] * len(conv_layers)
         if not cfg.post_extract_proj:
             gated[-1] = False  # the CNN's last channels are the encoder's dimension: nothing to prune into
-        self.feature_extractor = ConvFeatureExtractor(conv_layers, cfg.extractor_mode, cfg.conv_bias, gated)
+        self.feature_extractor = ConvFeatureExtractor(
+            conv_layers, cfg.extractor_mode, cfg.conv_bias, gated, cfg.conv_gate_init_drop_rate
+        )
         if cfg.feature_grad_mult == 0:
             # frozen, not merely run without gradient: a parameter that gets no gradient at an update is one that
             # DDP without find_unused_parameters refuses, and the optimizer need not hold it
@@ -535,12 +550,12 @@ class DPHuBERTModel(BaseFairseqModel):
         """Counted parameters (``param_count`` convention) of this architecture."""
         return config_params(self.cfg)
 
-    def size(self, metric: str = "params") -> int:
-        """This architecture's size in ``metric`` (``macs.METRICS``): counted parameters, or MACs of one
-        ``macs.NOMINAL_SECONDS`` utterance."""
+    def size(self, metric: macs.Metric = "params") -> Union[int, float]:
+        """This architecture's size in ``metric`` (``macs.size``): counted parameters, MACs of one
+        ``macs.NOMINAL_SECONDS`` utterance, or a latency table's predicted seconds."""
         return macs.architecture_size(self.cfg, metric)
 
-    def expected_size(self, metric: str = "params") -> torch.Tensor:
+    def expected_size(self, metric: macs.Metric = "params") -> torch.Tensor:
         """Differentiable expected size in ``metric`` under the gates (float32 scalar), with the exact-fold
         extras an export will have (``eval_count_config``): with every gate saturated, the size of the model
         the export writes; ``size()`` when no gate is active."""
@@ -564,8 +579,11 @@ class DPHuBERTModel(BaseFairseqModel):
         return cfg
 
     def eval_mask_size(
-        self, metric: str = "params", sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None
-    ) -> Union[int, torch.Tensor]:
+        self,
+        metric: macs.Metric = "params",
+        sync_free: bool = False,
+        logit_shift: Optional[torch.Tensor] = None,
+    ) -> Union[int, float, torch.Tensor]:
         """The size in ``metric`` of what ``pruning.prune(self)`` will give: kept units of the eval masks, plus
         the exact-fold extras.
 
@@ -579,7 +597,7 @@ class DPHuBERTModel(BaseFairseqModel):
         cfg.feature_norm_removed_channels = (
             self.layer_norm.removed_channels + self.feature_extractor.out_channels - sizes.conv_channels[-1]
         )
-        return int(macs.size(cfg, sizes, metric))
+        return macs.real_size(cfg, sizes, metric)
 
     def eval_mask_params(
         self, sync_free: bool = False, logit_shift: Optional[torch.Tensor] = None

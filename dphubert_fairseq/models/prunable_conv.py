@@ -30,7 +30,9 @@ class ConvBlock(nn.Module):
         conv_bias: bool,
         norm: Optional[str],
         gated: bool,
+        init_drop_rate: float = INIT_DROP_RATE["conv"],
     ) -> None:
+        """``init_drop_rate``: where the channel gates start (``HardConcrete``), when ``gated``."""
         super().__init__()
         self.kernel = kernel
         self.stride = stride
@@ -45,7 +47,7 @@ class ConvBlock(nn.Module):
             self.norm = None
         # one channel always stays active: a block with none left could not be computed (its conv would have
         # no output channel), and an export refuses a conv layer without channels anyway
-        self.gate = HardConcrete(out_channels, INIT_DROP_RATE["conv"], min_active=1) if gated else None
+        self.gate = HardConcrete(out_channels, init_drop_rate, min_active=1) if gated else None
 
     @property
     def out_channels(self) -> int:
@@ -99,7 +101,9 @@ class ConvFeatureExtractor(nn.Module):
         extractor_mode: str,
         conv_bias: bool,
         gated_layers: Sequence[bool],
+        init_drop_rate: float = INIT_DROP_RATE["conv"],
     ) -> None:
+        """``init_drop_rate``: where the gated layers' channel gates start (``model.conv_gate_init_drop_rate``)."""
         super().__init__()
         if extractor_mode not in ("default", "layer_norm"):
             raise ConfigError(
@@ -117,6 +121,7 @@ class ConvFeatureExtractor(nn.Module):
                     conv_bias,
                     conv_norm_kind(extractor_mode, i),
                     gated,
+                    init_drop_rate,
                 )
             )
             in_channels = out_channels

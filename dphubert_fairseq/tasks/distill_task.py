@@ -73,6 +73,7 @@ _TRAINING_KEYS = [
     # without layerdrop, and a skipped layer's parameters leave the graph, which c10d DDP refuses
     "encoder_layerdrop",
     "gate_init_importance",
+    "conv_gate_init_drop_rate",
 ]
 LONG_UTTERANCES = ChoiceEnum(["drop", "crop"])
 
