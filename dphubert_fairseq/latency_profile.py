@@ -6,8 +6,9 @@
 
 The teacher itself and ``--variants - 1`` architectures of its shape with other sizes (conv channels, heads
 and FFN units drawn per layer, seeded) are built with random weights and run on one utterance of
-``--seconds`` (batch 1, fp32, inference mode); forward hooks time every conv block, the feature projection,
-every attention and every FFN (the median of ``--repeat`` passes after one warm-up). Each block kind's costs
+``--seconds`` (batch 1, fp32, inference mode), in turns with the teacher checkpoint's own model; forward
+hooks time every conv block, the feature projection, every attention and every FFN (the median of
+``--repeat`` rounds after one warm-up round). Each block kind's costs
 are fitted to its (size, seconds) points, with every coefficient >= 0; what no hook covers (positional
 convolution, LayerNorms between blocks) is one constant. The fit's largest relative error on the measured
 totals is printed and kept in the table. ``--report`` prints what a table predicts per block kind for
@@ -21,7 +22,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -131,34 +132,59 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 @torch.inference_mode()
-def measure(cfg: DPHuBERTConfig, device: torch.device, seconds: float, repeat: int) -> Measurement:
-    """Time one architecture (random weights) on ``seconds`` of noise: per-block and total medians of
-    ``repeat`` forward passes after one warm-up."""
+def measure(
+    configs: Sequence[DPHuBERTConfig],
+    device: torch.device,
+    seconds: float,
+    repeat: int,
+    teacher: Optional[nn.Module] = None,
+) -> Tuple[List[Measurement], Optional[float]]:
+    """Time architectures (random weights) on one utterance of ``seconds`` of noise: per-block and total
+    medians of ``repeat`` rounds after a warm-up round, every model run once per round, in turns, so that a
+    drift of the machine's speed hits all alike (a table is read as ratios); with the ``teacher`` checkpoint's
+    own model among them (``teacher_hidden_states``, as the benchmarks time it), its median seconds too."""
     torch.manual_seed(0)
-    model = DPHuBERTModel(cfg).eval().to(device)
-    source = torch.randn(1, int(round(seconds * cfg.sample_rate)), device=device)
+    models = [DPHuBERTModel(cfg).eval().to(device) for cfg in configs]
+    if teacher is not None:
+        teacher = teacher.eval().to(device)
+    source = torch.randn(1, int(round(seconds * configs[0].sample_rate)), device=device)
     sync = synchronizer(device)
-    timer = BlockTimer(timed_modules(model), sync)
-    model(source)
-    runs: List[Dict[str, float]] = []
-    for _ in range(repeat):
-        timer.reset()
-        sync()
-        start = time.perf_counter()
-        model(source)
-        sync()
-        runs.append({**timer.seconds, "total": time.perf_counter() - start})
-    timer.remove()
-    median = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
-    layers = cfg.encoder_layers
-    return Measurement(
-        cfg=cfg,
-        conv=[median[f"conv.{i}"] for i in range(len(model.feature_extractor.blocks))],
-        projection=median["projection.norm"] + median.get("projection.linear", 0.0),
-        attention=[median.get(f"attention.{i}", 0.0) for i in range(layers)],
-        ffn=[median.get(f"ffn.{i}", 0.0) for i in range(layers)],
-        total=median["total"],
-    )
+    timers = [BlockTimer(timed_modules(model), sync) for model in models]
+    runs: List[List[Dict[str, float]]] = [[] for _ in models]
+    teacher_times: List[float] = []
+    for round_ in range(repeat + 1):
+        for model, timer, model_runs in zip(models, timers, runs):
+            timer.reset()
+            sync()
+            start = time.perf_counter()
+            model(source)
+            sync()
+            if round_:
+                model_runs.append({**timer.seconds, "total": time.perf_counter() - start})
+        if teacher is not None:
+            sync()
+            start = time.perf_counter()
+            teacher_hidden_states(teacher, source)
+            sync()
+            if round_:
+                teacher_times.append(time.perf_counter() - start)
+    for timer in timers:
+        timer.remove()
+    measurements = []
+    for cfg, model, model_runs in zip(configs, models, runs):
+        median = {name: statistics.median(run[name] for run in model_runs) for name in model_runs[0]}
+        layers = cfg.encoder_layers
+        measurements.append(
+            Measurement(
+                cfg=cfg,
+                conv=[median[f"conv.{i}"] for i in range(len(model.feature_extractor.blocks))],
+                projection=median["projection.norm"] + median.get("projection.linear", 0.0),
+                attention=[median.get(f"attention.{i}", 0.0) for i in range(layers)],
+                ffn=[median.get(f"ffn.{i}", 0.0) for i in range(layers)],
+                total=median["total"],
+            )
+        )
+    return measurements, statistics.median(teacher_times) if teacher_times else None
 
 
 def device_name(device: torch.device) -> str:
@@ -172,26 +198,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-@torch.inference_mode()
-def measure_teacher(
-    teacher: nn.Module, device: torch.device, seconds: float, sample_rate: int, repeat: int
-) -> float:
-    """Median seconds of the teacher checkpoint's own forward pass (``teacher_hidden_states``, as the
-    benchmarks time it) over ``repeat`` passes after one warm-up."""
-    teacher = teacher.eval().to(device)
-    source = torch.randn(1, int(round(seconds * sample_rate)), device=device)
-    sync = synchronizer(device)
-    teacher_hidden_states(teacher, source)
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        teacher_hidden_states(teacher, source)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def profile(
@@ -211,14 +217,15 @@ def profile(
         raise ValueError("--device cuda: torch sees no CUDA device here")
     if dev.type == "cpu" and threads:
         torch.set_num_threads(threads)
-    measurements = []
-    for i, cfg in enumerate(variant_configs(teacher_cfg, variants)):
-        m = measure(cfg, dev, seconds, repeat)
-        log(f"architecture {i + 1}/{variants}: {m.total:.4f} s" + (" (the teacher)" if i == 0 else ""))
-        measurements.append(m)
-    measured = None
-    if teacher is not None:
-        measured = measure_teacher(teacher, dev, seconds, teacher_cfg.sample_rate, repeat)
+    log(
+        f"timing {variants} architectures of the teacher's shape{' and the teacher' if teacher else ''}, in turns"
+    )
+    measurements, measured = measure(variant_configs(teacher_cfg, variants), dev, seconds, repeat, teacher)
+    for i, m in enumerate(measurements):
+        log(
+            f"architecture {i + 1}/{variants}: {m.total:.4f} s" + (" (the teacher's shape)" if i == 0 else "")
+        )
+    if measured is not None:
         log(f"the teacher checkpoint's own model: {measured:.4f} s")
     return fit_table(
         teacher_cfg,

@@ -97,5 +97,6 @@ def test_inference_benchmark(tmp_path):
     )
     macs = json.load(open(MACS_STRUCTURE))["summary"]  # the MACs-target structure is the second row
     assert models["exported macs61"]["params"] == macs["params"]
-    assert abs(models["exported macs61"]["macs_ratio"] - 0.41) < 0.01  # 0.39 at the target's 10 s; 1 s here
+    # the ratio recorded at the target's 10 s, up to the attention's T^2 terms, which weigh less at 1 s
+    assert abs(models["exported macs61"]["macs_ratio"] - (1 - macs["macs_sparsity"])) < 0.05
     assert set(result["seconds_per_forward"]) == {"1 thread"}

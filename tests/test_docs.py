@@ -494,6 +494,10 @@ class Composed:
     hydra: DictConfig
 
 
+#: the config names ``compose_like_cli`` stored fairseq's schema under
+_SCHEMA_NAMES: Set[str] = set()
+
+
 def compose_like_cli(
     config_dir: str, config_name: str, overrides: Sequence[str], multirun: bool, resolve: bool = True
 ) -> Composed:
@@ -502,10 +506,18 @@ def compose_like_cli(
     from fairseq.dataclass.initialize import add_defaults, hydra_init
     from fairseq.dataclass.utils import omegaconf_no_object_check
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    hydra_init(config_name)  # fairseq's config store: the yaml is matched with FairseqConfig's schema
+    # fairseq's config store: the yaml named on the command line is matched with FairseqConfig's schema. One
+    # process composes one config; here the names stored for earlier commands are taken out again, or a
+    # config that lists one of them in its defaults (dphubert_macs.yaml: dphubert) would get the schema twice
+    repo = ConfigStore.instance().repo
+    for name in _SCHEMA_NAMES - {config_name}:
+        repo.pop(f"{name}.yaml", None)
+    hydra_init(config_name)
+    _SCHEMA_NAMES.add(config_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # version_base 1.1: what fairseq's @hydra.main (no version_base) runs with

@@ -301,7 +301,9 @@ def test_onnx_inference_benchmark(tmp_path):
         )
     int8 = models["student int8"]  # checked against torch fp32 as the export checks it, and smaller
     assert int8["check"]["min_cosine"] >= int8["check"]["floor"] == onnx_int8.MIN_COSINE
-    assert 0.9 < int8["min_cosine_bench_input"] < 1.0 and int8["bytes"] < 0.5 * models["student"]["bytes"]
+    assert 0.9 < int8["min_cosine_bench_input"] <= 1.0
+    # Only the linear layers become int8; the convolutions (~9M of this student's ~24M weights) stay fp32.
+    assert int8["bytes"] < 0.6 * models["student"]["bytes"]
     assert "student int8/fp32" in proc.stdout
     times = result["seconds_per_forward"]["1 thread"]
     assert set(times) == {f"{m} {r}" for m in ("teacher", "student") for r in ("torch", "onnxruntime")} | {

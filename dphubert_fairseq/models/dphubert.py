@@ -220,8 +220,8 @@ class DPHuBERTConfig(FairseqDataclass):
         metadata={
             "help": "stage 1: initial drop rate of the CNN's channel gates, in (0, 1): their logits start at "
             "log((1 - m) / m). Default: the reference's 0.01 (4.6 logit units from the boundary, where a "
-            "short run never closes a channel); configs/dphubert_macs.yaml sets 0.5, as the FFN units "
-            "start, so that a compute target can take MACs from the CNN"
+            "short run never closes a channel); configs/compute/macs.yaml sets 0.5 (on it) and latency.yaml "
+            "0.2 (1.4 units), so that a compute target can take its MACs from the CNN (docs/compute.md)"
         },
     )
     feature_norm_removed_channels: int = field(
