@@ -78,9 +78,11 @@ def stage1_overrides(
     states_every: int = 0,
     seed: int = 1337,
     extra: Sequence[str] = (),
+    ramp: float = 2 / 3,
 ) -> List[str]:
-    """The compressed stage 1: ``updates`` updates of 2 x 1 s, the target ramped over two thirds of them,
-    logged every 20; with ``states_every``, a checkpoint every that many updates (all kept)."""
+    """The compressed stage 1: ``updates`` updates of 2 x 1 s, the target ramped over a ``ramp`` fraction of
+    them (two thirds; the recipe's is a tenth), logged every 20; with ``states_every``, a checkpoint every that
+    many updates (all kept)."""
     overrides = [
         f"task.data={data}",
         f"task.teacher_path={teacher}",
@@ -90,7 +92,7 @@ def stage1_overrides(
         *run_length(updates, 20),
         f"criterion.target_sparsity={target}",
         f"criterion.target_metric={metric}",
-        f"criterion.sparsity_warmup_updates={updates * 2 // 3}",
+        f"criterion.sparsity_warmup_updates={int(updates * ramp)}",
         # the inactive-unit checks scaled to the compressed run (the recipe's every 100 of 50k updates)
         "criterion.inactive_check_interval=2",
         *composite_schedule(LRS, max(1, updates // 60)),
@@ -111,9 +113,38 @@ def stage1_run(work: str, name: str, overrides: Sequence[str]) -> str:
     return run_logged(command, os.path.join(work, f"{name}.log"), cwd=REPO, show=print)
 
 
+#: thresholds on P(gate > 0) the closed units are counted against (``closed_units``)
+CLOSED_LADDER = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def closed_units(model) -> Dict[str, object]:
+    """How far the closed units' gates have sunk: over the units of every unit gate (not the whole-block ones)
+    that the eval mask closes, their count, quantiles of log10 P(gate > 0) (from the logits, inactive units
+    included) and how many are below each of ``CLOSED_LADDER``."""
+    import torch
+
+    from dphubert_fairseq.models.hard_concrete import prob_open
+
+    logs = []
+    for gate in model.gates().values():
+        if gate.n > 1:
+            closed = gate.deterministic_mask() == 0
+            logs.append(prob_open(gate.log_alpha.detach().float())[closed].clamp_min(1e-30).log10())
+    values = torch.cat(logs) if logs else torch.zeros(0)
+    if not values.numel():
+        return {"count": 0}
+    quantiles = torch.quantile(values.double(), torch.tensor([0.0, 0.1, 0.5, 0.9], dtype=torch.double))
+    return {
+        "count": int(values.numel()),
+        "log10_p": dict(zip(("min", "p10", "median", "p90"), quantiles.tolist())),
+        "below": {f"{t:g}": int((values < torch.log10(torch.tensor(t))).sum()) for t in CLOSED_LADDER},
+    }
+
+
 def gate_states(save_dir: str) -> List[Dict[str, object]]:
     """The active sets of every interval checkpoint in ``save_dir`` and of its last one, in update order: per
-    checkpoint its update, the active fractions and MACs, and each gate's active set (``harness.encode_active``)."""
+    checkpoint its update, the active fractions and MACs, each gate's active set (``harness.encode_active``)
+    and how far the closed units' gates have sunk (``closed_units``)."""
     import glob
 
     from fairseq import checkpoint_utils
@@ -132,6 +163,7 @@ def gate_states(save_dir: str) -> List[Dict[str, object]]:
             "active_fractions": model.active_fractions(),
             "active_macs_ratio": model.active_macs() / model.cfg.teacher_macs,
             "active": {name: encode_active(gate.active) for name, gate in model.gates().items()},
+            "closed_units": closed_units(model),
         }
     return [states[u] for u in sorted(states)]
 
@@ -160,6 +192,12 @@ def main() -> int:
         "--states-every", type=int, default=0, help="keep the gates' active sets every N updates (0: none)"
     )
     parser.add_argument(
+        "--ramp-fraction",
+        type=float,
+        default=2 / 3,
+        help="the target's ramp as a fraction of --updates (default two thirds; the recipe's is 0.1)",
+    )
+    parser.add_argument(
         "--inactive-threshold",
         type=float,
         default=None,
@@ -186,7 +224,15 @@ def main() -> int:
     if args.latency_table:
         extra.append(f"criterion.latency_table={os.path.abspath(args.latency_table)}")
     overrides = stage1_overrides(
-        data, teacher, save_dir, args.updates, args.target, args.metric, args.states_every, extra=extra
+        data,
+        teacher,
+        save_dir,
+        args.updates,
+        args.target,
+        args.metric,
+        args.states_every,
+        extra=extra,
+        ramp=args.ramp_fraction,
     )
     output = stage1_run(work, "stage1", overrides)
     summary_path = os.path.join(work, "pruned.json")

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from harness import (
     REPO,
+    SAMPLE_RATE,
     SHAPES,
     PeakMemory,
     batch_overrides,
@@ -274,6 +275,13 @@ def worker(args) -> Dict:
         model = trainer.get_model()
         if args.worker == "state":
             apply_state(model, state_at(load_run(args.states), args.update))
+            model.choose_gathering(args.mode, (args.batch, round(args.item_seconds * SAMPLE_RATE)))
+            partial = [g for g in model.gates().values() if 0 < g.num_active < g.n]
+            result["gathering"] = {
+                "break_evens": {repr(k): v for k, v in model.break_evens().items()},
+                "gates_gathering": sum(g.compute_index(torch.device("cpu")) is not None for g in partial),
+                "gates_with_inactive_units": len(partial),
+            }
         result["active_fractions"] = model.active_fractions()
         result["active_macs_ratio"] = active_macs_ratio(model)
     result.update(time_updates(trainer, sample, memory, args.device, args.warmup, args.repeat)[1])
@@ -338,7 +346,15 @@ def main() -> int:
         help="measure the recorded states nearest these updates (default: the run's start, the middle and the "
         "end of the target's ramp, and the end of the run)",
     )
+    parser.add_argument(
+        "--inactive-compute",
+        nargs="+",
+        choices=["measure", "gather", "mask"],
+        default=["measure"],
+        help="criterion.inactive_compute for the states, each a row (the first for the goal and the fit)",
+    )
     parser.add_argument("--worker", choices=["stock", "today", "state"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="measure", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--update", type=int, help=argparse.SUPPRESS)
@@ -384,16 +400,19 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     shared = worker_args(args, teacher) + ["--states", args.states, "--data", data]
     shared += ["--item-seconds", str(args.seconds)]
 
+    modes = args.inactive_compute
     rows: List[Dict] = []
-    for kind, update in [("stock", None), ("today", None)] + [("state", u) for u in updates]:
-        extra = ["--worker", kind] + ([] if update is None else ["--update", str(update)])
+    plan = [("stock", None, None), ("today", None, None)] + [("state", u, m) for u in updates for m in modes]
+    for kind, update, mode in plan:
+        extra = ["--worker", kind] + ([] if update is None else ["--update", str(update), "--mode", mode])
         measured = run_worker(__file__, shared + extra)
         roles = [label for label, u in landmarks.items() if update is not None and u == update]
-        row = {"kind": kind, "num_updates": update, "roles": roles, **measured}
+        row = {"kind": kind, "num_updates": update, "roles": roles, "inactive_compute": mode, **measured}
         if update is not None:
             row["recorded_active_macs_ratio"] = state_at(run, update)["active_macs_ratio"]
         rows.append(row)
-        print(f"measured {kind}" + ("" if update is None else f" at update {update}"), flush=True)
+        print(f"measured {kind}" + ("" if update is None else f" at update {update} ({mode})"), flush=True)
+    primary = [r for r in rows[2:] if r["inactive_compute"] == modes[0]]
     median = lambda r: r["update_seconds"]["median"]  # noqa: E731
     stock, today = rows[0], rows[1]
     for row in rows:
@@ -416,6 +435,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         "FFN units",
         "conv ch",
         "MACs ratio",
+        "gathered",
     ]
     body = []
     for r in rows:
@@ -423,7 +443,9 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         share = lambda k: f"{fractions[k]:.3f}" if k in fractions else "-"  # noqa: E731
         body.append(
             [
-                r["kind"] + (f" ({', '.join(r['roles'])})" if r["roles"] else ""),
+                r["kind"]
+                + (f" ({', '.join(r['roles'])})" if r["roles"] else "")
+                + (f" {r['inactive_compute']}" if len(modes) > 1 and r["inactive_compute"] else ""),
                 "-" if r["num_updates"] is None else r["num_updates"],
                 fmt(median(r)),
                 f"{r['x_today']:.3f}",
@@ -434,6 +456,11 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
                 share("ffn_units"),
                 share("conv_channels"),
                 f"{r['active_macs_ratio']:.3f}" if "active_macs_ratio" in r else "-",
+                (
+                    f"{r['gathering']['gates_gathering']}/{r['gathering']['gates_with_inactive_units']}"
+                    if "gathering" in r
+                    else "-"
+                ),
             ]
         )
     print(
@@ -444,12 +471,13 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     )
     print(table(body, header))
     print(
-        "heads / FFN units / conv ch: fractions of the gated units still active; MACs ratio: active MACs / teacher's"
+        "heads / FFN units / conv ch: fractions of the gated units still active; MACs ratio: active MACs / teacher's; "
+        "gathered: gates whose block leaves its inactive units out / gates with some inactive"
     )
 
     # the goals
     goals = []
-    ramp_end = next((r for r in rows if "ramp end" in r["roles"]), None)
+    ramp_end = next((r for r in primary if "ramp end" in r["roles"]), None)
     checks = [("today", GOAL_TODAY, today)] + ([("stock", GOAL_STOCK, stock)] if gpu else [])
     print()
     for name, bound, reference in checks:
@@ -468,7 +496,15 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         goals.append(goal)
 
     # the fit and the estimates
-    points = [(1.0, median(today))] + [(r["active_macs_ratio"], median(r)) for r in rows[2:]]
+    for mode in modes:
+        measured = [r for r in rows[2:] if r["inactive_compute"] == mode]
+        slowest = max(measured, key=lambda r: r["x_today"])
+        print(
+            f"inactive_compute={mode}: the slowest state, at update {slowest['num_updates']}, takes "
+            f"{slowest['x_today']:.3f} x today's update"
+            + (" (never slower than every unit active)" if slowest["x_today"] <= 1.0 else "")
+        )
+    points = [(1.0, median(today))] + [(r["active_macs_ratio"], median(r)) for r in primary]
     intercept, slope = fit_cost(points)
     unconstrained = fit_line(points)
     residuals = [y - (intercept + slope * x) for x, y in points]

@@ -50,6 +50,7 @@ MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
             "inactive_threshold",
             "inactive_checks",
             "inactive_check_interval",
+            "inactive_compute",
         ),
         "model": (
             "dropout",

@@ -1,9 +1,11 @@
 """Inactive units (models/inactive_units.py): left out of the forward and backward passes, exactly as if their
-gates were closed; no gradient, no compute, kept across checkpoints and agreed on by every worker."""
+gates were closed; no gradient, no compute, kept across checkpoints and agreed on by every worker. Or, where
+the device does that faster (models/gather_policy.py), computed at full width and masked: the same result."""
 
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dphubert_fairseq.macs import count_macs
+from dphubert_fairseq.models import gather_policy
 from dphubert_fairseq.models.dphubert import DPHuBERTModel
+from dphubert_fairseq.models.gather_policy import FRACTIONS, BreakEven
 from dphubert_fairseq.models.hard_concrete import HardConcrete
 from dphubert_fairseq.models.inactive_units import update_active_sets
 
@@ -377,3 +381,192 @@ def test_two_workers_agree_on_the_active_sets(tmp_path):
 
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+
+
+# ----- leaving inactive units out or computing them masked (models/gather_policy.py) -----
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["base", "large", "wavlm"])
+def test_masked_and_gathered_blocks_compute_the_same(kind):
+    """Outputs and every gradient: the masked computation of the inactive units equals leaving them out."""
+    gathered, masked_model, _ = pair(kind)
+    masked_model.load_state_dict(gathered.state_dict())  # the same active sets, as buffers
+    gathered.choose_gathering("gather")
+    masked_model.choose_gathering("mask")
+    source, padding = batch()
+    results = []
+    for model in (gathered, masked_model):
+        model.train()
+        torch.manual_seed(5)  # the same gate samples (dropout is off in these students)
+        loss, states = loss_of(model, source, padding)
+        loss.backward()
+        results.append((states, grads(model)))
+    (states_g, grads_g), (states_m, grads_m) = results
+    for a, b in zip(states_g, states_m):
+        assert (a - b).abs().max() <= 1e-5
+    assert grads_g.keys() == grads_m.keys()
+    for name, g in grads_g.items():
+        assert (g - grads_m[name]).abs().max() <= 1e-5 * max(1.0, g.abs().max()), name
+
+
+def test_a_masked_block_computes_at_full_width_and_a_closed_block_is_still_skipped():
+    model, _, _ = pair("base")
+    model.choose_gathering("mask")
+    model.eval()
+    source = batch()[0][:1]
+    with torch.no_grad(), ShapeRecorder() as recorder:
+        model.hidden_states(source)
+    linear = [shape for name, shape in recorder.weights if name != "convolution"]
+    assert linear.count((64, 32)) == 1  # fc1 at full width in layer 0; layer 1's FFN block is closed
+    assert linear.count((32, 64)) == 1
+    convs = [shape[:2] for name, shape in recorder.weights if name == "convolution" and shape[0] == 24]
+    assert convs == [(24, 1)] + [(24, 24)] * 6  # every channel computed, the closed ones masked
+    model.choose_gathering("gather")
+    with torch.no_grad(), ShapeRecorder() as recorder:
+        model.hidden_states(source)
+    assert (64, 32) not in [shape for name, shape in recorder.weights if name != "convolution"]
+
+
+@pytest.mark.parametrize(
+    "gathered, masked, below",
+    [
+        ((0.3, 0.6, 0.9), 0.75, 0.625),  # t = 1.2 f: meets 0.75 at 0.625
+        ((0.5, 0.75, 1.0), 2.0, 1.0),  # cheaper at every fraction: always gather
+        ((1.1, 1.2, 1.3), 1.0, 0.0),  # the copies alone cost more than the block: never
+        ((0.4, 0.4, 0.4), 0.5, 1.0),  # flat and cheaper
+        ((0.6, 0.6, 0.6), 0.5, 0.0),  # flat and dearer
+    ],
+)
+def test_the_break_even_is_where_the_gathered_line_meets_the_masked_time(gathered, masked, below):
+    assert BreakEven(masked, gathered).below == pytest.approx(below)
+
+
+class SyntheticDevice:
+    """A device whose block times are known: masked costs ``masked[kind]``, gathered ``a + b * fraction``;
+    counts the probes it times."""
+
+    def __init__(self, monkeypatch, lines, masked):
+        self.lines, self.masked, self.timed = lines, masked, []
+        real = gather_policy.model_probes
+
+        def probes(model, shape, autocast=None):
+            out = []
+            for probe in real(model, shape, autocast):
+                out.append(gather_policy.Probe(probe.gate, probe.key, self.timer(probe)))
+            return out
+
+        monkeypatch.setattr(gather_policy, "model_probes", probes)
+        monkeypatch.setattr(gather_policy, "_seconds", lambda run, device, warmup, repeat: run())
+
+    def timer(self, probe):
+        kind = probe.key[0]
+
+        def run():
+            gate = probe.gate
+            self.timed.append((probe.key, gate.num_active / gate.n, gate.compute_index(torch.device("cpu"))))
+            if gate.compute_index(torch.device("cpu")) is None:
+                return self.masked[kind]
+            a, b = self.lines[kind]
+            return a + b * gate.num_active / gate.n
+
+        return run
+
+
+def test_measure_gathers_below_each_kinds_measured_break_even(monkeypatch):
+    """On a synthetic device (FFN: gathering pays below 0.8 active, attention below 0.4, conv never), each
+    gate gathers or masks from its own active fraction; each kind is timed once per run, masked with half the
+    units active and gathered at each of FRACTIONS, and the active sets are put back."""
+    device = SyntheticDevice(
+        monkeypatch,
+        lines={"ffn": (0.2, 1.0), "attention": (0.6, 1.0), "conv": (2.0, 0.0)},
+        masked={"ffn": 1.0, "attention": 1.0, "conv": 1.0},
+    )
+    model, _, chosen = pair("base")
+    before = {name: gate.active.clone() for name, gate in model.gates().items()}
+    model.choose_gathering("measure", batch_shape=(2, SAMPLES))
+    for name, gate in model.gates().items():
+        assert torch.equal(gate.active, before[name]), name
+    assert model.break_evens()[("ffn", 32, 64)] == pytest.approx(0.8)
+    assert model.break_evens()[("attention", "PrunableSelfAttention", 32, 4, 8)] == pytest.approx(0.4)
+    assert all(v == 0.0 for k, v in model.break_evens().items() if k[0] == "conv")
+    for name, gate in model.gates().items():
+        if not 0 < gate.num_active < gate.n:
+            continue
+        kind = "ffn" if "ffn" in name else "attention" if "attn" in name else "conv"
+        gathers = gate.compute_index(torch.device("cpu")) is not None
+        assert gathers == (gate.num_active / gate.n < {"ffn": 0.8, "attention": 0.4, "conv": 0.0}[kind]), name
+    ffn = [(f, index is None) for key, f, index in device.timed if key[0] == "ffn"]
+    assert ffn == [(0.5, True)] + [(f, False) for f in FRACTIONS]  # one kind, one measurement for 3 layers
+    timed = len(device.timed)
+    model.choose_gathering("measure", batch_shape=(2, SAMPLES))  # nothing new to measure
+    assert len(device.timed) == timed
+
+
+def test_measuring_leaves_the_run_as_it_was():
+    """A real measurement: the random stream, the active sets and streaks, every ``.grad`` and the model's
+    outputs are as before; every break-even is a fraction."""
+    model, _, _ = pair("base")
+    model.train()
+    loss, _ = loss_of(model, *batch())  # a training batch: its shape is what the probes run on
+    loss.backward()
+    before_grads = grads(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    model.choose_gathering("measure")
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    after = grads(model)
+    assert after.keys() == before_grads.keys() and all(torch.equal(after[k], before_grads[k]) for k in after)
+    evens = model.break_evens()
+    assert {k[0] for k in evens} == {"conv", "attention", "ffn"}
+    assert all(0.0 <= v <= 1.0 for v in evens.values())
+
+
+def test_an_unknown_mode_is_refused():
+    model, _, _ = pair("base")
+    with pytest.raises(ValueError, match="inactive_compute must be one of measure, gather, mask, got 'fast'"):
+        model.choose_gathering("fast")
+
+
+def test_the_criterion_measures_once_when_units_first_become_inactive(tiny_teachers, tmp_path, caplog):
+    """Through the task and the criterion, as fairseq's trainer calls them: the check that makes the first
+    units inactive times the blocks ('measure', the recipe's default) on the last training batch's shape and
+    logs the break-even; later checks measure nothing new, and training goes on with the chosen computation."""
+    from helpers import landing_student
+
+    task, model, criterion = landing_student(
+        tmp_path,
+        tiny_teachers["hubert_base"],
+        ["conv", "head", "interm"],
+        inactive_check_interval=1,
+        inactive_checks=1,
+    )
+    assert criterion.cfg.inactive_compute == "measure"
+    with torch.no_grad():  # half of every layer's FFN units and one head per layer can no longer open
+        for layer in model.encoder.layers:
+            layer.ffn.unit_gate.log_alpha[::2] = -20.0
+            layer.self_attn.head_gate.log_alpha[0] = -20.0
+    optimizer = types.SimpleNamespace(backward=lambda loss: loss.backward())  # no step: the gates stay put
+    sample = {"net_input": {"source": torch.randn(2, 8000), "padding_mask": None}}
+    model.train()
+    with caplog.at_level("INFO", logger="dphubert_fairseq.models.gather_policy"):
+        for update in range(2):
+            model.zero_grad()
+            task.train_step(sample, model, criterion, optimizer, update_num=update)
+            criterion.after_optimizer_step(model, update)
+            if update == 0:
+                measured = dict(model.break_evens())
+                assert measured and all(0.0 <= v <= 1.0 for v in measured.values())
+                assert {key[0] for key in measured} == {"ffn", "attention"}  # no conv channel closed
+    assert model.break_evens() == measured
+    lines = [r.getMessage() for r in caplog.records if "gathered below" in r.getMessage()]
+    assert len(lines) == 2  # one per kind of block, all layers alike
+    unit_gate = model.gates()["encoder.layers.0.ffn.unit_gate"]
+    key = ("ffn", model.cfg.encoder_embed_dim, unit_gate.n)
+    assert unit_gate.num_active == unit_gate.n // 2 and unit_gate.gather_below == measured[key]

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import ConfigError
 from ..latency import LatencyTable, load_table
 from ..macs import METRICS, Metric, architecture_size
+from ..models import gather_policy
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target
@@ -115,6 +116,16 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
     inactive_check_interval: int = field(
         default=100, metadata={"help": "updates between two checks for inactive units"}
     )
+    inactive_compute: ChoiceEnum(gather_policy.MODES) = field(
+        default="measure",
+        metadata={
+            "help": "how a block with inactive units computes (the same result and gradients either way): "
+            "'gather' leaves them out (index-selects the active rows and columns), 'mask' computes every unit "
+            "with the inactive ones masked, 'measure' times both once per kind of block on this device, on the "
+            "last training batch's shape, when its first units become inactive, and gathers below the active "
+            "fraction where that pays (models/gather_policy.py)"
+        },
+    )
     max_update: Optional[int] = field(
         default=II("optimization.max_update"),
         metadata={
@@ -211,6 +222,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         if self.cfg.skip_inactive_units and (update_num + 1) % self.cfg.inactive_check_interval == 0:
             inner = unwrap(model)
             closed = inner.update_active_sets(self.cfg.inactive_threshold, self.cfg.inactive_checks)
+            inner.choose_gathering(self.cfg.inactive_compute)
             if closed:
                 fractions = ", ".join(f"{k} {v:.3f}" for k, v in inner.active_fractions().items())
                 logger.info(

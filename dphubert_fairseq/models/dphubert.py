@@ -22,6 +22,7 @@ from .. import macs
 from ..conv_spec import parse_conv_layers
 from ..errors import ConfigError
 from ..param_count import UnitSizes, config_params, static_sizes
+from . import gather_policy
 from .encoder import PrunableTransformerEncoder
 from .feature_norm import FeatureLayerNorm
 from .hard_concrete import INIT_DROP_RATE, GateSet, HardConcrete
@@ -344,6 +345,14 @@ class ExtractedFeatures(tuple):
         return tuple.__getitem__(self, key)
 
 
+def _autocast_state(device: torch.device) -> Optional[Tuple[str, torch.dtype]]:
+    """(device type, dtype) of the autocast in effect on ``device``, or None."""
+    kind = device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return kind, torch.get_autocast_dtype(kind)
+    return None
+
+
 @register_model("dphubert", dataclass=DPHuBERTConfig)
 class DPHuBERTModel(BaseFairseqModel):
     """``source (B, L)`` waveform and ``padding_mask (B, L)`` (True = padding) -> hidden states ``(B, T, D)``."""
@@ -375,6 +384,9 @@ class DPHuBERTModel(BaseFairseqModel):
         self.masking = TimeChannelMasking(cfg, cfg.encoder_embed_dim)
         self.encoder = PrunableTransformerEncoder(cfg, units)
         self.gate_set = GateSet(list(self.gates().values()))
+        #: ((B, L), autocast) of the last training batch, and the break-evens measured so far (gather_policy)
+        self._last_batch: Optional[tuple] = None
+        self._break_even: Dict[object, gather_policy.BreakEven] = {}
 
     @classmethod
     def build_model(cls, cfg: DPHuBERTConfig, task=None) -> "DPHuBERTModel":
@@ -402,6 +414,8 @@ class DPHuBERTModel(BaseFairseqModel):
         """Returns ``hidden_states`` ``[h_0, ..., h_L]`` (each ``(B, T, D)``), ``x`` (the encoder's output,
         ``(B, T, D)``) and ``padding_mask`` (``(B, T)`` or None). ``mask``: apply fine-tuning masking (training
         only, with ``mask_prob`` / ``mask_channel_prob`` set); h_0 is the input before masking."""
+        if self.training:  # what gather_policy times its probes on
+            self._last_batch = (tuple(source.shape[:2]), _autocast_state(source.device))
         with self.gate_set.drawn():  # one sample for all gates, drawn in one vectorised pass
             return self._forward(source, padding_mask, mask)
 
@@ -510,6 +524,22 @@ class DPHuBERTModel(BaseFairseqModel):
     def update_active_sets(self, threshold: float, checks: int) -> int:
         """One check of ``inactive_units.update_active_sets`` on every gate; returns the units it made inactive."""
         return update_active_sets(self.gate_set.gates, threshold, checks)
+
+    def choose_gathering(self, mode: str = "measure", batch_shape: Optional[Tuple[int, int]] = None) -> None:
+        """Decide for every gate with inactive units whether its block leaves them out or computes them masked
+        (``gather_policy.choose``): 'gather', 'mask', or 'measure' on this device, on blocks of the last
+        training batch's shape (``batch_shape`` ``(B, L)`` instead, or one nominal utterance)."""
+        shape, autocast = self._last_batch or ((1, macs.nominal_samples(self.cfg)), None)
+        shape = tuple(batch_shape) if batch_shape is not None else shape
+
+        def probes() -> List[gather_policy.Probe]:
+            return gather_policy.model_probes(self, shape, autocast)
+
+        gather_policy.choose(self.gate_set.gates, mode, probes, self._break_even)
+
+    def break_evens(self) -> Dict[object, float]:
+        """The active fraction below which each kind of block gathers, as measured so far (``choose_gathering``)."""
+        return {key: b.below for key, b in self._break_even.items()}
 
     def active_fractions(self) -> Dict[str, float]:
         """Fraction of the gated heads, FFN units and conv channels still active (no host sync); a structure

@@ -31,7 +31,8 @@ class HardConcrete(Float32Module):
 
     Units can be made inactive for good (``inactive_units.update_active_sets``, during stage 1): an inactive
     unit is closed in every sample, in the expected and the eval counts and in the eval mask, and the modules
-    that read this gate leave it out of their computation (``active_index``). The ``active`` set and the
+    that read this gate leave it out of their computation (``compute_index``) when that pays, or compute every
+    unit with the inactive ones masked (``gather_policy``). The ``active`` set and the
     ``below_threshold_checks`` streaks are buffers: saved in checkpoints and restored on resume.
     """
 
@@ -58,6 +59,9 @@ class HardConcrete(Float32Module):
         self._active_list: Optional[List[int]] = None
         self._active_index: Dict[torch.device, torch.Tensor] = {}
         self.version = 0
+        #: the active fraction below which the modules leave the inactive units out (``compute_index``): 1.0
+        #: always, 0.0 never; set per run from a measured break-even (``gather_policy``), not saved
+        self.gather_below = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,6 +89,17 @@ class HardConcrete(Float32Module):
         if device not in self._active_index:
             self._active_index[device] = torch.tensor(self._active_list, dtype=torch.long, device=device)
         return self._active_index[device]
+
+    def compute_index(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The units the modules compute: ``active_index`` when leaving the inactive units out pays (the active
+        fraction is below ``gather_below``, or no unit is active), else None: every unit is computed and the
+        inactive ones, 0 in every sample and eval mask, are masked by the gate (the same result and gradients,
+        without gathering the active rows and columns)."""
+        if self._active_list is None:
+            return None
+        if self._active_list and len(self._active_list) >= self.gather_below * self.n:
+            return None
+        return self.active_index(device)
 
     def active_mask(self) -> torch.Tensor:
         """``active`` as a float32 ``(n,)`` multiplier: 1 for active units, 0 for inactive ones."""

@@ -25,7 +25,7 @@ class PrunableSelfAttention(nn.Module):
     each head's context before ``out_proj``, computed as a scale of out_proj's columns (no extra pass over, or
     saved copy of, the context); the layer gate multiplies the block's output. With 0 heads the
     block outputs ``out_proj.bias`` (what the removed heads left behind). Inactive heads (``inactive_units``)
-    are left out: q, k, v's rows and out_proj's columns are index-selected to the active heads, and the
+    are left out when that pays (``HardConcrete.compute_index``): q, k, v's rows and out_proj's columns are index-selected to the active heads, and the
     attention runs with those only; an inactive layer gate skips the block (its output is a scalar 0).
     State-dict names follow fairseq's ``MultiheadAttention`` (q_proj, k_proj, v_proj, out_proj).
     """
@@ -72,8 +72,9 @@ class PrunableSelfAttention(nn.Module):
         return (self.head_gate.num_active if self.head_gate is not None else self.num_heads) > 0
 
     def active_heads(self, device: torch.device) -> Optional[torch.Tensor]:
-        """Indices of the active heads, ``(H_active,)`` long; None while every head is active."""
-        return self.head_gate.active_index(device) if self.head_gate is not None else None
+        """Indices of the heads computed, ``(H_active,)`` long: the active ones, or None to compute every head
+        (every head active, or masking the inactive ones is cheaper: ``HardConcrete.compute_index``)."""
+        return self.head_gate.compute_index(device) if self.head_gate is not None else None
 
     def attention_mask(
         self,

@@ -139,30 +139,36 @@ class ConvFeatureExtractor(nn.Module):
         return lengths.long()
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        """Inactive channels (``inactive_units``) are left out of every block that can: a block computes its
+        """Inactive channels (``inactive_units``) are left out of every block that can, when that pays
+        (``HardConcrete.compute_index``; else they are computed and masked by the gate): a block computes its
         active output channels only (not with a LayerNorm over channels, 'layer_norm' mode, whose statistics
         need them all) and reads only the previous block's active channels. The last block's channels are put
         back in place as zeros for the feature LayerNorm, which normalises over all of them."""
-        x = source.unsqueeze(1)
+        return self.run_blocks(source.unsqueeze(1), self.blocks)
+
+    @staticmethod
+    def run_blocks(x: torch.Tensor, blocks: Sequence[ConvBlock]) -> torch.Tensor:
+        """``blocks`` in a row on ``x`` ``(B, C_in, T)`` as ``forward`` runs them (the last one's gate applied
+        to its output): the whole extractor, or a part of it timed alone (``gather_policy``)."""
         scale: Optional[torch.Tensor] = None
         held: Optional[torch.Tensor] = None  # the channels x holds, None for all
         wanted: Optional[torch.Tensor] = None  # the channels of x the next block reads, None for all
-        for block in self.blocks:
+        for block in blocks:
             if wanted is not None and held is None:
                 x = x.index_select(1, wanted)  # computed in full (LayerNorm), read in part
-            out_index = block.gate.active_index(x.device) if block.gate is not None else None
+            out_index = block.gate.compute_index(x.device) if block.gate is not None else None
             if block.norm_kind == "layer":
                 out_index = None
             x = block(x, scale, wanted, out_index)
             held = out_index
             scale = block.gate() if block.gate is not None else None
-            wanted = block.gate.active_index(x.device) if block.gate is not None else None
+            wanted = block.gate.compute_index(x.device) if block.gate is not None else None
         if scale is not None:  # the last block's gate has no conv after it
             if held is None and wanted is None:
                 return x * scale.to(x.dtype).unsqueeze(-1)
             if held is None:
                 x = x.index_select(1, wanted)
             x = x * scale[wanted].to(x.dtype).unsqueeze(-1)
-            full = x.new_zeros(x.size(0), self.out_channels, x.size(2))
+            full = x.new_zeros(x.size(0), blocks[-1].out_channels, x.size(2))
             return full.index_copy(1, wanted, x)
         return x

@@ -15,9 +15,9 @@ class PrunableFeedForward(nn.Module):
 
     The unit gate scales fc2's columns rather than the ``(B, T, F)`` activations: the same product, computed on
     a ``(D, F)`` weight, with one activation-sized tensor less to keep for the backward pass.
-    With 0 units the block outputs ``fc2.bias``. Inactive units (``inactive_units``) are left out: fc1's rows
-    and fc2's columns are index-selected to the active ones; an inactive layer gate skips the block (its output
-    is a scalar 0).
+    With 0 units the block outputs ``fc2.bias``. Inactive units (``inactive_units``) are left out when that pays
+    (``HardConcrete.compute_index``): fc1's rows and fc2's columns are index-selected to the active ones; an
+    inactive layer gate skips the block (its output is a scalar 0).
     """
 
     def __init__(
@@ -53,7 +53,7 @@ class PrunableFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skipped:
             return touch(self)
-        index = self.unit_gate.active_index(x.device) if self.unit_gate is not None else None
+        index = self.unit_gate.compute_index(x.device) if self.unit_gate is not None else None
         if index is None:
             h = self.activation_dropout(self.activation_fn(self.fc1(x)))
             weight = self.fc2.weight

@@ -105,8 +105,8 @@ def split(total: int, proportions: Proportions) -> Schedule:
 
 @dataclass
 class Size:
-    """How big the comparison is. 'default' (ten kinds, three seeds) took 52 minutes on 2 CPU cores shared with
-    other work at times (docs/evidence.md). 'tiny' is for tests."""
+    """How big the comparison is. 'default' (ten kinds, three seeds) took 52 and 67 minutes on 2 CPU cores (shared with
+    other work at times, then quiet but slower; docs/evidence.md). 'tiny' is for tests."""
 
     train_sentences: int
     held_out_sentences: int
