@@ -1,4 +1,4 @@
-"""``python -m examples.comparison [--out OUT] [--size default|long|tiny] [--jobs N] [--kinds KIND ...]
+"""``python -m examples.comparison [--out OUT] [--size default|full|long|tiny] [--jobs N] [--kinds KIND ...]
 [--seeds N] [--report-only]`` (or ``bash examples/comparison.sh [OUT] [OPTIONS]``):
 DPHuBERT against the baselines it claims to beat, all at one parameter count, on the same audio and updates,
 measured on held-out audio; a table (Markdown + JSON) and a figure in OUT (default ./dphubert_comparison).
@@ -533,14 +533,14 @@ def main(argv=None) -> int:
         "--size",
         choices=sorted(SIZES),
         default="default",
-        help="'default': the committed results (52 min on 2 shared cores, 67 on 2 quiet slower ones); 'long': four times the student "
-        "updates; 'tiny': for tests",
+        help="'default': the paper's claims, the committed results (TBD min on 2 quiet cores); 'full': every kind, "
+        "with the ablations and the option (52-67 min); 'long': four times the student updates; 'tiny': for tests",
     )
     parser.add_argument(
         "--jobs", type=int, default=2, help="fairseq runs at a time (one thread each when > 1)"
     )
     parser.add_argument(
-        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the students to train (default: all)"
+        "--kinds", nargs="+", choices=KINDS, help="the students to train (default: the size's kinds)"
     )
     parser.add_argument("--seeds", type=int, help="seeds per student (default: the size's)")
     parser.add_argument(
@@ -549,16 +549,15 @@ def main(argv=None) -> int:
         help="render OUT/results.md and OUT/comparison.png again from OUT/results.json (nothing is run)",
     )
     args = parser.parse_args(argv)
-    needs = [kind for kind in FROM_DPHUBERT_STRUCTURE if kind in args.kinds]
-    if needs and "dphubert" not in args.kinds:
+    kinds = args.kinds or SIZES[args.size].kinds
+    needs = [kind for kind in FROM_DPHUBERT_STRUCTURE if kind in kinds]
+    if needs and "dphubert" not in kinds:
         parser.error(f"--kinds: {', '.join(needs)} need(s) dphubert (built from DPHuBERT's structure)")
     if args.report_only:
         return rerender(args.out)
     size = SIZES[args.size] if args.seeds is None else replace(SIZES[args.size], seeds=max(1, args.seeds))
     command = "python -m examples.comparison " + " ".join(argv if argv is not None else sys.argv[1:])
-    return exit_code(
-        Comparison(args.out, size, max(1, args.jobs), command.strip(), args.kinds).run, "comparison"
-    )
+    return exit_code(Comparison(args.out, size, max(1, args.jobs), command.strip(), kinds).run, "comparison")
 
 
 if __name__ == "__main__":

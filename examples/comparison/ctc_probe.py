@@ -99,16 +99,19 @@ def phoneme_probe(
     the last training batches' mean CTC loss."""
     inventory = Inventory.of(targets_train)
     generator = torch.Generator().manual_seed(seed)
-    train = [torch.from_numpy(f).float() for f in features_train]
-    frames = torch.cat(train)
+    lengths = [len(f) for f in features_train]
+    frames = torch.cat([torch.from_numpy(f).float() for f in features_train])  # (frames, L, D)
     mean, std = frames.mean(0), frames.std(0) + 1e-5  # (L, D): per layer and channel
-    del frames
-    train = [(f - mean) / std for f in train]
-    test = [(torch.from_numpy(f).float() - mean) / std for f in features_test]
+    # every training frame standardised, layer last, one contiguous block: an utterance is a slice of it and
+    # mixing its layers is one matrix-vector product, with no batch-sized copy of all layers per step
+    frames = ((frames - mean) / std).transpose(1, 2).contiguous()  # (frames, D, L)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    train = [frames[a:b] for a, b in zip(starts, starts[1:])]
+    test = [((torch.from_numpy(f).float() - mean) / std).transpose(1, 2).contiguous() for f in features_test]
     labels = [torch.tensor(inventory.encode(t)) for t in targets_train]
     references = [inventory.encode(t) for t in targets_test]
 
-    layers, dim = train[0].shape[1:]
+    dim, layers = frames.shape[1:]
     layer_logits = torch.zeros(layers, requires_grad=True)
     linear = torch.nn.Linear(dim, len(inventory) + 1)
     with torch.no_grad():
@@ -118,10 +121,22 @@ def phoneme_probe(
     # the learning rate decays linearly to 0: the last steps settle instead of jittering around a minimum
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
-    def log_probs(x: torch.Tensor) -> torch.Tensor:
-        """``(..., T, L, D)`` features to ``(..., T, C)`` log-probabilities."""
-        mixed = torch.einsum("l,...ld->...d", layer_logits.softmax(0), x)
+    def log_probs(utterances: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The utterances' ``(T, D, L)`` features to their frames' ``(frames, C)`` log-probabilities, one
+        utterance after another."""
+        weights = layer_logits.softmax(0)
+        mixed = torch.cat([x.reshape(-1, layers).mv(weights) for x in utterances]).view(-1, dim)
         return linear(mixed).log_softmax(-1)
+
+    def padded(utterances: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``log_probs`` as CTC takes them, ``(T, B, C)``, zeros past each utterance's end. One gather: padding
+        by copying each utterance into place would copy the whole batch's gradient once per utterance."""
+        sizes = torch.tensor([len(x) for x in utterances])
+        offsets = torch.cumsum(sizes, 0) - sizes
+        time = torch.arange(int(sizes.max())).unsqueeze(1)  # (T, 1)
+        rows = torch.where(time < sizes, offsets + time, int(sizes.sum()))  # past the end: the zero row
+        out = log_probs(utterances)
+        return torch.cat([out, out.new_zeros(1, out.shape[1])])[rows]
 
     order = torch.empty(0, dtype=torch.long)
     losses = []
@@ -129,11 +144,10 @@ def phoneme_probe(
         if len(order) < batch_size:  # a fresh pass over the training utterances, in a seeded order
             order = torch.cat([order, torch.randperm(len(train), generator=generator)])
         batch, order = order[:batch_size].tolist(), order[batch_size:]
-        x = torch.nn.utils.rnn.pad_sequence([train[i] for i in batch], batch_first=True)
         loss = torch.nn.functional.ctc_loss(
-            log_probs(x).transpose(0, 1),
+            padded([train[i] for i in batch]),
             torch.cat([labels[i] for i in batch]),
-            torch.tensor([len(train[i]) for i in batch]),
+            torch.tensor([lengths[i] for i in batch]),
             torch.tensor([len(labels[i]) for i in batch]),
             zero_infinity=True,
         )
@@ -144,7 +158,7 @@ def phoneme_probe(
         losses.append(loss.item())
 
     with torch.no_grad():
-        hypotheses = [greedy_decode(log_probs(x)) for x in test]
+        hypotheses = [greedy_decode(p) for p in log_probs(test).split([len(x) for x in test])]
     result: Dict[str, object] = {"per": phone_error_rate(hypotheses, references)}
     if groups is not None:
         for group in sorted(set(groups)):
