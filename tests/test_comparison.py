@@ -169,9 +169,9 @@ def test_comparison_tiny_end_to_end(tmp_path):
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert "this report rendered from its results.json by commit" in (out / "results.md").read_text()
 
-    again = helpers.run(cmd + ["--kinds", "dphubert"], cwd=str(tmp_path), timeout=900)
+    again = helpers.run(cmd + ["--kinds", "distilhubert"], cwd=str(tmp_path), timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "teacher: cached" in again.stdout and "pretraining" not in again.stdout
     # the students train again from the start: nothing of the first run's checkpoints is resumed
-    log = (out / "logs" / "dphubert_seed1_stage1.log").read_text()
+    log = (out / "logs" / "distilhubert_seed1.log").read_text()
     assert "No existing checkpoint found" in log and "Loaded checkpoint" not in log

@@ -2,6 +2,7 @@
 baseline students (unit selection by magnitude, the parameter count reached), the probe, the label prior, the
 statistics of the report and the sentences."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from fairseq_runs.kmeans_labels import label_prior
     "name, recipe, long_ramp",
     [
         ("default", (267, 133, 26), (300, 100, 200)),
+        ("full", (267, 133, 26), (300, 100, 200)),
         ("long", (1067, 533, 106), (1200, 400, 800)),
         ("tiny", (10, 5, 1), (11, 4, 7)),
     ],
@@ -42,6 +44,25 @@ def test_schedules_follow_their_proportions_with_equal_totals(name, recipe, long
     baseline = size.schedule("uniform")
     assert (baseline.stage1, baseline.stage2, baseline.ramp) == (0, size.student_updates, 0)
     assert set(plan.PROPORTIONS) <= set(plan.KINDS) and set(plan.KINDS) <= set(report.LABELS)
+
+
+def test_the_default_size_is_the_claims_and_full_adds_the_rest_on_the_same_teacher():
+    """'default': DPHuBERT in both schedules, the two students it claims to beat, and both on a tenth of the
+    audio; 'full': every kind, with every other number the same, so that a 'full' run into the same folder
+    reuses the default run's cached teacher (``teacher_key``)."""
+    default, full = plan.SIZES["default"], plan.SIZES["full"]
+    assert set(default.kinds) == {
+        "dphubert",
+        "dphubert_long_ramp",
+        "distilhubert",
+        "uniform",
+        "dphubert_10pct",
+        "distilhubert_10pct",
+    }
+    assert full.kinds == plan.KINDS and plan.SIZES["tiny"].kinds == plan.KINDS
+    assert dataclasses.replace(full, kinds=default.kinds) == default
+    assert full.teacher_key("corpus") == default.teacher_key("corpus")
+    assert not set(plan.FROM_DPHUBERT_STRUCTURE) & set(default.kinds)  # nothing waits for a run not made
 
 
 def test_split_rounds_stage_1_to_the_nearest_update():
