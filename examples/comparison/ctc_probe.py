@@ -92,8 +92,8 @@ def phoneme_probe(
     of ``batch_size`` utterances drawn with ``seed``, the learning rate decaying linearly from ``lr`` to 0.
     A linear CTC probe learns slowly: on the comparison's default corpus (320 training sentences) its
     training loss is still falling at 1000 steps with ``lr`` 0.1 and far from its floor at 2000 steps with
-    ``lr`` 0.01 or 0.03, where the layer weights also stay on the first layers; the defaults take about
-    45 s on one CPU thread for the 12-layer teacher. Returns ``per`` (the phone error rate over every test
+    ``lr`` 0.01 or 0.03, where the layer weights also stay on the first layers; the defaults take under
+    a minute on one CPU thread for the 12-layer teacher. Returns ``per`` (the phone error rate over every test
     utterance), ``per_<group>`` for each distinct value of ``groups`` (one per test utterance), the learned
     ``layer_weights``, the inventory's size, the test phonemes outside it (``unseen``, each an error) and
     the last training batches' mean CTC loss."""
