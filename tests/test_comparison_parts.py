@@ -59,10 +59,26 @@ def test_the_default_size_is_the_claims_and_full_adds_the_rest_on_the_same_teach
         "dphubert_10pct",
         "distilhubert_10pct",
     }
-    assert full.kinds == plan.KINDS and plan.SIZES["tiny"].kinds == plan.KINDS
+    assert full.kinds == plan.KINDS
     assert dataclasses.replace(full, kinds=default.kinds) == default
     assert full.teacher_key("corpus") == default.teacher_key("corpus")
     assert not set(plan.FROM_DPHUBERT_STRUCTURE) & set(default.kinds)  # nothing waits for a run not made
+
+
+def test_the_tiny_size_runs_every_code_path_and_the_option_composes():
+    """The kinds the tiny end-to-end test leaves out differ from a kind it runs only in their stage-1 overrides
+    or their data; the option's override composes into configs/dphubert.yaml as the model key it names."""
+    from fairseq_runs import CONFIGS, compose
+
+    tiny = plan.SIZES["tiny"]
+    for kind in set(plan.KINDS) - set(tiny.kinds):
+        assert kind in plan.PROPORTIONS and plan.PROPORTIONS[kind] == plan.RECIPE
+        assert kind in plan.STAGE1_OVERRIDES or kind in plan.LITTLE_DATA_KINDS
+    assert "dphubert" in tiny.kinds and "distilhubert_10pct" in tiny.kinds  # the plain and little-data paths
+    assert set(plan.STAGE1_OVERRIDES) <= set(plan.PROPORTIONS)
+    (override,) = plan.STAGE1_OVERRIDES["dphubert_importance_init"]
+    cfg = compose(CONFIGS, "dphubert", ["task.data=/data", "task.teacher_path=/t.pt", override])
+    assert cfg.model.gate_init_importance == plan.GATE_INIT_IMPORTANCE > 0
 
 
 def test_split_rounds_stage_1_to_the_nearest_update():

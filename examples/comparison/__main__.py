@@ -43,11 +43,12 @@ from . import ctc_probe, measures, phonemes, structure, students
 from .plan import (
     AS_STAGE2_OF,
     FROM_DPHUBERT_STRUCTURE,
-    GATE_INIT_IMPORTANCE,
     KINDS,
     LABEL_CLUSTERS,
+    LITTLE_DATA_KINDS,
     PROPORTIONS,
     SIZES,
+    STAGE1_OVERRIDES,
     TARGET_LAYERS,
     TEACHER,
     TEACHER_OVERRIDES,
@@ -302,22 +303,15 @@ class Comparison(PhasedRun):
                 students.uniform_student(teacher, target), self.path("models", "uniform_init.pt")
             ),
         }
+
+        def dphubert(kind: str):
+            """A DPHuBERT kind's run: its data, schedule and stage-1 overrides (``plan``)."""
+            source = little if kind in LITTLE_DATA_KINDS else data
+            extra = list(STAGE1_OVERRIDES.get(kind, ()))
+            return lambda n, s: self.dphubert(n, source, teacher_path, s, size.schedule(kind), extra)
+
         runs = {
-            "dphubert": lambda n, s: self.dphubert(n, data, teacher_path, s, size.schedule("dphubert")),
-            "dphubert_long_ramp": lambda n, s: self.dphubert(
-                n, data, teacher_path, s, size.schedule("dphubert_long_ramp")
-            ),
-            "dphubert_importance_init": lambda n, s: self.dphubert(
-                n,
-                data,
-                teacher_path,
-                s,
-                size.schedule("dphubert_importance_init"),
-                [f"model.gate_init_importance={GATE_INIT_IMPORTANCE}"],
-            ),
-            "dphubert_10pct": lambda n, s: self.dphubert(
-                n, little, teacher_path, s, size.schedule("dphubert_10pct")
-            ),
+            **{kind: dphubert(kind) for kind in PROPORTIONS},
             "distilhubert": lambda n, s: self.baseline(n, data, teacher_path, built["distilhubert"], s, True),
             "uniform": lambda n, s: self.baseline(n, data, teacher_path, built["uniform"], s, False),
             "distilhubert_10pct": lambda n, s: self.baseline(

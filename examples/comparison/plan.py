@@ -43,6 +43,12 @@ FROM_DPHUBERT_STRUCTURE = ("random_structure", "largest_in_structure", "largest_
 #: ``model.gate_init_importance`` of 'dphubert_importance_init', fixed before any run: a spread of one logit
 #: unit per standard deviation of a layer's log unit norms (the reference's constant start has 0.01 of noise)
 GATE_INIT_IMPORTANCE = 1.0
+#: stage-1 overrides of a DPHuBERT kind beyond its schedule
+STAGE1_OVERRIDES: Dict[str, Tuple[str, ...]] = {
+    "dphubert_importance_init": (f"model.gate_init_importance={GATE_INIT_IMPORTANCE}",),
+}
+#: the kinds trained on a tenth of the training audio (OUT/data_10pct)
+LITTLE_DATA_KINDS = ("dphubert_10pct", "distilhubert_10pct")
 TARGET_LAYERS = (4, 8, 12)
 #: k-means clusters of the MFCC labels the teacher predicts
 LABEL_CLUSTERS = 50
@@ -180,6 +186,18 @@ SIZES = {
     "full": Size(320, 40, 4, 1500, 400, 3, 160000),
     # four times the student updates, the same teacher (cached when OUT holds it): does a gap close with training?
     "long": Size(320, 40, 4, 1500, 1600, 1, 160000),
-    # DPHuBERT: 10 + 5 updates, ramp 1; its long-ramp row 11 + 4, ramp 7
-    "tiny": Size(16, 4, 1, 4, 15, 1, 64000, phoneme_probe_steps=20, phoneme_probe_seeds=2),
+    # DPHuBERT: 10 + 5 updates, ramp 1; its long-ramp row 11 + 4, ramp 7. Every code path, not every kind:
+    # the option and DPHuBERT on little data differ from kinds it runs only in STAGE1_OVERRIDES / the data
+    "tiny": Size(
+        16,
+        4,
+        1,
+        4,
+        15,
+        1,
+        64000,
+        phoneme_probe_steps=20,
+        phoneme_probe_seeds=2,
+        kinds=tuple(k for k in KINDS if k not in ("dphubert_importance_init", "dphubert_10pct")),
+    ),
 }
