@@ -67,11 +67,13 @@ def test_the_default_size_is_the_claims_and_full_adds_the_rest_on_the_same_teach
 
 def test_the_tiny_size_runs_every_code_path_and_the_option_composes():
     """The kinds the tiny end-to-end test leaves out differ from a kind it runs only in their stage-1 overrides
-    or their data; the option's override composes into configs/dphubert.yaml as the model key it names."""
+    or their data, or (the structure with fresh weights) in the model built, tested on its own above; the
+    option's override composes into configs/dphubert.yaml as the model key it names."""
     from fairseq_runs import CONFIGS, compose
 
     tiny = plan.SIZES["tiny"]
-    for kind in set(plan.KINDS) - set(tiny.kinds):
+    assert set(plan.KINDS) - set(tiny.kinds) - {"random_structure"} and "largest_in_structure" in tiny.kinds
+    for kind in set(plan.KINDS) - set(tiny.kinds) - {"random_structure"}:
         assert kind in plan.PROPORTIONS and plan.PROPORTIONS[kind] == plan.RECIPE
         assert kind in plan.STAGE1_OVERRIDES or kind in plan.LITTLE_DATA_KINDS
     assert "dphubert" in tiny.kinds and "distilhubert_10pct" in tiny.kinds  # the plain and little-data paths

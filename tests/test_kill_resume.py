@@ -22,10 +22,10 @@ import helpers as P  # noqa: E402
 pytestmark = pytest.mark.slow
 
 #: updates of the runs killed during their copies (each copy there takes a second)
-MAX_UPDATE = 30
+MAX_UPDATE = 15
 #: kills of the run killed at random moments, and its updates: room for each kill after up to ~1.5 s of training
-RANDOM_KILLS = 3
-RANDOM_KILLS_MAX_UPDATE = 50
+RANDOM_KILLS = 2
+RANDOM_KILLS_MAX_UPDATE = 35
 LRS = {"default": 2e-4, "gates": 0.1, "lagrangian": 0.1}
 LOADED = re.compile(r"Loaded checkpoint (\S+) \(epoch \d+ @ (\d+) updates\)")
 SAVED = re.compile(r"Saved checkpoint (\S+) \(epoch \d+ @ (\d+) updates")
