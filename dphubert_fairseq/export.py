@@ -361,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="with --onnx: also write OUT.int8.onnx, the ONNX file with int8 linear-layer weights (onnxruntime's "
-        "dynamic quantisation), once every hidden state on the check batch has a cosine of at least "
-        f"{MIN_COSINE} to the torch fp32 model's",
+        help="with --onnx: also write OUT.int8.onnx, the ONNX file with int8 linear layers (onnxruntime's "
+        "dynamic quantisation) and CNN (inputs scaled per group of frames), once every hidden state on the check "
+        f"batch has a cosine of at least {MIN_COSINE} to the torch fp32 model's (else with a float32 CNN, if that "
+        "meets it)",
     )
     parser.add_argument(
         "--onnx-audio",

@@ -1,0 +1,179 @@
+"""The CNN's convolutions as int8 matrix products (``formats/onnx_int8_conv.py``): the weight layout, the graph
+against a numpy model of the same quantisation, the per-group scales against one scale per tensor, and the int8
+export's fallback to a float32 CNN."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dphubert_fairseq as dp
+from dphubert_fairseq.formats import onnx_export, onnx_int8, onnx_int8_conv
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+def conv_model(weight: np.ndarray, stride: int, bias=None, group: int = 1):
+    """An ONNX graph of one Conv1d ``x (B, C, T) -> y (B, N, T_out)``, dynamic batch and length."""
+    h = onnx.helper
+    inits = [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias is not None:
+        inits.append(onnx.numpy_helper.from_array(bias.astype(np.float32), "b"))
+        inputs.append("b")
+    node = h.make_node(
+        "Conv", inputs, ["y"], name="conv", kernel_shape=[weight.shape[2]], strides=[stride], group=group
+    )
+    graph = h.make_graph(
+        [node],
+        "conv",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", weight.shape[1] * group, "T"])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", onnx_export.OPSET)])
+
+
+def run(proto, x: np.ndarray) -> np.ndarray:
+    session = onnx_export.cpu_session(onnxruntime, proto.SerializeToString(), threads=1)
+    return session.run(None, {"x": x})[0]
+
+
+def numpy_int8_conv(x: np.ndarray, weight: np.ndarray, stride: int, bias=None) -> np.ndarray:
+    """What the rewritten graph computes, written directly: ``x`` quantised with one symmetric scale per group
+    of ``stride`` frames (groups from frame 0, float32 as onnxruntime rounds), the weight per output channel,
+    then the convolution of the two in float64."""
+    batch, channels, length = x.shape
+    frames = x.transpose(0, 2, 1).astype(np.float32)  # (B, T, C)
+    n_groups = -(-length // stride)
+    peak = np.zeros((batch, n_groups * stride), dtype=np.float32)
+    peak[:, :length] = np.abs(frames).max(axis=2)
+    group_peak = peak.reshape(batch, n_groups, stride).max(axis=2)
+    scale = np.maximum(group_peak, np.float32(onnx_int8_conv.SCALE_FLOOR)) / np.float32(onnx_int8_conv.LEVELS)
+    inverse = (np.float32(1) / scale).astype(np.float32)
+    inverse_frames = np.repeat(inverse, stride, axis=1)[:, :length, None]
+    codes = np.clip(np.round(frames * inverse_frames), -128, 127)
+    dequantised = codes.astype(np.float64) * np.repeat(scale, stride, axis=1)[:, :length, None].astype(
+        np.float64
+    )
+    matrices, weight_scale = onnx_int8_conv.group_weights(weight, stride)
+    n_out, _, kernel = weight.shape
+    taps = np.concatenate(matrices).reshape(-1, channels, n_out)[:kernel]  # (k, C, N)
+    w = (taps.astype(np.float64) * weight_scale.astype(np.float64)).transpose(2, 1, 0)
+    y = F.conv1d(torch.from_numpy(dequantised.transpose(0, 2, 1)), torch.from_numpy(w), stride=stride).numpy()
+    return y if bias is None else y + bias[None, :, None]
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (2, 2), (5, 2), (4, 4), (3, 1)])
+def test_group_weights_hold_every_tap_in_its_group_row(kernel, stride):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    weight = rng.normal(size=(6, 4, kernel)).astype(np.float32)
+    matrices, scale = onnx_int8_conv.group_weights(weight, stride)
+    assert len(matrices) == -(-kernel // stride)
+    assert [m.dtype for m in matrices] == [np.int8] * len(matrices)
+    assert matrices[-1].shape == ((kernel - stride * (len(matrices) - 1)) * 4, 6)
+    rebuilt = np.zeros_like(weight)
+    for j in range(kernel):
+        rows = matrices[j // stride][(j % stride) * 4 : (j % stride + 1) * 4]  # (C, N)
+        rebuilt[:, :, j] = (rows.astype(np.float32) * scale).T
+    # within half a step of each output channel's scale, and each channel's largest weight exactly at 127
+    assert np.all(np.abs(rebuilt - weight) <= scale[:, None, None] / 2 + 1e-6)
+    assert all(np.abs(np.concatenate(matrices)).max(axis=0) == 127)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, with_bias", [(3, 2, False), (2, 2, True), (5, 2, True), (3, 1, False)]
+)
+def test_rewritten_conv_computes_the_per_group_quantised_conv(kernel, stride, with_bias):
+    """The graph's wiring (group alignment, tap order, the offsets' slices, scales, bias) against the numpy
+    model of the same quantisation, for lengths of every remainder modulo the stride and a batch of two whose
+    items have different ranges; and close to the float conv."""
+    rng = np.random.default_rng(kernel)
+    weight = rng.normal(size=(5, 6, kernel)).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32) if with_bias else None
+    proto = conv_model(weight, stride, bias)
+    assert onnx_int8_conv.quantize_convs(onnx, proto) == ["conv"]
+    assert not any(n.op_type == "Conv" for n in proto.graph.node)
+    assert "w" not in {t.name for t in proto.graph.initializer}  # the float weight is gone
+    for length in range(kernel + 7, kernel + 7 + stride + 1):
+        x = rng.normal(size=(2, 6, length)).astype(np.float32)
+        x[1] *= 40
+        x[0, :, 3] *= 30  # a loud frame: only its own group's scale grows
+        got = run(proto, x)
+        want = numpy_int8_conv(x, weight, stride, bias)
+        assert got.shape == want.shape == (2, 5, (length - kernel) // stride + 1)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        exact = F.conv1d(
+            torch.from_numpy(x),
+            torch.from_numpy(weight),
+            None if bias is None else torch.from_numpy(bias),
+            stride=stride,
+        ).numpy()
+        assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+def test_only_plain_convs_with_several_input_channels_are_rewritten():
+    rng = np.random.default_rng(0)
+    for proto in (
+        conv_model(rng.normal(size=(4, 1, 10)), 5),  # the first CNN layer: its input is the waveform
+        conv_model(rng.normal(size=(8, 2, 4)), 1, group=4),  # the positional convolution is grouped
+    ):
+        before = proto.SerializeToString()
+        assert onnx_int8_conv.quantize_convs(onnx, proto) == []
+        assert proto.SerializeToString() == before
+
+
+def test_per_group_scales_follow_loud_frames_where_one_scale_cannot():
+    """Why the groups: one loud frame in otherwise quiet speech-like input. With a scale per group the quiet
+    frames keep their precision; with one scale for the tensor (onnxruntime's dynamic quantisation) they lose it."""
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(16, 16, 3)).astype(np.float32)
+    x = rng.normal(size=(1, 16, 201)).astype(np.float32) * 0.1
+    x[0, :, 100] = 60.0
+    proto = conv_model(weight, 2)
+    onnx_int8_conv.quantize_convs(onnx, proto)
+    exact = F.conv1d(torch.from_numpy(x), torch.from_numpy(weight), stride=2).numpy()
+    per_group = run(proto, x)
+    step = np.abs(x).max() / 127  # one scale for the tensor
+    per_tensor = F.conv1d(
+        torch.from_numpy(np.round(x / step) * step), torch.from_numpy(weight), stride=2
+    ).numpy()
+    quiet = np.r_[0:45, 55:100]  # output frames whose windows miss the loud frame's group
+
+    def cosine(a, b):
+        a, b = a[..., quiet].ravel(), b[..., quiet].ravel()
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cosine(per_group, exact) > 0.999
+    assert cosine(per_tensor, exact) < 0.8
+
+
+def test_int8_export_quantises_the_cnn_and_falls_back_to_float32_below_the_floor(tiny_teachers, tmp_path):
+    """A pruned student's int8 file has an int8 CNN when it meets the floor; with a floor between the two
+    files' cosines the float32-CNN file is written instead and the report says why."""
+    student = dp.student_from_teacher(tiny_teachers["hubert_base"])
+    pruned = dp.prune(student).eval()
+    fp32 = str(tmp_path / "m.onnx")
+    onnx_export.export_onnx(pruned, fp32)
+    check = onnx_export.probe_batch(pruned)
+    with_cnn = onnx_int8.quantize_int8(fp32, str(tmp_path / "a.onnx"), pruned, check)
+    linear = onnx_int8.quantize_int8(fp32, str(tmp_path / "b.onnx"), pruned, check, cnn=False)
+    assert with_cnn.cnn_int8 and not linear.cnn_int8 and with_cnn.cnn_int8_cosine is None
+    ops = lambda path: [n.op_type for n in onnx.load(path).graph.node]  # noqa: E731
+    n_conv = pruned.cfg.conv_feature_layers.count("(")
+    assert (
+        ops(with_cnn.path).count("Conv") == 2 and ops(linear.path).count("Conv") == n_conv + 1
+    )  # + positional
+    meta = {p.key: p.value for p in onnx.load(with_cnn.path).metadata_props}
+    assert meta["quantization"] == onnx_int8.QUANTIZATION[True]
+    assert onnx_int8.MIN_COSINE <= with_cnn.min_cosine < linear.min_cosine < 1.0
+    floor = (with_cnn.min_cosine + linear.min_cosine) / 2
+    fallback = onnx_int8.quantize_int8(fp32, str(tmp_path / "c.onnx"), pruned, check, min_cosine=floor)
+    assert not fallback.cnn_int8 and fallback.min_cosine == pytest.approx(linear.min_cosine)
+    assert fallback.cnn_int8_cosine == pytest.approx(with_cnn.min_cosine)
+    line = onnx_int8.int8_summary_line(fallback.summary())
+    assert line.endswith(
+        f"linear layers int8, the CNN float32 (with it int8 the lowest cosine was {with_cnn.min_cosine:.4f})"
+    )
+    assert onnx_int8.int8_summary_line(with_cnn.summary()).endswith("; linear layers and CNN int8")
