@@ -11,7 +11,8 @@ parameter target 0.75 (``structures/hubert_base_sp75.json``) with random weights
 and run on the same audio with its padding mask (the student also as its int8 file, ``dphubert-export --int8``'s
 ``formats/onnx_int8.py``, checked against torch fp32 like the export checks it): torch fp32 under ``torch.inference_mode`` with
 ``torch.set_num_threads(N)``, onnxruntime's CPU provider with ``intra_op_num_threads=N`` (graph optimisations
-at their default, all). Times are the median of ``--repeat`` forward passes after ``--warmup``, the four
+at their default, all; idle threads not spinning, or the three sessions taking turns would take each other's
+cores: on 2 cores that alone made the int8 file 1.1x slower against the fp32 one). Times are the median of ``--repeat`` forward passes after ``--warmup``, the four
 (model, runtime) pairs taking turns so that drift hits all alike; every ratio is taken within this run.
 """
 
@@ -114,7 +115,9 @@ def run(args, onnxruntime, work: str) -> int:
     timing: Dict[str, Dict[str, float]] = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        sessions = {name: cpu_session(onnxruntime, e["path"], threads) for name, e in exports.items()}
+        sessions = {
+            name: cpu_session(onnxruntime, e["path"], threads, spinning=False) for name, e in exports.items()
+        }
         calls: Dict[str, Callable[[], object]] = {}
         for name, model in models.items():
             calls[f"{name} torch"] = lambda model=model: model.hidden_states(source, mask)

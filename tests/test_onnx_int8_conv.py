@@ -51,9 +51,8 @@ def numpy_int8_conv(x: np.ndarray, weight: np.ndarray, stride: int, bias=None) -
     peak[:, :length] = np.abs(frames).max(axis=2)
     group_peak = peak.reshape(batch, n_groups, stride).max(axis=2)
     scale = np.maximum(group_peak, np.float32(onnx_int8_conv.SCALE_FLOOR)) / np.float32(onnx_int8_conv.LEVELS)
-    inverse = (np.float32(1) / scale).astype(np.float32)
-    inverse_frames = np.repeat(inverse, stride, axis=1)[:, :length, None]
-    codes = np.clip(np.round(frames * inverse_frames), -128, 127)
+    frame_scale = np.repeat(scale, stride, axis=1)[:, :length, None]
+    codes = np.clip(np.round(frames / frame_scale), -128, 127)
     dequantised = codes.astype(np.float64) * np.repeat(scale, stride, axis=1)[:, :length, None].astype(
         np.float64
     )

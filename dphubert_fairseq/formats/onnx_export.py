@@ -282,13 +282,17 @@ def compare(
     return worst, where
 
 
-def cpu_session(onnxruntime, model_bytes_or_path, threads: int = 0):
-    """An onnxruntime CPU session; ``threads`` 0 lets onnxruntime choose."""
+def cpu_session(onnxruntime, model_bytes_or_path, threads: int = 0, spinning: bool = True):
+    """An onnxruntime CPU session; ``threads`` 0 lets onnxruntime choose. ``spinning`` False: the session's
+    idle threads sleep instead of spinning (where several sessions take turns on few cores, each one's
+    spinning threads would otherwise take the cores from the next)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(model_bytes_or_path, options, providers=["CPUExecutionProvider"])
 
 

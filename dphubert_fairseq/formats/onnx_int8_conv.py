@@ -118,19 +118,23 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int) -> List[object]
     scale = b.node(
         "Div", [b.node("Max", [peak, floor], "peak_floor"), b.const("levels", np.float32(LEVELS))], "scale"
     )
-    # each frame divided by its group's scale, then rounded to uint8 codes around ZERO_POINT
-    inverse = b.node("Reciprocal", [scale], "inverse")  # (B, n_groups, 1)
-    inverse = b.node("Expand", [inverse, b.const("group_shape", i64(1, 1, stride))], "inverse_frames")
-    inverse = b.node("Reshape", [inverse, b.const("frames_shape", i64(0, -1, 1))], "inverse_flat")
+    # each frame divided by its group's scale and rounded to uint8 codes around ZERO_POINT: one per-axis
+    # QuantizeLinear over the (B T, C) rows, with no pass of its own to divide
+    frame_scale = b.node("Expand", [scale, b.const("group_shape", i64(1, 1, stride))], "frame_scale")
+    frame_scale = b.node("Reshape", [frame_scale, b.const("batch_rows", i64(0, -1))], "frame_scale_rows")
     length = b.node("Shape", [x], "length", start=1, end=2)  # [T]
-    inverse = b.node(
-        "Slice", [inverse, b.const("zero", i64(0)), length, b.const("time_axis", i64(1))], "inverse_cut"
-    )  # (B, T, 1)
+    frame_scale = b.node(
+        "Slice",
+        [frame_scale, b.const("zero", i64(0)), length, b.const("time_axis", i64(1))],
+        "frame_scale_cut",
+    )  # (B, T)
+    frame_scale = b.node("Reshape", [frame_scale, b.const("flat", i64(-1))], "frame_scale_flat")  # (B T,)
     zero_point = b.const("zero_point", np.uint8(ZERO_POINT))
+    zero_points = b.node("Expand", [zero_point, b.node("Shape", [frame_scale], "n_frames")], "zero_points")
+    flat = b.node("Reshape", [x, b.const("row_shape", i64(-1, channels))], "frame_rows")  # (B T, C)
+    codes = b.node("QuantizeLinear", [flat, frame_scale, zero_points], "codes_flat", axis=0)
+    codes = b.node("Reshape", [codes, b.node("Shape", [x], "frames_shape")], "codes")  # (B, T, C) uint8
     one = b.const("one", np.float32(1.0))
-    codes = b.node(
-        "QuantizeLinear", [b.node("Mul", [x, inverse], "scaled"), one, zero_point], "codes"
-    )  # (B, T, C) uint8
     # padded with code ZERO_POINT (0.0) to whole groups, then one row per group
     s = b.const("stride", i64(stride))
     n_groups = b.node(
