@@ -14,30 +14,42 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 
-def conv_model(weight: np.ndarray, stride: int, bias=None, group: int = 1):
-    """An ONNX graph of one Conv1d ``x (B, C, T) -> y (B, N, T_out)``, dynamic batch and length."""
+def conv_model(weight: np.ndarray, stride: int, bias=None, group: int = 1, then=None):
+    """An ONNX graph of one Conv1d ``x (B, C, T) -> y (B, N, T_out)``, dynamic batch and length; ``then``
+    ``(weight, stride)``: a second Conv1d on ``y``, whose output ``z`` is a second output."""
     h = onnx.helper
     inits = [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")]
     inputs = ["x", "w"]
     if bias is not None:
         inits.append(onnx.numpy_helper.from_array(bias.astype(np.float32), "b"))
         inputs.append("b")
-    node = h.make_node(
-        "Conv", inputs, ["y"], name="conv", kernel_shape=[weight.shape[2]], strides=[stride], group=group
-    )
+    nodes = [
+        h.make_node(
+            "Conv", inputs, ["y"], name="conv", kernel_shape=[weight.shape[2]], strides=[stride], group=group
+        )
+    ]
+    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    if then is not None:
+        inits.append(onnx.numpy_helper.from_array(then[0].astype(np.float32), "w2"))
+        nodes.append(
+            h.make_node(
+                "Conv", ["y", "w2"], ["z"], name="conv2", kernel_shape=[then[0].shape[2]], strides=[then[1]]
+            )
+        )
+        outputs.append(h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
     graph = h.make_graph(
-        [node],
+        nodes,
         "conv",
         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", weight.shape[1] * group, "T"])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        outputs,
         inits,
     )
     return h.make_model(graph, opset_imports=[h.make_opsetid("", onnx_export.OPSET)])
 
 
-def run(proto, x: np.ndarray) -> np.ndarray:
+def run(proto, x: np.ndarray, output: int = 0) -> np.ndarray:
     session = onnx_export.cpu_session(onnxruntime, proto.SerializeToString(), threads=1)
-    return session.run(None, {"x": x})[0]
+    return session.run(None, {"x": x})[output]
 
 
 def numpy_int8_conv(x: np.ndarray, weight: np.ndarray, stride: int, bias=None) -> np.ndarray:
@@ -110,6 +122,27 @@ def test_rewritten_conv_computes_the_per_group_quantised_conv(kernel, stride, wi
             stride=stride,
         ).numpy()
         assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+def test_a_conv_after_a_rewritten_one_takes_its_input_frames_first():
+    """The second of two rewritten convs quantises its input after transposing it (the first one before):
+    both against the numpy model, the second on the first's own output."""
+    rng = np.random.default_rng(7)
+    first, second = (
+        rng.normal(size=(6, 4, 3)).astype(np.float32),
+        rng.normal(size=(5, 6, 2)).astype(np.float32),
+    )
+    proto = conv_model(first, 2, then=(second, 2))
+    assert onnx_int8_conv.quantize_convs(onnx, proto) == ["conv", "conv2"]
+    names = {n.name for n in proto.graph.node}
+    assert "conv/int8/codes_ct" in names and "conv2/int8/frames" in names  # the two layouts
+    for length in (41, 42, 43, 44):
+        x = rng.normal(size=(2, 4, length)).astype(np.float32)
+        x[0, :, 5] *= 50
+        y, z = run(proto, x, 0), run(proto, x, 1)
+        for got, want in ((y, numpy_int8_conv(x, first, 2)), (z, numpy_int8_conv(y, second, 2))):
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_only_plain_convs_with_several_input_channels_are_rewritten():
