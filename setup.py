@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -52,7 +53,8 @@ TESTED = [
 ]
 
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-    LONG_DESCRIPTION = f.read()
+    # links into the checkout (docs/, benchmarks/, ...) lead nowhere on a package index: their text stays
+    LONG_DESCRIPTION = re.sub(r"\[([^\]]+)\]\((?![a-z]+:|#)[^)]*\)", r"\1", f.read())
 
 setup(
     name="dphubert-fairseq",

@@ -20,10 +20,19 @@ from .errors import (  # noqa: E402
     UnsupportedTeacherError,
 )
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel  # noqa: E402
-from .packaged_configs import config_dir  # noqa: E402
 from .pruning import PruningReport, prune  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
 from .teacher import count_params, load_teacher, teacher_hidden_states  # noqa: E402
+
+
+def config_dir() -> str:
+    """The folder of the recipe's configs (``packaged_configs.config_dir``). Imported when called, so that
+    ``python -m dphubert_fairseq.packaged_configs`` does not find its module imported already by the package
+    (runpy warns about that on every call)."""
+    from .packaged_configs import config_dir as packaged
+
+    return packaged()
+
 
 __all__ = [
     "CheckpointError",

@@ -6,6 +6,7 @@ in an installed wheel, the copy of it that ``setup.py`` put into the package (``
 configs' ``common.user_dir: dphubert_fairseq`` (see docs/install.md).
 """
 
+import argparse
 import os
 import sys
 from typing import List, Optional
@@ -28,12 +29,17 @@ def user_dir() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Print :func:`config_dir` (or, with ``--user-dir``, :func:`user_dir`)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv not in ([], ["--user-dir"]):
-        print("usage: python -m dphubert_fairseq.packaged_configs [--user-dir]", file=sys.stderr)
-        return 2
-    print(user_dir() if argv else config_dir())
+    """Print :func:`config_dir` (or, with ``--user-dir``, :func:`user_dir`); ``--help`` says so (exit 0), an
+    unknown argument gets the usage line (exit 2)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dphubert_fairseq.packaged_configs",
+        description="Print the folder of the recipe's configs (for fairseq-hydra-train --config-dir).",
+    )
+    parser.add_argument(
+        "--user-dir", action="store_true", help="print the plugin's folder instead (for common.user_dir=)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    print(user_dir() if args.user_dir else config_dir())
     return 0
 
 

@@ -90,3 +90,21 @@ def test_wheel_install_trains_stage1_from_another_folder(tmp_path, speech_manife
     assert (save_dir / "checkpoint_last.pt").exists()
     assert "'target_metric': macs" in out.stdout and "'conv_gate_init_drop_rate': 0.5" in out.stdout
     assert os.listdir(work) == []  # nothing written into the launch folder
+
+
+def test_packaged_configs_command_line(capsys):
+    """``python -m dphubert_fairseq.packaged_configs``: the configs' folder, ``--user-dir`` the plugin's,
+    ``--help`` the usage (exit 0), anything else the usage line and exit 2."""
+    from dphubert_fairseq import packaged_configs
+
+    assert packaged_configs.main([]) == 0
+    assert capsys.readouterr().out.strip() == packaged_configs.config_dir()
+    assert os.path.isfile(os.path.join(packaged_configs.config_dir(), "dphubert.yaml"))
+    assert packaged_configs.main(["--user-dir"]) == 0
+    assert capsys.readouterr().out.strip() == packaged_configs.user_dir()
+    with pytest.raises(SystemExit) as done:
+        packaged_configs.main(["--help"])
+    assert done.value.code == 0 and "--user-dir" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        packaged_configs.main(["--config"])
+    assert done.value.code == 2 and "unrecognized arguments: --config" in capsys.readouterr().err
