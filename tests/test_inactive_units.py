@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dphubert_fairseq.macs import count_macs
-from dphubert_fairseq.models import gather_policy
+from dphubert_fairseq.models import gather_policy, inactive_units
 from dphubert_fairseq.models.dphubert import DPHuBERTModel
 from dphubert_fairseq.models.gather_policy import FRACTIONS, BreakEven
 from dphubert_fairseq.models.hard_concrete import HardConcrete
@@ -243,6 +243,24 @@ def test_every_unit_active_computes_what_it_computed_before():
     assert all(torch.equal(a, b) for a, b in zip(states_a, states_b))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert model.active_macs(SAMPLES) == count_macs(model.cfg, SAMPLES).total
+
+
+def test_the_default_threshold_leaves_out_gates_floating_where_closed_gates_settle():
+    """The criterion's default leaves out a unit whose P(gate > 0) floats at about 0.01 (where the gates the
+    eval mask closes settle after the ramp, benchmarks/gate_decay.py) and keeps one at 0.05 (still moving)."""
+    from dphubert_fairseq.criterions.distill_criterion import DPHuBERTDistillCriterionConfig
+    from dphubert_fairseq.models.hard_concrete import prob_open
+
+    threshold = DPHuBERTDistillCriterionConfig().inactive_threshold
+    assert threshold == inactive_units.THRESHOLD
+    gate = HardConcrete(3, 0.5)
+    with torch.no_grad():
+        for unit, p in enumerate((0.01, 0.015, 0.05)):  # logits with these probabilities of opening
+            gate.log_alpha[unit] = torch.logit(torch.tensor(p)) - torch.logit(prob_open(torch.zeros(1)))[0]
+        assert torch.allclose(prob_open(gate.log_alpha), torch.tensor([0.01, 0.015, 0.05]), atol=1e-6)
+        closed = [update_active_sets([gate], threshold) for _ in range(inactive_units.CHECKS)]
+    assert closed == [0] * (inactive_units.CHECKS - 1) + [2]
+    assert gate.active.tolist() == [False, False, True]
 
 
 def test_the_rule_needs_consecutive_checks_below_the_threshold():

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..errors import ConfigError
 from ..latency import LatencyTable, load_table
 from ..macs import METRICS, Metric, architecture_size
-from ..models import gather_policy
+from ..models import gather_policy, inactive_units
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target
@@ -106,8 +106,12 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
         },
     )
     inactive_threshold: float = field(
-        default=1e-4,
-        metadata={"help": "a unit counts as closed at a check when P(gate > 0) is below this"},
+        default=inactive_units.THRESHOLD,
+        metadata={
+            "help": "a unit counts as closed at a check when P(gate > 0) is below this; 0.02 sits above where "
+            "closed gates float after the ramp (P about 0.01), so closed units are left out in a run of any "
+            "length (1e-4 leaves none out: closed gates never sink that far)"
+        },
     )
     inactive_checks: int = field(
         default=3,

@@ -27,8 +27,10 @@ import torch.nn as nn
 
 from .hard_concrete import HardConcrete, prob_open
 
-#: Default threshold on ``p`` below which a unit counts as closed at a check.
-THRESHOLD = 1e-4
+#: Default threshold on ``p`` below which a unit counts as closed at a check: above where the gates the eval
+#: mask closes float after the target ramp (``P`` about 0.01, for as long as a run goes on; benchmarks/README.md,
+#: ``gate_decay.py``), so that a run of any length leaves them out; at 1e-4 none ever was
+THRESHOLD = 0.02
 #: Default number of consecutive checks below the threshold after which a unit is inactive.
 CHECKS = 3
 #: Default number of updates between checks.
