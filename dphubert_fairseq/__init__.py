@@ -11,6 +11,7 @@ fairseq_patches.install()
 
 from . import criterions, models, tasks  # noqa: E402,F401  (register the model, task and criterion)
 from .checkpoint_io import load_model, save_model  # noqa: E402
+from .config_paths import config_dir  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     CheckpointLayoutError,
@@ -23,16 +24,6 @@ from .models.dphubert import DPHuBERTConfig, DPHuBERTModel  # noqa: E402
 from .pruning import PruningReport, prune  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
 from .teacher import count_params, load_teacher, teacher_hidden_states  # noqa: E402
-
-
-def config_dir() -> str:
-    """The folder of the recipe's configs (``packaged_configs.config_dir``). Imported when called, so that
-    ``python -m dphubert_fairseq.packaged_configs`` does not find its module imported already by the package
-    (runpy warns about that on every call)."""
-    from .packaged_configs import config_dir as packaged
-
-    return packaged()
-
 
 __all__ = [
     "CheckpointError",

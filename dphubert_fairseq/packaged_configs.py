@@ -1,31 +1,16 @@
 """Where the recipe's configs are: ``fairseq-hydra-train --config-dir $(python -m dphubert_fairseq.packaged_configs)``.
 
-In a source checkout (an editable install included) that is the checkout's ``configs/``, the source of truth;
-in an installed wheel, the copy of it that ``setup.py`` put into the package (``dphubert_fairseq/configs``).
 ``--user-dir`` prints the plugin's folder, for ``common.user_dir=`` where fairseq cannot find the plugin by the
-configs' ``common.user_dir: dphubert_fairseq`` (see docs/install.md).
+configs' ``common.user_dir: dphubert_fairseq`` (see docs/install.md). The folders come from ``config_paths``, a
+module of its own so that the package, which imports that one, has not imported this one when ``python -m``
+runs it.
 """
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def config_dir() -> str:
-    """The folder holding ``dphubert.yaml`` and ``dphubert_final.yaml``: the checkout's ``configs/`` when the
-    package is imported from a source tree, else the copy shipped in the package."""
-    checkout = os.path.join(os.path.dirname(PACKAGE_DIR), "configs")
-    if os.path.isfile(os.path.join(checkout, "dphubert.yaml")):
-        return checkout
-    return os.path.join(PACKAGE_DIR, "configs")
-
-
-def user_dir() -> str:
-    """The plugin's own folder, a value for fairseq's ``common.user_dir`` that works from any directory."""
-    return PACKAGE_DIR
+from .config_paths import config_dir, user_dir
 
 
 def main(argv: Optional[List[str]] = None) -> int:
