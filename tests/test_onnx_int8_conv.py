@@ -2,6 +2,7 @@
 against a numpy model of the same quantisation, the per-group scales against one scale per tensor, and the int8
 export's fallback to a float32 CNN."""
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import dphubert_fairseq as dp
 from dphubert_fairseq.formats import onnx_export, onnx_int8, onnx_int8_conv
 
+ALL_UNITS = ("conv", "head", "interm", "attlayer", "ffnlayer")
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -179,6 +181,29 @@ def test_per_group_scales_follow_loud_frames_where_one_scale_cannot():
 
     assert cosine(per_group, exact) > 0.999
     assert cosine(per_tensor, exact) < 0.8
+
+
+@pytest.mark.parametrize("shape", sorted(helpers.TEACHER_SHAPES))
+def test_every_teachers_pruned_cnn_becomes_int8_within_the_floor(tiny_teachers, shape, tmp_path):
+    """HuBERT / wav2vec2 / data2vec students with random gates (CNN channels removed, so odd widths; group-norm
+    and layer-norm CNNs, with and without conv bias): every conv after the first is rewritten, the grouped
+    positional convolutions are not, and the file meets the floor on the export's probe."""
+    student = helpers.randomise_gates(dp.student_from_teacher(tiny_teachers[shape], prune_units=ALL_UNITS))
+    widths = [block.conv.out_channels for block in student.feature_extractor.blocks]
+    pruned = dp.prune(student).eval()
+    kept = [block.conv.out_channels for block in pruned.feature_extractor.blocks]
+    assert all(k <= w for k, w in zip(kept, widths)) and sum(kept) < sum(widths)  # channels removed
+    fp32 = str(tmp_path / "m.onnx")
+    onnx_export.export_onnx(pruned, fp32)
+    report = onnx_int8.quantize_int8(
+        fp32, str(tmp_path / "m.int8.onnx"), pruned, onnx_export.probe_batch(pruned)
+    )
+    assert report.cnn_int8 and report.min_cosine >= onnx_int8.MIN_COSINE
+    graph = onnx.load(report.path).graph
+    n_conv = len(pruned.feature_extractor.blocks)
+    rewritten = {n.name.split("/int8/")[0] for n in graph.node if "/int8/" in n.name}
+    assert len(rewritten) == n_conv - 1
+    assert all(n.op_type != "Conv" or "pos_conv" in n.name or "blocks.0/" in n.name for n in graph.node)
 
 
 def test_int8_export_quantises_the_cnn_and_falls_back_to_float32_below_the_floor(tiny_teachers, tmp_path):
