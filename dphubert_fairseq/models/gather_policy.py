@@ -11,7 +11,9 @@ products are fast, AVX512 / AMX, the copies can cost more than a few closed unit
 ``measure`` times, once per kind of block (all FFN blocks of one shape share a measurement, each conv layer
 has its own), the forward and backward of the block at full width with some units masked, and gathered at a
 few active fractions (``FRACTIONS``), fits the gathered time as a line in the fraction, and takes where the
-line meets the masked time as the break-even. Each probe runs on the shape of the batch last seen in training
+line is ``GATHER_MARGIN`` below the masked time as the break-even: near where the two meet, gathering saves
+less than the timings' noise, and a choice made on noise could make the update slower than computing every
+unit masked, which costs what the all-active update does. Each probe runs on the shape of the batch last seen in training
 (``Probe``), under the autocast that batch ran under, on a copy of the random state (the run's random
 stream is unchanged) and without touching any ``.grad``. Under DDP the times are summed over the workers
 before the fit, so every worker takes the same decision.
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: the active fractions the gathered computation is timed at
 FRACTIONS = (0.25, 0.5, 0.75)
+#: a block gathers only where the fitted line says that saves at least this share of the masked time
+GATHER_MARGIN = 0.05
 #: what ``criterion.inactive_compute`` may ask for
 MODES = ("measure", "gather", "mask")
 
@@ -58,18 +62,19 @@ class BreakEven:
 
     @property
     def below(self) -> float:
-        """The active fraction below which gathering is faster, in [0, 1]: where the least-squares line
-        through the gathered times meets the masked time (1 when gathering is faster at every fraction the
-        line reaches, 0 when it is slower at every one)."""
+        """The active fraction below which gathering is faster by at least ``GATHER_MARGIN`` of the masked
+        time, in [0, 1]: where the least-squares line through the gathered times meets ``(1 - GATHER_MARGIN)``
+        times the masked time (1 when that holds at every fraction the line reaches, 0 at none)."""
         n = len(self.fractions)
         mean_f = sum(self.fractions) / n
         mean_t = sum(self.gathered) / n
         var = sum((f - mean_f) ** 2 for f in self.fractions)
         slope = sum((f - mean_f) * (t - mean_t) for f, t in zip(self.fractions, self.gathered)) / var
         intercept = mean_t - slope * mean_f
+        worth = self.masked * (1.0 - GATHER_MARGIN)  # the gathered time at which gathering is worth it
         if slope <= 0:  # gathering costs no less with fewer units: take it only if it is already cheaper
-            return 1.0 if intercept < self.masked else 0.0
-        return min(1.0, max(0.0, (self.masked - intercept) / slope))
+            return 1.0 if intercept <= worth else 0.0
+        return min(1.0, max(0.0, (worth - intercept) / slope))
 
 
 def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[Probe]], cache: Dict) -> None:
