@@ -39,7 +39,6 @@ LEVELS = 127
 ZERO_POINT = 128
 #: a group whose largest |x| is below this is quantised with this (an all-zero group stays zero)
 SCALE_FLOOR = 1e-30
-INT64_MAX = 2**62
 
 
 def group_weights(weight: np.ndarray, stride: int) -> Tuple[List[np.ndarray], np.ndarray]:
