@@ -7,6 +7,7 @@ invocation on one machine. Measurements that must not share a process (peak memo
 subprocesses of the same invocation.
 """
 
+import base64
 import json
 import os
 import re
@@ -320,6 +321,25 @@ def decode_active(text: str, n: int) -> torch.Tensor:
     """The ``(n,)`` bool set ``encode_active`` wrote."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8), bitorder="little")[:n]
     return torch.from_numpy(bits.astype(bool))
+
+
+#: the step of a quantised gate logit (``encode_logits``): P(gate > 0) moves by at most 2.5% per step
+LOGIT_STEP = 0.1
+
+
+def encode_logits(log_alpha: torch.Tensor) -> str:
+    """A gate's logits ``(n,)`` as base64 of int8 multiples of ``LOGIT_STEP`` (clamped to +-12.7, where
+    P(gate > 0) is within 1e-5 of 0 or 1)."""
+    steps = torch.round(log_alpha.detach().float().cpu() / LOGIT_STEP).clamp(-127, 127).to(torch.int8)
+    return base64.b64encode(steps.numpy().tobytes()).decode("ascii")
+
+
+def decode_logits(text: str, n: int) -> torch.Tensor:
+    """The ``(n,)`` float32 logits ``encode_logits`` wrote; raises ValueError unless it holds ``n`` of them."""
+    data = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(data) != n:
+        raise ValueError(f"{len(data)} logits recorded, {n} expected")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.int8).astype(np.float32) * LOGIT_STEP)
 
 
 # ----- workers and output -----

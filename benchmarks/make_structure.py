@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import Dict, List, Sequence, Tuple
 
-from harness import REPO, SHAPES, encode_active, save_random_teacher, write_audio, write_json
+from harness import REPO, SHAPES, encode_active, encode_logits, save_random_teacher, write_audio, write_json
 
 from fairseq_runs import (
     composite_schedule,
@@ -144,7 +144,7 @@ def closed_units(model) -> Dict[str, object]:
 def gate_states(save_dir: str) -> List[Dict[str, object]]:
     """The active sets of every interval checkpoint in ``save_dir`` and of its last one, in update order: per
     checkpoint its update, the active fractions and MACs, each gate's active set (``harness.encode_active``)
-    and how far the closed units' gates have sunk (``closed_units``)."""
+    and logits (``harness.encode_logits``: what its samples draw, for ``shrinking_update.py``) and how far the closed units' gates have sunk (``closed_units``)."""
     import glob
 
     from fairseq import checkpoint_utils
@@ -163,6 +163,7 @@ def gate_states(save_dir: str) -> List[Dict[str, object]]:
             "active_fractions": model.active_fractions(),
             "active_macs_ratio": model.active_macs() / model.cfg.teacher_macs,
             "active": {name: encode_active(gate.active) for name, gate in model.gates().items()},
+            "log_alpha": {name: encode_logits(gate.log_alpha) for name, gate in model.gates().items()},
             "closed_units": closed_units(model),
         }
     return [states[u] for u in sorted(states)]
