@@ -1,6 +1,7 @@
-"""Inactive units (models/inactive_units.py): left out of the forward and backward passes, exactly as if their
-gates were closed; no gradient, no compute, kept across checkpoints and agreed on by every worker. Or, where
-the device does that faster (models/gather_policy.py), computed at full width and masked: the same result."""
+"""Inactive units (models/inactive_units.py), and units whose gate sample is 0 at an update: left out of the
+forward and backward passes, exactly as if their gates were closed; no gradient, no compute, inactive sets
+kept across checkpoints and agreed on by every worker. Or, where the device does that faster
+(models/gather_policy.py), computed at full width and masked: the same result."""
 
 import os
 import subprocess
@@ -199,6 +200,9 @@ class ShapeRecorder(TorchDispatchMode):
 def test_inactive_units_are_not_computed(kind):
     """torch's FLOP counter sees exactly ``active_macs``: the MACs of the active units alone."""
     model, _, _ = pair(kind)
+    with torch.no_grad():  # the eval mask keeps every active unit (it leaves its zeros out too)
+        for gate in model.gates().values():
+            gate.log_alpha.fill_(10.0)
     model.eval()
     source = batch()[0][:1]
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -556,10 +560,11 @@ def test_an_unknown_mode_is_refused():
         model.choose_gathering("fast")
 
 
-def test_the_criterion_measures_once_when_units_first_become_inactive(tiny_teachers, tmp_path, caplog):
-    """Through the task and the criterion, as fairseq's trainer calls them: the check that makes the first
-    units inactive times the blocks ('measure', the recipe's default) on the last training batch's shape and
-    logs the break-even; later checks measure nothing new, and training goes on with the chosen computation."""
+def test_the_criterion_measures_once_at_the_first_update(tiny_teachers, tmp_path, caplog):
+    """Through the task and the criterion, as fairseq's trainer calls them: after the first update every kind
+    of gated block is timed ('measure', the recipe's default: any unit may sample 0 at any update) on the
+    training batch's shape and its break-even logged; later updates and checks measure nothing new, and
+    training goes on with the chosen computation."""
     from helpers import landing_student
 
     task, model, criterion = landing_student(
@@ -585,10 +590,124 @@ def test_the_criterion_measures_once_when_units_first_become_inactive(tiny_teach
             if update == 0:
                 measured = dict(model.break_evens())
                 assert measured and all(0.0 <= v <= 1.0 for v in measured.values())
-                assert {key[0] for key in measured} == {"ffn", "attention"}  # no conv channel closed
+                assert {key[0] for key in measured} == {"ffn", "attention", "conv"}
     assert model.break_evens() == measured
     lines = [r.getMessage() for r in caplog.records if "gathered below" in r.getMessage()]
-    assert len(lines) == 2  # one per kind of block, all layers alike
+    conv = [b for b in model.feature_extractor.blocks if b.gate is not None]
+    assert (
+        len(lines) == len(measured) == len(conv) + 2
+    )  # each conv layer, then all attention / FFN blocks alike
     unit_gate = model.gates()["encoder.layers.0.ffn.unit_gate"]
     key = ("ffn", model.cfg.encoder_embed_dim, unit_gate.n)
     assert unit_gate.num_active == unit_gate.n // 2 and unit_gate.gather_below == measured[key]
+
+
+# ----- units whose gate sample is 0 at an update -----
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_units_whose_sample_is_zero_are_not_computed(kind):
+    """In training, units that are active but sample exactly 0 at this update are left out as inactive ones
+    are: with logits of +-60 (samples exactly 1 or 0) the FLOP counter sees the MACs of a twin whose
+    zero-sampled units are inactive, and both give the same hidden states."""
+    sampling, twin, chosen = pair(kind)
+    twin.load_state_dict(sampling.state_dict())
+    with torch.no_grad():
+        for name, gate in sampling.gates().items():
+            gate.set_active(torch.ones(gate.n, dtype=torch.bool))
+            gate.log_alpha.fill_(60.0)
+            if name in chosen:
+                gate.log_alpha.masked_fill_(~chosen[name], -60.0)
+        for gate in twin.gates().values():
+            gate.log_alpha.fill_(60.0)
+    sampling.choose_gathering("gather")
+    twin.choose_gathering("gather")
+    source = batch()[0][:1]
+    counted, states = [], []
+    for model in (sampling, twin):
+        model.train()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            states.append(model.hidden_states(source))
+        counted.append(counter.get_total_flops())
+    assert sampling.active_macs(SAMPLES) == count_macs(sampling.cfg, SAMPLES).total  # every unit active
+    assert counted[0] == counted[1] == 2 * twin.active_macs(SAMPLES)
+    for a, b in zip(*states):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_the_eval_mask_zeros_are_not_computed():
+    """In eval mode the units the deterministic mask zeros are left out (when gathering): the same hidden
+    states as computing them masked, fewer FLOPs."""
+    gathered, masked_model, _ = pair("base")
+    masked_model.load_state_dict(gathered.state_dict())
+    for gate in gathered.gates().values():
+        gate.set_active(torch.ones(gate.n, dtype=torch.bool))
+    for gate in masked_model.gates().values():
+        gate.set_active(torch.ones(gate.n, dtype=torch.bool))
+    gathered.choose_gathering("gather")
+    masked_model.choose_gathering("mask")
+    source, padding = batch()
+    counted, states = [], []
+    for model in (gathered, masked_model):
+        model.eval()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            states.append(model.hidden_states(source, padding))
+        counted.append(counter.get_total_flops())
+    for a, b in zip(*states):
+        assert (a - b).abs().max() <= 1e-5
+    assert counted[0] < 0.8 * counted[1]
+
+
+def test_masking_draws_no_index():
+    """With every block masking ('mask': the reference's computation) a forward pass reads nothing back to
+    the host: no gate gets the indices of its non-zero units."""
+    model, _, _ = pair("base")
+    model.choose_gathering("mask")
+    seen = []
+    ffn = model.encoder.layers[0].ffn
+    ffn.register_forward_pre_hook(lambda module, args: seen.append(module.unit_gate.drawn_open))
+    model.train()
+    model.hidden_states(batch()[0])
+    model.choose_gathering("gather")
+    model.hidden_states(batch()[0])
+    assert seen[0] is None and seen[1] is not None
+    index, count = seen[1]
+    assert count == index.numel() and ffn.unit_gate.drawn_open is None  # reset after the pass
+
+
+def test_what_a_gate_computes_at_an_update():
+    """``compute_index`` within a drawn pass: the non-zero units when fewer than ``gather_below`` of them,
+    else None (every unit, masked); an empty index for a gate that may lose every unit, None (a mask of
+    zeros) for one that keeps one (a conv layer)."""
+    gate = HardConcrete(8, 0.5)
+    cpu = torch.device("cpu")
+    gate.drawn_open = (torch.tensor([1, 4, 6]), 3)
+    gate.gather_below = 0.5
+    assert gate.compute_index(cpu).tolist() == [1, 4, 6] and gate.num_open == 3
+    gate.gather_below = 0.3
+    assert gate.compute_index(cpu) is None
+    gate.drawn_open = (torch.arange(8), 8)
+    gate.gather_below = 1.0
+    assert gate.compute_index(cpu) is None
+    gate.drawn_open = (torch.zeros(0, dtype=torch.long), 0)
+    gate.gather_below = 0.0
+    assert gate.compute_index(cpu).numel() == 0 and gate.num_open == 0
+    conv = HardConcrete(8, 0.5, min_active=1)
+    conv.drawn_open = (torch.zeros(0, dtype=torch.long), 0)
+    assert conv.compute_index(cpu) is None
+
+
+def test_a_pass_that_skips_every_attention_keeps_the_relative_bias_in_the_graph():
+    """WavLM: when every attention block is 0 at an update, the relative position bias table still gets a
+    (zero) gradient, as DDP without find_unused_parameters needs of every parameter."""
+    model = tiny_student("wavlm")
+    model.choose_gathering("gather")
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.self_attn.layer_gate.log_alpha.fill_(-60.0)
+    model.train()
+    source, padding = batch()
+    loss, _ = loss_of(model, source, padding)
+    loss.backward()
+    grad = model.encoder.relative_attention_bias.weight.grad
+    assert grad is not None and not grad.any()

@@ -123,11 +123,12 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
     inactive_compute: ChoiceEnum(gather_policy.MODES) = field(
         default="measure",
         metadata={
-            "help": "how a block with inactive units computes (the same result and gradients either way): "
-            "'gather' leaves them out (index-selects the active rows and columns), 'mask' computes every unit "
-            "with the inactive ones masked, 'measure' times both once per kind of block on this device, on the "
-            "last training batch's shape, when its first units become inactive, and gathers below the active "
-            "fraction where that pays (models/gather_policy.py)"
+            "help": "how a block computes the units its gate is 0 for at an update (inactive units, and every "
+            "unit whose hard-concrete sample is 0 then: the same result and gradients either way): 'gather' "
+            "leaves them out (index-selects the other rows and columns), 'mask' computes every unit with those "
+            "masked (the reference), 'measure' times both once per kind of block on this device, on the first "
+            "training batch's shape, and gathers below the fraction of units computed where that pays "
+            "(models/gather_policy.py)"
         },
     )
     max_update: Optional[int] = field(
@@ -205,6 +206,8 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
         self.num_updates = 0
         _check_inactive_settings(cfg)
         self._active_log: Optional[tuple] = None  # (gate versions, logged values) of the last active-set log
+        #: whether the model's blocks were told how to compute their zero units (``inactive_compute``)
+        self._gathering_chosen = False
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
@@ -223,6 +226,9 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             metric = self.cfg.target_metric
             target_size = (1.0 - self.cfg.target_sparsity) * self.teacher_size[metric]
             self.projection_offset = project_to_target(unwrap(model), target_size, self.size_metrics[metric])
+        if not self._gathering_chosen:  # the first update of this process: every worker at once
+            unwrap(model).choose_gathering(self.cfg.inactive_compute)
+            self._gathering_chosen = True
         if self.cfg.skip_inactive_units and (update_num + 1) % self.cfg.inactive_check_interval == 0:
             inner = unwrap(model)
             closed = inner.update_active_sets(self.cfg.inactive_threshold, self.cfg.inactive_checks)

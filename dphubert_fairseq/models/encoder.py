@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from fairseq.modules import LayerNorm
 
 from .encoder_layer import PrunableEncoderLayer
+from .inactive_units import touch
 from .positional_conv import positional_conv
 from .prunable_attention import PrunableSelfAttention
 from .prunable_ffn import PrunableFeedForward
@@ -81,9 +82,14 @@ class PrunableTransformerEncoder(nn.Module):
         if self.relative_attention_bias is not None:
             bias = self.relative_attention_bias(x.size(1))  # (H_teacher, T, T), shared by every layer
         outputs = []
+        bias_read = False
         for layer in self.layers:
             if not (self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop):
                 x = layer(x, padding_mask, bias)
+                bias_read = bias_read or (layer.self_attn is not None and layer.self_attn.reads_input)
             outputs.append(x)  # a dropped layer passes its input on: the list keeps one entry per layer
+        if bias is not None and not bias_read and outputs:
+            # every attention skipped in this pass: the bias table stays in the graph for DDP
+            x = outputs[-1] = x + touch(self.relative_attention_bias)
         final = self.layer_norm(x) if self.layer_norm_first else x
         return outputs, final

@@ -17,7 +17,7 @@ class PrunableEncoderLayer(nn.Module):
     ``(B, T, D)`` and key padding mask ``(B, T)`` ``-> (B, T, D)``. A removed block (``None``) contributes
     nothing. Post-LN layers keep both LayerNorms whatever is removed, since they sit on the residual stream;
     a pre-LN layer's LayerNorm belongs to its block and goes with it, and is skipped with it when the block's
-    layer gate is inactive (``inactive_units``).
+    layer gate is closed (inactive, or 0 in the forward pass's mask).
     """
 
     def __init__(
@@ -70,7 +70,7 @@ class PrunableEncoderLayer(nn.Module):
     def _pre_norm_block(
         x: torch.Tensor, block: nn.Module, norm: nn.Module, dropout: nn.Module, *args
     ) -> torch.Tensor:
-        """``x + dropout(block(norm(x)))``; when the block does not read its input (every unit inactive, or
+        """``x + dropout(block(norm(x)))``; when the block does not read its input (no unit non-zero, or
         none left), the LayerNorm is not computed and only kept in the graph (``touch``)."""
         if not block.reads_input:
             return x + dropout(block(x, *args)) + touch(norm)

@@ -1,15 +1,16 @@
-"""Leave inactive units out, or compute them masked: per block, whichever the running device does faster.
+"""Leave zero units out, or compute them masked: per block, whichever the running device does faster.
 
-A block with inactive units (``inactive_units``) can compute two ways with the same result and gradients:
-*gather* the active rows and columns of its weights (``index_select``; its backward scatters into full-size
-zero gradients) and compute with those only, or compute every unit at full width, the inactive ones being 0
-in every gate sample and eval mask (*mask*). Gathering saves the inactive units' compute and pays for the
-copies and the scatter; which wins depends on the active fraction and on the device (on a CPU whose matrix
-products are fast, AVX512 / AMX, the copies can cost more than a few closed units save).
+A block whose gate is 0 for some units in a forward pass (inactive units, ``inactive_units``, and in training
+every unit whose hard-concrete sample is 0 at that update) can compute two ways with the same result and
+gradients: *gather* the other units' rows and columns of its weights (``index_select``; its backward scatters
+into full-size zero gradients) and compute with those only, or compute every unit at full width with the
+zero ones masked by the gate (*mask*). Gathering saves the zero units' compute and pays for the copies and
+the scatter; which wins depends on the fraction computed and on the device (on a CPU whose matrix products
+are fast, AVX512 / AMX, the copies can cost more than a few zero units save).
 
-``choose`` sets each gate's ``HardConcrete.gather_below``: the active fraction below which its block gathers.
-``measure`` times, once per kind of block (all FFN blocks of one shape share a measurement, each conv layer
-has its own), the forward and backward of the block at full width with some units masked, and gathered at a
+``choose`` sets each gate's ``HardConcrete.gather_below``: the fraction of units computed below which its
+block gathers. ``measure`` times, once per kind of block and run (all FFN blocks of one shape share a
+measurement, each conv layer has its own), the forward and backward of the block at full width with some units masked, and gathered at a
 few active fractions (``FRACTIONS``), fits the gathered time as a line in the fraction, and takes where the
 line is ``GATHER_MARGIN`` below the masked time as the break-even: near where the two meet, gathering saves
 less than the timings' noise, and a choice made on noise could make the update slower than computing every
@@ -79,16 +80,16 @@ class BreakEven:
 
 def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[Probe]], cache: Dict) -> None:
     """Set ``gather_below`` on ``gates``: 1.0 for ``mode`` 'gather', 0.0 for 'mask'; for 'measure', from the
-    break-even of each gate's kind of block, measured the first time one of its gates has inactive units and
-    kept in ``cache`` (the model's) for the rest of the run. ``probes`` lists the timeable blocks (called only
-    when something is to be measured)."""
+    break-even of each gate's kind of block, measured at the first call (any unit may sample 0 at any update)
+    and kept in ``cache`` (the model's) for the rest of the run. ``probes`` lists the timeable blocks (called
+    only when something is to be measured)."""
     if mode not in MODES:
         raise ValueError(f"inactive_compute must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "measure":
         for gate in gates:
             gate.gather_below = 1.0 if mode == "gather" else 0.0
         return
-    waiting = [g for g in gates if 0 < g.num_active < g.n and g.n > 1]
+    waiting = [g for g in gates if g.num_active > 0 and g.n > 1]
     if not waiting:
         return
     found = probes()
@@ -103,7 +104,7 @@ def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[P
         for (key, probe), (masked, gathered) in zip(new.items(), times):
             cache[key] = BreakEven(masked, tuple(gathered))
             logger.info(
-                "inactive units of %s: gathered below %.2f active (masked %.1f ms; gathered at %s: %s ms)",
+                "zero units of %s: gathered below %.2f computed (masked %.1f ms; gathered at %s: %s ms)",
                 key,
                 cache[key].below,
                 masked * 1e3,

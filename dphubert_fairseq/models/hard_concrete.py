@@ -2,7 +2,7 @@
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,11 +29,17 @@ class HardConcrete(Float32Module):
     mode, the deterministic mask in eval mode. All arithmetic is done in float32, whatever the dtype the module
     was cast to, because in fp16 the uniform noise rounds to 0 or 1.
 
-    Units can be made inactive for good (``inactive_units.update_active_sets``, during stage 1): an inactive
-    unit is closed in every sample, in the expected and the eval counts and in the eval mask, and the modules
-    that read this gate leave it out of their computation (``compute_index``) when that pays, or compute every
-    unit with the inactive ones masked (``gather_policy``). The ``active`` set and the
-    ``below_threshold_checks`` streaks are buffers: saved in checkpoints and restored on resume.
+    A unit that is 0 in the mask of a forward pass contributes nothing to its output and gets zero gradient,
+    its logit included (the sample is clamped there). Within a model's forward pass (``GateSet.drawn``) the
+    modules that read this gate leave such units out of their computation (``compute_index``) when that pays,
+    or compute every unit with those masked (``gather_policy``): the same result and gradients either way. In
+    training most closed gates sample exactly 0 at most updates, so stage 1 gets cheaper as the expected size
+    falls, with no approximation.
+
+    Units can also be made inactive for good (``inactive_units.update_active_sets``, during stage 1): an
+    inactive unit is closed in every sample, in the expected and the eval counts and in the eval mask. The
+    ``active`` set and the ``below_threshold_checks`` streaks are buffers: saved in checkpoints and restored
+    on resume.
     """
 
     def __init__(
@@ -53,14 +59,16 @@ class HardConcrete(Float32Module):
         self.log_alpha = nn.Parameter(torch.empty(n))
         self.log_alpha.param_group = "gates"  # its own learning rate (fairseq's composite optimizer)
         self.drawn: Optional[torch.Tensor] = None  # set by GateSet.drawn() for one forward pass
+        #: (indices of the non-zero units of ``drawn``, their number), when the forward pass may leave out the rest
+        self.drawn_open: Optional[Tuple[torch.Tensor, int]] = None
         self.register_buffer("active", torch.ones(n, dtype=torch.bool))
         self.register_buffer("below_threshold_checks", torch.zeros(n, dtype=torch.long))
         #: host copy of the active units' indices, None while every unit is active; ``version`` counts changes
         self._active_list: Optional[List[int]] = None
         self._active_index: Dict[torch.device, torch.Tensor] = {}
         self.version = 0
-        #: the active fraction below which the modules leave the inactive units out (``compute_index``): 1.0
-        #: always, 0.0 never; set per run from a measured break-even (``gather_policy``), not saved
+        #: the fraction of units computed below which the modules leave the others out (``compute_index``):
+        #: 1.0 always, 0.0 never; set per run from a measured break-even (``gather_policy``), not saved
         self.gather_below = 1.0
         self.reset_parameters()
 
@@ -90,11 +98,24 @@ class HardConcrete(Float32Module):
             self._active_index[device] = torch.tensor(self._active_list, dtype=torch.long, device=device)
         return self._active_index[device]
 
+    @property
+    def num_open(self) -> int:
+        """Units that may be non-zero: within a forward pass that leaves units out (``GateSet.drawn``), the
+        non-zero units of its mask; else the active ones. Known on the host."""
+        return self.drawn_open[1] if self.drawn_open is not None else self.num_active
+
     def compute_index(self, device: torch.device) -> Optional[torch.Tensor]:
-        """The units the modules compute: ``active_index`` when leaving the inactive units out pays (the active
-        fraction is below ``gather_below``, or no unit is active), else None: every unit is computed and the
-        inactive ones, 0 in every sample and eval mask, are masked by the gate (the same result and gradients,
-        without gathering the active rows and columns)."""
+        """The units the modules compute, ``(k,)`` long, or None for all of them: within a forward pass that
+        leaves units out (``GateSet.drawn``) the non-zero units of its mask, else the active units, when
+        leaving the others out pays (they are fewer than ``gather_below`` of the units, or none). Otherwise
+        every unit is computed and the others, 0 in the mask, are masked by the gate: the same result and
+        gradients, without gathering rows and columns. A gate with ``min_active`` never gets an empty index (a
+        conv layer without channels cannot be computed): a mask that is 0 everywhere is applied instead."""
+        if self.drawn_open is not None:
+            index, count = self.drawn_open
+            if count == self.n or (count == 0 and self.min_active):
+                return None
+            return index.to(device) if count == 0 or count < self.gather_below * self.n else None
         if self._active_list is None:
             return None
         if self._active_list and len(self._active_list) >= self.gather_below * self.n:
@@ -155,9 +176,9 @@ class HardConcrete(Float32Module):
         return mask
 
     def forward(self) -> torch.Tensor:
-        if not self.training:
-            return self.deterministic_mask()
-        return self.drawn if self.drawn is not None else self.sample()
+        if self.drawn is not None:
+            return self.drawn
+        return self.sample() if self.training else self.deterministic_mask()
 
 
 def prob_open(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -232,16 +253,38 @@ class GateSet:
 
     @contextmanager
     def drawn(self) -> Iterator[None]:
-        """Within the block, every gate in training mode returns its part of one shared sample."""
-        if not self.gates or not self.gates[0].training:
+        """Within the block every gate returns its part of one mask: in training mode one shared sample, in
+        eval mode the deterministic masks. When some gate may leave units out (``gather_below`` above 0), each
+        also gets the indices of its non-zero units (``HardConcrete.drawn_open``; one host sync)."""
+        if not self.gates:
             yield
             return
-        log_alpha = self._log_alpha()
-        masks = (sample(log_alpha) * self._active_mask(log_alpha.device)).split([g.n for g in self.gates])
-        for gate, mask in zip(self.gates, masks):
+        if self.gates[0].training:
+            log_alpha = self._log_alpha()
+            flat = sample(log_alpha) * self._active_mask(log_alpha.device)
+        else:
+            flat = torch.cat([g.deterministic_mask() for g in self.gates])
+        sizes = [g.n for g in self.gates]
+        for gate, mask in zip(self.gates, flat.split(sizes)):
             gate.drawn = mask
+        if any(g.gather_below > 0 for g in self.gates):
+            self._set_open(flat.detach(), sizes)
         try:
             yield
         finally:
             for gate in self.gates:
                 gate.drawn = None
+                gate.drawn_open = None
+
+    def _set_open(self, flat: torch.Tensor, sizes: List[int]) -> None:
+        """Give each gate the indices of its units that are non-zero in ``flat`` (all gates' masks, in
+        order) and their number."""
+        ids = self._segment_ids(flat.device)
+        is_open = flat > 0
+        counts = torch.zeros(len(self.gates), dtype=torch.long, device=flat.device)
+        counts = counts.index_add(0, ids, is_open.long()).tolist()
+        index = is_open.nonzero().squeeze(1)
+        starts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
+        local = index - starts[ids[index]]
+        for gate, part, count in zip(self.gates, local.split(counts), counts):
+            gate.drawn_open = (part, count)

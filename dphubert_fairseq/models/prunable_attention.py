@@ -24,9 +24,10 @@ class PrunableSelfAttention(nn.Module):
     ``(B, T, D)`` and key padding mask ``(B, T)`` (True = padding) ``-> (B, T, D)``. The head gate multiplies
     each head's context before ``out_proj``, computed as a scale of out_proj's columns (no extra pass over, or
     saved copy of, the context); the layer gate multiplies the block's output. With 0 heads the
-    block outputs ``out_proj.bias`` (what the removed heads left behind). Inactive heads (``inactive_units``)
-    are left out when that pays (``HardConcrete.compute_index``): q, k, v's rows and out_proj's columns are index-selected to the active heads, and the
-    attention runs with those only; an inactive layer gate skips the block (its output is a scalar 0).
+    block outputs ``out_proj.bias`` (what the removed heads left behind). Heads that are 0 in the forward
+    pass's mask (inactive heads, and in training those whose sample is 0) are left out when that pays
+    (``HardConcrete.compute_index``): q, k, v's rows and out_proj's columns are index-selected to the others,
+    and the attention runs with those only; a closed layer gate skips the block (its output is a scalar 0).
     State-dict names follow fairseq's ``MultiheadAttention`` (q_proj, k_proj, v_proj, out_proj).
     """
 
@@ -53,27 +54,26 @@ class PrunableSelfAttention(nn.Module):
             HardConcrete(num_heads, INIT_DROP_RATE["head"]) if head_gate and num_heads > 0 else None
         )
         self.layer_gate = HardConcrete(1, INIT_DROP_RATE["attlayer"]) if layer_gate else None
-        self._rows_key: Optional[tuple] = None  # what _rows was computed for
-        self._rows: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
 
     @property
     def skipped(self) -> bool:
-        """The layer gate is inactive: the block contributes nothing."""
-        return self.layer_gate is not None and self.layer_gate.num_active == 0
+        """The layer gate is closed (inactive, or 0 in this forward pass's mask): the block contributes
+        nothing."""
+        return self.layer_gate is not None and self.layer_gate.num_open == 0
 
     @property
     def reads_input(self) -> bool:
-        """Whether the output depends on the input: some head is computed."""
+        """Whether the output depends on the input: some head may be non-zero."""
         if self.skipped:
             return False
-        return (self.head_gate.num_active if self.head_gate is not None else self.num_heads) > 0
+        return (self.head_gate.num_open if self.head_gate is not None else self.num_heads) > 0
 
     def active_heads(self, device: torch.device) -> Optional[torch.Tensor]:
-        """Indices of the heads computed, ``(H_active,)`` long: the active ones, or None to compute every head
-        (every head active, or masking the inactive ones is cheaper: ``HardConcrete.compute_index``)."""
+        """Indices of the heads computed, ``(H_active,)`` long, or None to compute every head (each may be
+        non-zero, or masking the others is cheaper: ``HardConcrete.compute_index``)."""
         return self.head_gate.compute_index(device) if self.head_gate is not None else None
 
     def attention_mask(
@@ -141,9 +141,5 @@ class PrunableSelfAttention(nn.Module):
 
     def _head_rows(self, heads: torch.Tensor) -> torch.Tensor:
         """The rows of q, k, v (and columns of out_proj) of ``heads``, ``(H_active * head_dim,)`` long."""
-        key = (heads.device, self.head_gate.version)
-        if self._rows_key != key:
-            offsets = torch.arange(self.head_dim, device=heads.device)
-            self._rows = (heads.unsqueeze(1) * self.head_dim + offsets).flatten()
-            self._rows_key = key
-        return self._rows
+        offsets = torch.arange(self.head_dim, device=heads.device)
+        return (heads.unsqueeze(1) * self.head_dim + offsets).flatten()

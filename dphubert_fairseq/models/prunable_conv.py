@@ -139,11 +139,12 @@ class ConvFeatureExtractor(nn.Module):
         return lengths.long()
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        """Inactive channels (``inactive_units``) are left out of every block that can, when that pays
-        (``HardConcrete.compute_index``; else they are computed and masked by the gate): a block computes its
-        active output channels only (not with a LayerNorm over channels, 'layer_norm' mode, whose statistics
-        need them all) and reads only the previous block's active channels. The last block's channels are put
-        back in place as zeros for the feature LayerNorm, which normalises over all of them."""
+        """Channels that are 0 in the forward pass's mask (inactive channels, and in training those whose
+        sample is 0) are left out of every block that can, when that pays (``HardConcrete.compute_index``; else
+        they are computed and masked by the gate): a block computes its other output channels only (not with
+        a LayerNorm over channels, 'layer_norm' mode, whose statistics need them all) and reads only the
+        previous block's non-zero channels. The last block's channels are put back in place as zeros for the
+        feature LayerNorm, which normalises over all of them."""
         return self.run_blocks(source.unsqueeze(1), self.blocks)
 
     @staticmethod

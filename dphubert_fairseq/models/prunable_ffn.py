@@ -15,9 +15,10 @@ class PrunableFeedForward(nn.Module):
 
     The unit gate scales fc2's columns rather than the ``(B, T, F)`` activations: the same product, computed on
     a ``(D, F)`` weight, with one activation-sized tensor less to keep for the backward pass.
-    With 0 units the block outputs ``fc2.bias``. Inactive units (``inactive_units``) are left out when that pays
-    (``HardConcrete.compute_index``): fc1's rows and fc2's columns are index-selected to the active ones; an
-    inactive layer gate skips the block (its output is a scalar 0).
+    With 0 units the block outputs ``fc2.bias``. Units that are 0 in the forward pass's mask (inactive units,
+    and in training those whose sample is 0) are left out when that pays (``HardConcrete.compute_index``):
+    fc1's rows and fc2's columns are index-selected to the others; a closed layer gate skips the block (its
+    output is a scalar 0).
     """
 
     def __init__(
@@ -42,13 +43,14 @@ class PrunableFeedForward(nn.Module):
 
     @property
     def skipped(self) -> bool:
-        """The layer gate is inactive: the block contributes nothing."""
-        return self.layer_gate is not None and self.layer_gate.num_active == 0
+        """The layer gate is closed (inactive, or 0 in this forward pass's mask): the block contributes
+        nothing."""
+        return self.layer_gate is not None and self.layer_gate.num_open == 0
 
     @property
     def reads_input(self) -> bool:
-        """Whether the output depends on the input: some unit is computed."""
-        return not self.skipped and (self.unit_gate is None or self.unit_gate.num_active > 0)
+        """Whether the output depends on the input: some unit may be non-zero."""
+        return not self.skipped and (self.unit_gate is None or self.unit_gate.num_open > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skipped:
