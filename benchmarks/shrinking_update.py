@@ -1,7 +1,8 @@
-"""Stage-1 update cost as the model shrinks: the gates' active sets recorded along a real stage-1 run
-(``make_structure.py --states-every N``) applied to a HuBERT Base-shaped student, each timed against today's
-stage-1 update (every unit active) and a stock fairseq HuBERT update on the same batch; then the whole run's
-and the reference recipe's cost estimated from those measurements.
+"""Stage-1 update cost as the model shrinks: the gates recorded along a real stage-1 run (``make_structure.py
+--states-every N``) applied to a HuBERT Base-shaped student, each timed against ``today``, a stage-1 update
+that computes every unit (``criterion.inactive_compute=mask``: the reference's computation), and a stock
+fairseq HuBERT update on the same batch; then the whole run's and the reference recipe's cost estimated from
+those measurements.
 
     python benchmarks/shrinking_update.py                        # CPU: Base shape, fp32, 2 x 4 s
     python benchmarks/shrinking_update.py --at 100 200 400       # the recorded states nearest these updates
@@ -9,14 +10,18 @@ and the reference recipe's cost estimated from those measurements.
 
 Stage 1 is ``configs/dphubert.yaml``, stock is fairseq's ``hubert_base_librispeech.yaml`` (as
 ``training_step.py``); the teacher is a random HuBERT Base. Each measurement runs in its own process on the
-same batch: ``stock``, ``today`` (stage 1, every unit active) and one ``state`` per measured update, whose
-active sets (``models/inactive_units.py``) are set on the student's gates before timing. In every stage-1
-worker ``criterion.inactive_check_interval`` is set beyond the timed updates, so no check changes the sets.
+same batch: ``stock``, ``today`` and one ``state`` per measured update, whose active sets
+(``models/inactive_units.py``) and, where recorded, logits are set on the student's gates before timing: an
+update then leaves out the inactive units and those whose sample is 0 (``--inactive-compute``, per block
+where that pays). In every stage-1 worker ``criterion.inactive_check_interval`` is set beyond the timed
+updates, so no check changes the sets.
 By default the measured states are those nearest the run's start (its first recorded state), the middle of
 the target's ramp (``criterion.sparsity_warmup_updates``), the end of the ramp and the end of the run
 (``optimization.max_update``), read from the run's overrides.
 
-The estimate fits the update time as a line in the active-MACs ratio (today at 1.0 and every measured state,
+The estimate fits the update time as a line in the computed MACs ratio (the expected MACs under the state's
+gates over the teacher's; the active-MACs ratio for states recorded without logits; today at 1.0 and every
+measured state,
 least squares with neither the fixed part nor the slope below 0) and applies it to every recorded state of the
 run (piecewise constant from one recorded state to the next; all units active before the first): (a) the
 recorded run itself, against ``max_update`` of today's updates; (b) the reference recipe (50k updates, target
@@ -44,6 +49,7 @@ from harness import (
     PeakMemory,
     batch_overrides,
     decode_active,
+    decode_logits,
     device_overrides,
     machine,
     random_teacher_in,
@@ -139,8 +145,9 @@ def shown(path: str) -> str:
 
 
 def apply_state(model, state: Dict) -> None:
-    """Set every gate's active set to the recorded one (``gate.set_active``). Raises ``StatesError`` (one line,
-    naming the gate) where the state's gates are not the model's, by name or by size."""
+    """Set every gate's active set to the recorded one (``gate.set_active``) and, where the state has them,
+    its logits (what the update's gate samples draw, so which units it leaves out). Raises ``StatesError``
+    (one line, naming the gate) where the state's gates are not the model's, by name or by size."""
     gates = model.gates()
     recorded = state["active"]
     where = f"state at update {state['num_updates']}"
@@ -161,8 +168,23 @@ def apply_state(model, state: Dict) -> None:
             raise StatesError(
                 f"{where}: gate {name} has {gate.n} units in the student, the recorded set another number"
             )
+    logits = state.get("log_alpha", {})
     for name, gate in gates.items():
         gate.set_active(decode_active(recorded[name], gate.n).to(gate.active.device))
+        if logits:
+            try:
+                values = decode_logits(logits[name], gate.n)
+            except (KeyError, ValueError) as e:
+                raise StatesError(f"{where}: gate {name}: no usable recorded logits ({e})") from None
+            with torch.no_grad():
+                gate.log_alpha.copy_(values.to(gate.log_alpha.device))
+
+
+def computed_macs_ratio(model) -> float:
+    """The MACs ratio an update of ``model`` computes on average: the expected MACs under its gates (the
+    units whose sample is 0 are left out, inactive ones never count) over the teacher's."""
+    with torch.no_grad():
+        return float(model.expected_size("macs")) / model.cfg.teacher_macs
 
 
 def active_macs_ratio(model) -> float:
@@ -197,13 +219,19 @@ def fit_cost(points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
     return intercept, slope
 
 
+def ratio_of(state: Dict) -> float:
+    """What an update at ``state`` computes: its ``computed_macs_ratio`` (set by ``check_states`` where the
+    state has logits), else its active-MACs ratio."""
+    return state.get("computed_macs_ratio", state["active_macs_ratio"])
+
+
 class RatioAlongRun:
-    """The active-MACs ratio the update ``u`` (0-based: the model has made ``u`` updates) computes with: that of
-    the last recorded state at or before ``u``, all active (1.0) before the first."""
+    """The MACs ratio the update ``u`` (0-based: the model has made ``u`` updates) computes with (``ratio_of``):
+    that of the last recorded state at or before ``u``, all active (1.0) before the first."""
 
     def __init__(self, states: List[Dict]) -> None:
         self.updates = [s["num_updates"] for s in states]
-        self.ratios = [s["active_macs_ratio"] for s in states]
+        self.ratios = [ratio_of(s) for s in states]
 
     def __call__(self, u: float) -> float:
         i = bisect.bisect_right(self.updates, u) - 1
@@ -237,7 +265,7 @@ def estimate(run: Dict, fit: Tuple[float, float], today: float) -> Dict[str, Dic
 
     run_ratios = [ratio_at(u) for u in range(run["max_update"])]
     scale = run["warmup"] / RECIPE_RAMP
-    last = run["states"][-1]["active_macs_ratio"]
+    last = ratio_of(run["states"][-1])
     recipe_ratios = [ratio_at(v * scale) for v in range(RECIPE_RAMP)]
     recipe_ratios += [last] * (RECIPE_UPDATES - RECIPE_RAMP)
     return {
@@ -260,7 +288,8 @@ def worker(args) -> Dict:
     memory = PeakMemory(args.device)
     torch.manual_seed(0)
     common = device_overrides(args.device, args.precision) + batch_overrides(args.batch, args.item_seconds)
-    no_checks = [f"criterion.inactive_check_interval={NO_CHECKS}"]
+    mode = "mask" if args.worker == "today" else args.mode  # today: every unit computed, as the reference
+    no_checks = [f"criterion.inactive_check_interval={NO_CHECKS}", f"criterion.inactive_compute={mode}"]
     cfg = update_config(
         "stock" if args.worker == "stock" else "dphubert",
         args.data,
@@ -276,14 +305,17 @@ def worker(args) -> Dict:
         if args.worker == "state":
             apply_state(model, state_at(load_run(args.states), args.update))
             model.choose_gathering(args.mode, (args.batch, round(args.item_seconds * SAMPLE_RATE)))
-            partial = [g for g in model.gates().values() if 0 < g.num_active < g.n]
+            gated = [g for g in model.gates().values() if g.n > 1 and g.num_active > 0]
+            expected = lambda g: float(g.l0_norm()) / g.n  # noqa: E731  the fraction an update computes
             result["gathering"] = {
                 "break_evens": {repr(k): v for k, v in model.break_evens().items()},
-                "gates_gathering": sum(g.compute_index(torch.device("cpu")) is not None for g in partial),
-                "gates_with_inactive_units": len(partial),
+                "gates_gathering": sum(expected(g) < g.gather_below for g in gated),
+                "gates": len(gated),
             }
         result["active_fractions"] = model.active_fractions()
         result["active_macs_ratio"] = active_macs_ratio(model)
+        computes_all = args.worker == "today" or args.mode == "mask"
+        result["computed_macs_ratio"] = 1.0 if computes_all else computed_macs_ratio(model)
     result.update(time_updates(trainer, sample, memory, args.device, args.warmup, args.repeat)[1])
     if args.worker != "stock":
         forward = teacher_forward(trainer, task, sample, args.precision)
@@ -298,7 +330,8 @@ def worker(args) -> Dict:
 
 def check_states(run: Dict, teacher: str) -> List[str]:
     """Refuse (``StatesError``) states whose gates are not those of the student made from ``teacher`` with the
-    recipe's ``prune_units``; warn where a recorded active-MACs ratio differs from the one counted now."""
+    recipe's ``prune_units``; warn where a recorded active-MACs ratio differs from the one counted now. Sets
+    ``computed_macs_ratio`` on the states that have logits."""
     from omegaconf import OmegaConf
 
     from dphubert_fairseq import student_from_teacher
@@ -308,6 +341,8 @@ def check_states(run: Dict, teacher: str) -> List[str]:
     warnings = []
     for state in run["states"]:
         apply_state(student, state)
+        if "log_alpha" in state:
+            state["computed_macs_ratio"] = computed_macs_ratio(student)
         counted = active_macs_ratio(student)
         if abs(counted - state["active_macs_ratio"]) > 1e-9:
             warnings.append(
@@ -410,6 +445,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         row = {"kind": kind, "num_updates": update, "roles": roles, "inactive_compute": mode, **measured}
         if update is not None:
             row["recorded_active_macs_ratio"] = state_at(run, update)["active_macs_ratio"]
+            row["logits_recorded"] = "log_alpha" in state_at(run, update)
         rows.append(row)
         print(f"measured {kind}" + ("" if update is None else f" at update {update} ({mode})"), flush=True)
     primary = [r for r in rows[2:] if r["inactive_compute"] == modes[0]]
@@ -435,6 +471,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         "FFN units",
         "conv ch",
         "MACs ratio",
+        "computed",
         "gathered",
     ]
     body = []
@@ -456,8 +493,9 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
                 share("ffn_units"),
                 share("conv_channels"),
                 f"{r['active_macs_ratio']:.3f}" if "active_macs_ratio" in r else "-",
+                f"{r['computed_macs_ratio']:.3f}" if "computed_macs_ratio" in r else "-",
                 (
-                    f"{r['gathering']['gates_gathering']}/{r['gathering']['gates_with_inactive_units']}"
+                    f"{r['gathering']['gates_gathering']}/{r['gathering']['gates']}"
                     if "gathering" in r
                     else "-"
                 ),
@@ -471,8 +509,9 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     )
     print(table(body, header))
     print(
-        "heads / FFN units / conv ch: fractions of the gated units still active; MACs ratio: active MACs / teacher's; "
-        "gathered: gates whose block leaves its inactive units out / gates with some inactive"
+        "heads / FFN units / conv ch: fractions of the gated units still active; MACs ratio: active MACs / "
+        "teacher's; computed: expected MACs an update computes / teacher's; gathered: gated blocks that leave "
+        "their zero units out at the expected fraction / gated blocks"
     )
 
     # the goals
@@ -504,7 +543,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
             f"{slowest['x_today']:.3f} x today's update"
             + (" (never slower than every unit active)" if slowest["x_today"] <= 1.0 else "")
         )
-    points = [(1.0, median(today))] + [(r["active_macs_ratio"], median(r)) for r in primary]
+    points = [(1.0, median(today))] + [(r["computed_macs_ratio"], median(r)) for r in primary]
     intercept, slope = fit_cost(points)
     unconstrained = fit_line(points)
     residuals = [y - (intercept + slope * x) for x, y in points]
@@ -513,14 +552,14 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         "slope_seconds": slope,
         "least_squares": {"intercept_seconds": unconstrained[0], "slope_seconds": unconstrained[1]},
         "constrained": (intercept, slope) != unconstrained,
-        "points": [{"active_macs_ratio": x, "seconds": y} for x, y in points],
+        "points": [{"computed_macs_ratio": x, "seconds": y} for x, y in points],
         "max_abs_residual_seconds": max(abs(v) for v in residuals),
     }
     estimates = estimate(run, (intercept, slope), median(today))
     print(
         f"\nfit over {len(points)} points (today at 1.0 and each state; least squares, neither part below 0): "
         f"update s = {intercept:.4f} + "
-        f"{slope:.4f} x active MACs ratio (largest residual {fit['max_abs_residual_seconds']:.4f} s; at 1.0 "
+        f"{slope:.4f} x computed MACs ratio (largest residual {fit['max_abs_residual_seconds']:.4f} s; at 1.0 "
         f"{intercept + slope:.4f} s, measured today {median(today):.4f} s)"
     )
     if fit["constrained"]:
@@ -529,14 +568,14 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
             "part: the timings are noise at these settings; held at the boundary (neither part below 0)"
         )
     lowest = min(x for x, _ in points)
-    if min(s["active_macs_ratio"] for s in run["states"]) < lowest - 1e-9:
+    if min(ratio_of(s) for s in run["states"]) < lowest - 1e-9:
         print(f"  (extrapolated below the lowest measured ratio, {lowest:.3f})")
     for key in ("run", "recipe"):
         e = estimates[key]
         print(
             f"{key}: {e['what']}\n  estimated {e['estimated_seconds']:.1f} s of updates against "
             f"{e['all_active_seconds']:.1f} s with every unit active (the fit at 1.0): {e['ratio']:.3f} x; "
-            f"{e['ratio_to_measured_today']:.3f} x measured today's (mean active MACs ratio "
+            f"{e['ratio_to_measured_today']:.3f} x measured today's (mean computed MACs ratio "
             f"{e['mean_active_macs_ratio']:.3f})"
         )
     print("neither counts the landing phase's search, validation or checkpoints")

@@ -10,15 +10,17 @@ import helpers
 import pytest
 
 RUN_STATES = os.path.join(helpers.REPO, "benchmarks", "structures", "hubert_base_sp75_run.json")
+#: a run recorded with the gates' logits too: what each update's samples leave out
+LOGITS_RUN = os.path.join(helpers.REPO, "benchmarks", "structures", "hubert_base_macs61_logits_run.json")
 PRUNE_UNITS = ["conv", "head", "interm"]  # configs/dphubert.yaml's
 
 
-def recorded_run() -> dict:
-    if not os.path.exists(RUN_STATES):
+def recorded_run(path: str = RUN_STATES) -> dict:
+    if not os.path.exists(path):
         pytest.skip(
-            f"{os.path.relpath(RUN_STATES, helpers.REPO)} not written yet (make_structure.py --states-every)"
+            f"{os.path.relpath(path, helpers.REPO)} not written yet (make_structure.py --states-every)"
         )
-    with open(RUN_STATES) as f:
+    with open(path) as f:
         return json.load(f)
 
 
@@ -63,6 +65,40 @@ def test_recorded_states_are_the_models_counts_and_only_shrink():
     assert states[-1]["active_macs_ratio"] < states[0]["active_macs_ratio"]
 
 
+def test_recorded_logits_give_what_an_update_computes():
+    """The logits recorded with the states decode to the student's gates (to the 0.1 step they were stored
+    at) and give the MACs an update computes on average: all of them at the start (where no gate has closed)
+    and about the target once its ramp has ended, with no unit inactive."""
+    import torch
+
+    from dphubert_fairseq.macs import architecture_size
+    from dphubert_fairseq.models.dphubert import DPHuBERTConfig, DPHuBERTModel
+
+    su = benchmark_module()
+    recorded = recorded_run(LOGITS_RUN)
+    run = su.load_run(LOGITS_RUN)
+    teacher_macs = architecture_size(DPHuBERTConfig(), "macs")
+    model = DPHuBERTModel(DPHuBERTConfig(prune_units=PRUNE_UNITS, teacher_macs=teacher_macs))
+    gates = model.gates()
+    ratios = {}
+    for state in run["states"]:
+        assert sorted(state["log_alpha"]) == sorted(gates)
+        su.apply_state(model, state)
+        logits = torch.cat([gate.log_alpha.detach() for gate in gates.values()])
+        assert logits.abs().max() <= 12.7 + 1e-6  # the stored range
+        ratios[state["num_updates"]] = su.computed_macs_ratio(model)
+        assert state["active_macs_ratio"] == 1.0  # nothing inactive: the samples alone leave units out
+    target = float(
+        su.run_overrides(recorded["produced_by"]["fairseq_overrides"])["criterion.target_sparsity"]
+    )
+    first, ramp_end = run["states"][0]["num_updates"], su.run_landmarks(run)["ramp end"]
+    assert ratios[first] > 0.9
+    assert ratios[ramp_end] == pytest.approx(1.0 - target, abs=0.05)
+    state = dict(run["states"][0], log_alpha={**run["states"][0]["log_alpha"], next(iter(gates)): "AAAA"})
+    with pytest.raises(su.StatesError, match="no usable recorded logits"):
+        su.apply_state(model, state)
+
+
 def test_estimate_arithmetic():
     """The whole-run and recipe estimates of shrinking_update.py on a made-up run, worked out by hand."""
     su = benchmark_module()
@@ -90,9 +126,9 @@ def test_shrinking_update_benchmark(tmp_path):
     """shrinking_update.py at its smallest settings, on the run's last state: the three kinds of row, the state
     computing less than today, the estimates at most today's cost (the fitted line has no negative part, so
     this holds whatever the noise of one timed update; the timings themselves are not asserted)."""
-    last = max(s["num_updates"] for s in recorded_run()["run_states"])
+    last = max(s["num_updates"] for s in recorded_run(LOGITS_RUN)["run_states"])
     out = tmp_path / "shrinking.json"
-    args = ["--states", RUN_STATES, "--batch", "1", "--seconds", "1", "--warmup", "0", "--repeat", "1"]
+    args = ["--states", LOGITS_RUN, "--batch", "1", "--seconds", "1", "--warmup", "0", "--repeat", "1"]
     args += ["--at", str(last), "--inactive-compute", "gather"]  # no timing of break-evens: not asserted
     proc = helpers.run(
         [sys.executable, os.path.join("benchmarks", "shrinking_update.py"), *args, "--json", str(out)],
@@ -107,6 +143,8 @@ def test_shrinking_update_benchmark(tmp_path):
     today, state = result["rows"][1:]
     assert today["active_macs_ratio"] == 1.0 and today["teacher_forward_seconds"]["median"] > 0
     assert state["num_updates"] == last and "run end" in state["roles"]
-    assert state["active_macs_ratio"] == state["recorded_active_macs_ratio"] < 1.0
+    assert state["active_macs_ratio"] == state["recorded_active_macs_ratio"] == 1.0  # nothing inactive
+    assert today["computed_macs_ratio"] == 1.0 and state["computed_macs_ratio"] < 0.5  # the samples' zeros
+    assert state["logits_recorded"] and state["gathering"]["gates_gathering"] == state["gathering"]["gates"]
     for estimate in result["estimates"].values():
         assert 0.0 < estimate["ratio"] <= 1.0, estimate
