@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -65,7 +66,7 @@ from harness import (
     write_json,
 )
 
-DEFAULT_STATES = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75_run.json")
+DEFAULT_STATES = os.path.join(REPO, "benchmarks", "structures", "hubert_base_sp75_logits_run.json")
 #: the reference recipe (configs/dphubert.yaml): its length and its target's ramp
 RECIPE_UPDATES = 50_000
 RECIPE_RAMP = 5_000
@@ -370,6 +371,12 @@ def main() -> int:
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every kind this many times, interleaved, and take the median of the rounds' medians",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--json", default="benchmarks/results/shrinking_update.json")
     parser.add_argument(
@@ -438,16 +445,25 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     modes = args.inactive_compute
     rows: List[Dict] = []
     plan = [("stock", None, None), ("today", None, None)] + [("state", u, m) for u in updates for m in modes]
-    for kind, update, mode in plan:
-        extra = ["--worker", kind] + ([] if update is None else ["--update", str(update), "--mode", mode])
-        measured = run_worker(__file__, shared + extra)
-        roles = [label for label, u in landmarks.items() if update is not None and u == update]
-        row = {"kind": kind, "num_updates": update, "roles": roles, "inactive_compute": mode, **measured}
-        if update is not None:
-            row["recorded_active_macs_ratio"] = state_at(run, update)["active_macs_ratio"]
-            row["logits_recorded"] = "log_alpha" in state_at(run, update)
-        rows.append(row)
-        print(f"measured {kind}" + ("" if update is None else f" at update {update} ({mode})"), flush=True)
+    for round_ in range(args.rounds):  # the whole plan again: slow spells of the machine hit every kind alike
+        for i, (kind, update, mode) in enumerate(plan):
+            extra = ["--worker", kind] + ([] if update is None else ["--update", str(update), "--mode", mode])
+            measured = run_worker(__file__, shared + extra)
+            if round_:
+                rows[i]["update_seconds"]["rounds"].append(measured["update_seconds"]["median"])
+                continue
+            roles = [label for label, u in landmarks.items() if update is not None and u == update]
+            row = {"kind": kind, "num_updates": update, "roles": roles, "inactive_compute": mode, **measured}
+            row["update_seconds"]["rounds"] = [measured["update_seconds"]["median"]]
+            if update is not None:
+                row["recorded_active_macs_ratio"] = state_at(run, update)["active_macs_ratio"]
+                row["logits_recorded"] = "log_alpha" in state_at(run, update)
+            rows.append(row)
+            print(
+                f"measured {kind}" + ("" if update is None else f" at update {update} ({mode})"), flush=True
+            )
+    for row in rows:  # the median over the rounds of each round's median
+        row["update_seconds"]["median"] = statistics.median(row["update_seconds"]["rounds"])
     primary = [r for r in rows[2:] if r["inactive_compute"] == modes[0]]
     median = lambda r: r["update_seconds"]["median"]  # noqa: E731
     stock, today = rows[0], rows[1]
@@ -503,7 +519,9 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         )
     print(
         f"\nbase shape, {args.precision}, {args.device}, batch {args.batch} x {args.seconds:g} s, "
-        f"threads {torch.get_num_threads()}, median of {args.repeat} after {args.warmup}; states: "
+        f"threads {torch.get_num_threads()}, median of {args.repeat} after {args.warmup}"
+        + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
+        + "; states: "
         f"{shown(args.states)} ({len(run['states'])} states, run of {run['max_update']} updates, "
         f"ramp {run['warmup']})"
     )
