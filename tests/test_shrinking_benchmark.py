@@ -140,6 +140,7 @@ def test_shrinking_update_benchmark(tmp_path):
     assert [r["kind"] for r in result["rows"]] == ["stock", "today", "state"]
     for row in result["rows"]:
         assert row["update_seconds"]["median"] > 0 and row["peak_memory_bytes"] > 10 * 2**20
+        assert row["update_seconds"]["rounds"] == [row["update_seconds"]["median"]]  # one round: its median
     today, state = result["rows"][1:]
     assert today["active_macs_ratio"] == 1.0 and today["teacher_forward_seconds"]["median"] > 0
     assert state["num_updates"] == last and "run end" in state["roles"]
