@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # this checkout's plugin, whatever the environment's editable install points to
 
-from fairseq_runs import Shape, checkout_env, compose, fairseq_hubert_config_dir  # noqa: E402,F401
+from fairseq_runs import Shape, checkout_env, compose, fairseq_hubert_config_dir, optimizer_overrides  # noqa: E402,F401
 from fairseq_runs import stock_hubert_overrides as _stock_hubert_overrides  # noqa: E402
 
 # hydra's notices about fairseq's config conventions (version_base 1.1, schema matched by name)

@@ -13,6 +13,9 @@ memory (see ``harness.PeakMemory``) and the number of aten operations one update
 kernel launches on a GPU). ``floor`` is (stock update + no-grad teacher forward) / stock update: what the
 ratio would be if distillation cost nothing beyond running the teacher. ``landing ms`` is the search that ends
 each update of the landing phase (the last tenth of stage 1, ``criterions/target_projection.py``).
+``fairseq adam ms`` is the same stage-1 update with fairseq's ``adam`` in every optimizer group instead of the
+configs' ``torch_adamw`` (``optim/torch_adamw.py``), ``x adam`` the ratio of the two updates, and ``step ms``
+the optimizer step alone (all groups, on the last update's gradients) with each.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from harness import (
     batch_overrides,
     device_overrides,
     machine,
+    optimizer_overrides,
     random_teacher_in,
     run_worker,
     table,
@@ -60,16 +64,22 @@ def count_ops(fn) -> int:
 
 
 def worker(args) -> Dict:
-    """One measurement in this process: 'stock' or 'dphubert' updates on the fixed batch."""
+    """One measurement in this process: 'stock', 'dphubert' or 'dphubert_adam' (stage 1 with fairseq's adam)
+    updates on the fixed batch."""
     memory = PeakMemory(args.device)
     torch.manual_seed(0)
     shape = SHAPES[args.shape]
     common = device_overrides(args.device, args.precision) + batch_overrides(args.batch, args.item_seconds)
-    cfg = update_config(args.worker, args.data, args.teacher, shape, common)
+    adam = args.worker == "dphubert_adam"
+    kind, extra = ("dphubert", optimizer_overrides("dphubert", "adam")) if adam else (args.worker, [])
+    cfg = update_config(kind, args.data, args.teacher, shape, common, extra)
     trainer, task, sample = trainer_on_batch(cfg, args.batch, args.item_seconds)
     step, result = time_updates(trainer, sample, memory, args.device, args.warmup, args.repeat)
     result["ops_per_update"] = count_ops(step)
-    if args.worker == "dphubert":
+    if args.worker != "stock":  # the optimizer's step alone, on the last update's gradients
+        optimizer = getattr(trainer.optimizer, "fp32_optimizer", trainer.optimizer)  # inside AMP / fp16
+        result["optimizer_step_seconds"] = time_calls(optimizer.step, args.device, 1, args.repeat)
+    if args.worker == "dphubert":  # what does not depend on the optimizer: once
         forward = teacher_forward(trainer, task, sample, args.precision)
         result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
         # the landing phase's search (last tenth of stage 1): what it adds to each of those updates
@@ -105,7 +115,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--json", default="benchmarks/results/training_step.json")
-    parser.add_argument("--worker", choices=["stock", "dphubert"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["stock", "dphubert", "dphubert_adam"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--item-seconds", type=float, help=argparse.SUPPRESS)
@@ -133,14 +143,16 @@ def main() -> int:
             kind: run_worker(
                 __file__, shared + ["--worker", kind, "--data", data, "--item-seconds", str(seconds)]
             )
-            for kind in ("stock", "dphubert")
+            for kind in ("stock", "dphubert", "dphubert_adam")
         }
-        stock, ours = measured["stock"], measured["dphubert"]
+        stock, ours, adam = measured["stock"], measured["dphubert"], measured["dphubert_adam"]
         rows.append(
             {
                 "seconds_per_item": seconds,
                 "stock": stock,
                 "dphubert": ours,
+                "dphubert_fairseq_adam": adam,
+                "fairseq_adam_ratio": ours["update_seconds"]["median"] / adam["update_seconds"]["median"],
                 "time_ratio": ours["update_seconds"]["median"] / stock["update_seconds"]["median"],
                 "memory_ratio": ours["peak_memory_bytes"] / stock["peak_memory_bytes"],
                 "floor": 1 + ours["teacher_forward_seconds"]["median"] / stock["update_seconds"]["median"],
@@ -154,6 +166,9 @@ def main() -> int:
         "s/item",
         "stock ms",
         "stage-1 ms",
+        "fairseq adam ms",
+        "x adam",
+        "step ms",
         "teacher fwd ms",
         "landing ms",
         "time ratio",
@@ -171,6 +186,14 @@ def main() -> int:
             f"{r['seconds_per_item']:g}",
             ms(r, "stock"),
             ms(r, "dphubert"),
+            ms(r, "dphubert_fairseq_adam"),
+            f"{r['fairseq_adam_ratio']:.3f}",
+            "{:.0f} / {:.0f}".format(
+                *(
+                    1000 * r[k]["optimizer_step_seconds"]["median"]
+                    for k in ("dphubert", "dphubert_fairseq_adam")
+                )
+            ),
             f"{1000 * r['dphubert']['teacher_forward_seconds']['median']:.0f}",
             f"{1000 * r['dphubert']['landing_seconds']['median']:.1f}",
             f"{r['time_ratio']:.2f}",

@@ -2,14 +2,14 @@
 
 Importing the package patches fairseq where the plugin's users need it (``fairseq_patches``: among them,
 native fairseq checkpoints load under torch's weights-only default, see ``safe_loading``) and registers the
-``dphubert`` model, the ``dphubert_distill`` task and criterion with fairseq.
+``dphubert`` model, the ``dphubert_distill`` task and criterion and the ``torch_adamw`` optimizer with fairseq.
 """
 
 from . import fairseq_patches
 
 fairseq_patches.install()
 
-from . import criterions, models, tasks  # noqa: E402,F401  (register the model, task and criterion)
+from . import criterions, models, optim, tasks  # noqa: E402,F401  (register the model, task, criterion, optimizer)
 from .checkpoint_io import load_model, save_model  # noqa: E402
 from .config_paths import config_dir  # noqa: E402
 from .errors import (  # noqa: E402

@@ -216,6 +216,16 @@ def schedule_overrides(
     return out + ([f"lr_scheduler.total_num_update={total}"] if total is not None else [])
 
 
+def optimizer_overrides(config: str, name: str) -> List[str]:
+    """``configs/<config>.yaml`` with every group's optimizer replaced by fairseq optimizer ``name`` (the configs
+    use ``torch_adamw``; ``adam``, fairseq's, takes the same keys)."""
+    if config == "dphubert":
+        return [
+            f"optimizer.groups.{group}.optimizer._name={name}" for group in ("default", "gates", "lagrangian")
+        ]
+    return [f"optimizer._name={name}"]
+
+
 # ----- teachers pretrained by stock fairseq -----
 
 

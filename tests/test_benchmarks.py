@@ -36,7 +36,7 @@ def test_recorded_structure_is_a_stage1_export_at_the_target(path, key, target):
 
 @pytest.mark.slow
 def test_training_step_benchmark(tmp_path):
-    """training_step.py at its smallest settings: both kinds of update measured, in the expected order."""
+    """training_step.py at its smallest settings: every kind of update measured, in the expected order."""
     out = tmp_path / "training.json"
     proc = run_script(
         "training_step.py",
@@ -54,10 +54,13 @@ def test_training_step_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "time ratio" in proc.stdout and "mem ratio" in proc.stdout
     (row,) = json.load(open(out))["rows"]
-    for kind in ("stock", "dphubert"):
+    for kind in ("stock", "dphubert", "dphubert_fairseq_adam"):
         assert row[kind]["update_seconds"]["median"] > 0
         assert row[kind]["peak_memory_bytes"] > 10 * 2**20  # at least the model and its optimizer state
         assert row[kind]["ops_per_update"] > 1000
+    # the configs' torch_adamw against fairseq's adam: the whole update and the optimizer's step alone
+    assert row["fairseq_adam_ratio"] > 0 and "x adam" in proc.stdout
+    assert all(row[k]["optimizer_step_seconds"]["median"] > 0 for k in ("dphubert", "dphubert_fairseq_adam"))
     # a stage-1 update runs the teacher too: its operation count is above the stock update's (the floor);
     # the measured time ratio is reported, not asserted (timings are the benchmark's output, not a test's)
     assert row["floor"] > 1.0 and row["time_ratio"] > 0.0

@@ -30,6 +30,7 @@ from fairseq_runs import (
     export_command,
     hubert_pretraining_command,
     hydra_train_command,
+    optimizer_overrides,
     records,
     run_length,
     short_utterance_overrides,
@@ -46,6 +47,7 @@ from .plan import (
     KINDS,
     LABEL_CLUSTERS,
     LITTLE_DATA_KINDS,
+    OPTIMIZER,
     PROPORTIONS,
     SIZES,
     STAGE1_COMMON,
@@ -175,6 +177,7 @@ class Comparison(PhasedRun):
             *run_length(updates, max(1, updates // 10)),
             f"common.seed={seed}",
             "common.tensorboard_logdir=null",
+            *optimizer_overrides(config, OPTIMIZER),
             *extra,
         ]
         return self.run_quietly(hydra_train_command(CONFIGS, config, overrides), f"{name}.log", name)

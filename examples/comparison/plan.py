@@ -50,6 +50,10 @@ GATE_INIT_IMPORTANCE = 1.0
 #: leaving out the units whose sample is 0 (inactive_compute other than mask) gives the same losses and
 #: gradients but draws the dropout's random numbers for fewer units, so another random stream
 STAGE1_COMMON = ("criterion.inactive_threshold=1e-4", "criterion.inactive_compute=mask")
+#: the optimizer of every run (stages 1 and 2, baselines): the committed results were made with fairseq's
+#: ``adam``, pinned so that the command reproduces them; the configs now use ``torch_adamw`` (torch's AdamW, the
+#: reference's update: eps after the bias correction)
+OPTIMIZER = "adam"
 #: stage-1 overrides of a DPHuBERT kind beyond its schedule
 STAGE1_OVERRIDES: Dict[str, Tuple[str, ...]] = {
     "dphubert_importance_init": (f"model.gate_init_importance={GATE_INIT_IMPORTANCE}",),
