@@ -28,7 +28,7 @@ python3 benchmarks/inference.py --device cuda --json "$OUT/inference_gpu.json" 2
   | tee "$OUT/inference_gpu.txt"
 python3 benchmarks/shrinking_update.py --device cuda --json "$OUT/shrinking_update_gpu.json" \
   2>"$OUT/shrinking_update_gpu.err" | tee "$OUT/shrinking_update_gpu.txt"
-python3 benchmarks/training_step.py --device cuda --batch 8 --seconds 2 4 8 16 --repeat 10 \
+python3 benchmarks/training_step.py --device cuda --batch 8 --seconds 2 4 8 16 --repeat 10 --no-fairseq-adam \
   --json "$OUT/scaling_gpu.json" 2>"$OUT/scaling_gpu.err" | tee "$OUT/scaling_gpu.txt"
 python3 benchmarks/distributed_check.py --device cuda --out "$(mktemp -d)" --json "$OUT/distributed_gpu.json" \
   2>"$OUT/distributed_gpu.err" | tee "$OUT/distributed_gpu.txt"

@@ -278,6 +278,27 @@ def time_calls(fn: Callable[[], object], device: str, warmup: int, repeat: int) 
     return {"median": statistics.median(times), "mean": statistics.fmean(times), "min": min(times)}
 
 
+def round_order(n: int, round_: int) -> List[int]:
+    """The order a benchmark's ``n`` measurements run in at round ``round_`` (``--rounds``): as planned, and
+    backwards every other round, so that a machine slowing down or speeding up over a run does not favour
+    the kinds measured first."""
+    return list(range(n)) if round_ % 2 == 0 else list(range(n - 1, -1, -1))
+
+
+def fold_round(kept: Optional[Dict], measured: Dict, keys: Sequence[str]) -> Dict:
+    """One more round of a worker's result folded into ``kept`` (``None`` for the first round: ``measured``
+    becomes it): each timing of ``keys`` (``time_calls``'s) keeps every round's median in ``rounds`` and its
+    ``median`` becomes the median of those; everything else stays the first round's."""
+    if kept is None:
+        kept = measured
+        for key in keys:
+            kept[key]["rounds"] = []
+    for key in keys:
+        kept[key]["rounds"].append(measured[key]["median"])
+        kept[key]["median"] = statistics.median(kept[key]["rounds"])
+    return kept
+
+
 def _proc_status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))

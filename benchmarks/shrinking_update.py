@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,8 +51,10 @@ from harness import (
     decode_active,
     decode_logits,
     device_overrides,
+    fold_round,
     machine,
     random_teacher_in,
+    round_order,
     run_worker,
     table,
     teacher_forward,
@@ -375,7 +376,8 @@ def main() -> int:
         "--rounds",
         type=int,
         default=1,
-        help="measure every kind this many times, interleaved, and take the median of the rounds' medians",
+        help="measure every kind this many times, interleaved (every other round backwards), and take the median of "
+        "the rounds' medians",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--json", default="benchmarks/results/shrinking_update.json")
@@ -446,15 +448,16 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
     rows: List[Dict] = []
     plan = [("stock", None, None), ("today", None, None)] + [("state", u, m) for u in updates for m in modes]
     for round_ in range(args.rounds):  # the whole plan again: slow spells of the machine hit every kind alike
-        for i, (kind, update, mode) in enumerate(plan):
+        for i in round_order(len(plan), round_):
+            kind, update, mode = plan[i]
             extra = ["--worker", kind] + ([] if update is None else ["--update", str(update), "--mode", mode])
             measured = run_worker(__file__, shared + extra)
             if round_:
-                rows[i]["update_seconds"]["rounds"].append(measured["update_seconds"]["median"])
+                fold_round(rows[i], measured, ["update_seconds"])
                 continue
+            measured = fold_round(None, measured, ["update_seconds"])
             roles = [label for label, u in landmarks.items() if update is not None and u == update]
             row = {"kind": kind, "num_updates": update, "roles": roles, "inactive_compute": mode, **measured}
-            row["update_seconds"]["rounds"] = [measured["update_seconds"]["median"]]
             if update is not None:
                 row["recorded_active_macs_ratio"] = state_at(run, update)["active_macs_ratio"]
                 row["logits_recorded"] = "log_alpha" in state_at(run, update)
@@ -462,8 +465,6 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
             print(
                 f"measured {kind}" + ("" if update is None else f" at update {update} ({mode})"), flush=True
             )
-    for row in rows:  # the median over the rounds of each round's median
-        row["update_seconds"]["median"] = statistics.median(row["update_seconds"]["rounds"])
     primary = [r for r in rows[2:] if r["inactive_compute"] == modes[0]]
     median = lambda r: r["update_seconds"]["median"]  # noqa: E731
     stock, today = rows[0], rows[1]

@@ -149,3 +149,21 @@ def test_shrinking_update_benchmark(tmp_path):
     assert state["logits_recorded"] and state["gathering"]["gates_gathering"] == state["gathering"]["gates"]
     for estimate in result["estimates"].values():
         assert 0.0 < estimate["ratio"] <= 1.0, estimate
+
+
+def test_rounds_fold_into_the_median_of_each_rounds_median():
+    """``--rounds N`` (shrinking_update.py, training_step.py): each timing keeps every round's median and reports
+    their median; the rest of a worker's result is the first round's."""
+    fold_round = benchmark_module().fold_round  # harness.fold_round, as the benchmark uses it
+    rounds = [
+        {"update_seconds": {"median": m, "min": m / 2}, "peak": i} for i, m in enumerate([3.0, 5.0, 4.0])
+    ]
+    kept = None
+    for measured in rounds:
+        kept = fold_round(kept, measured, ["update_seconds"])
+    assert kept["update_seconds"]["rounds"] == [3.0, 5.0, 4.0]
+    assert (
+        kept["update_seconds"]["median"] == 4.0 and kept["update_seconds"]["min"] == 1.5 and kept["peak"] == 0
+    )
+    order = benchmark_module().round_order
+    assert [order(3, r) for r in range(3)] == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
