@@ -456,17 +456,30 @@ def test_a_masked_block_computes_at_full_width_and_a_closed_block_is_still_skipp
 @pytest.mark.parametrize(
     "gathered, masked, below",
     [
-        ((0.3, 0.6, 0.9), 0.75, 0.59375),  # t = 1.2 f: meets 0.95 x 0.75 at 0.59375 (0.75 at 0.625)
-        ((0.5, 0.75, 1.0), 2.0, 1.0),  # cheaper at every fraction: always gather
-        ((1.1, 1.2, 1.3), 1.0, 0.0),  # the copies alone cost more than the block: never
-        ((0.4, 0.4, 0.4), 0.5, 1.0),  # flat and cheaper by more than the margin
-        ((0.49, 0.49, 0.49), 0.5, 0.0),  # flat and cheaper by 2%: within the margin, masked
-        ((0.6, 0.6, 0.6), 0.5, 0.0),  # flat and dearer
+        ((0.3, 0.6, 0.9, 1.14), 0.75, 0.59375),  # t = 1.2 f: meets 0.95 x 0.75 at 0.59375 (0.75 at 0.625)
+        ((0.5, 0.75, 1.0, 1.2), 2.0, 0.95),  # cheaper at every fraction measured: gather up to the last one
+        ((1.1, 1.2, 1.3, 1.38), 1.0, 0.0),  # the copies alone cost more than the block: never
+        ((0.4, 0.4, 0.4, 0.4), 0.5, 0.95),  # flat and cheaper by more than the margin
+        ((0.49, 0.49, 0.49, 0.49), 0.5, 0.0),  # flat and cheaper by 2%: within the margin, masked
+        ((0.6, 0.6, 0.6, 0.6), 0.5, 0.0),  # flat and dearer
     ],
 )
 def test_the_break_even_is_where_the_gathered_line_meets_the_masked_time(gathered, masked, below):
+    """Where the line through the gathered times crosses the masked time less the margin, and never above the
+    largest fraction measured (0.95): the line is not extrapolated towards 1, where a draw leaves out only a
+    few units."""
+    assert FRACTIONS == (0.25, 0.5, 0.75, 0.95)
     assert BreakEven(masked, gathered).below == pytest.approx(below)
     assert gather_policy.GATHER_MARGIN == 0.05
+
+
+def test_a_gate_of_few_units_is_fitted_on_the_fractions_it_was_timed_at():
+    """Probes compute whole units: a gate of 4 heads is timed at 1, 2, 3 and 3 of them, one of 2 units at 1
+    unit four times (no line to fit: flat)."""
+    assert gather_policy.probed_fractions(4) == (0.25, 0.5, 0.75, 0.75)
+    assert gather_policy.probed_fractions(2) == (0.5,) * 4
+    assert BreakEven(1.0, (0.5,) * 4, (0.5,) * 4).below == 0.5  # cheaper: gather, up to what was measured
+    assert BreakEven(1.0, (0.99,) * 4, (0.5,) * 4).below == 0.0
 
 
 class SyntheticDevice:
@@ -503,7 +516,7 @@ class SyntheticDevice:
 def test_measure_gathers_below_each_kinds_measured_break_even(monkeypatch):
     """On a synthetic device (FFN: gathering saves 5% below 0.75 active, attention below 0.35, conv never), each
     gate gathers or masks from its own active fraction; each kind is timed once per run, masked with half the
-    units active and gathered at each of FRACTIONS, and the active sets are put back."""
+    units active and gathered at each of FRACTIONS (rounded to whole units), and the active sets are put back."""
     device = SyntheticDevice(
         monkeypatch,
         lines={"ffn": (0.2, 1.0), "attention": (0.6, 1.0), "conv": (2.0, 0.0)},
@@ -526,7 +539,9 @@ def test_measure_gathers_below_each_kinds_measured_break_even(monkeypatch):
             name
         )
     ffn = [(f, index is None) for key, f, index in device.timed if key[0] == "ffn"]
-    assert ffn == [(0.5, True)] + [(f, False) for f in FRACTIONS]  # one kind, one measurement for 3 layers
+    # one kind, one measurement for 3 layers; at whole units (61 of 64 for 0.95)
+    assert ffn == [(0.5, True)] + [(f, False) for f in gather_policy.probed_fractions(64)]
+    assert gather_policy.probed_fractions(64) == (0.25, 0.5, 0.75, 61 / 64)
     timed = len(device.timed)
     model.choose_gathering("measure", batch_shape=(2, SAMPLES))  # nothing new to measure
     assert len(device.timed) == timed

@@ -34,8 +34,10 @@ from .hard_concrete import HardConcrete
 
 logger = logging.getLogger(__name__)
 
-#: the active fractions the gathered computation is timed at
-FRACTIONS = (0.25, 0.5, 0.75)
+#: the active fractions the gathered computation is timed at; the last near the top, where an update's draws
+#: fall at the start of a run (FFN units at ~0.83-0.95, conv channels at ~0.999), so that no decision there
+#: rests on a line extrapolated from lower fractions
+FRACTIONS = (0.25, 0.5, 0.75, 0.95)
 #: a block gathers only where the fitted line says that saves at least this share of the masked time
 GATHER_MARGIN = 0.05
 #: what ``criterion.inactive_compute`` may ask for
@@ -55,7 +57,8 @@ class Probe:
 @dataclass
 class BreakEven:
     """The measured times of one kind of block (seconds, median) and the fraction where gathering stops
-    paying: ``masked`` at full width, ``gathered`` at each of ``FRACTIONS``."""
+    paying: ``masked`` at full width, ``gathered`` at each of ``fractions`` (``FRACTIONS`` rounded to whole
+    units: ``probed_fractions``)."""
 
     masked: float
     gathered: Tuple[float, ...]
@@ -64,18 +67,26 @@ class BreakEven:
     @property
     def below(self) -> float:
         """The active fraction below which gathering is faster by at least ``GATHER_MARGIN`` of the masked
-        time, in [0, 1]: where the least-squares line through the gathered times meets ``(1 - GATHER_MARGIN)``
-        times the masked time (1 when that holds at every fraction the line reaches, 0 at none)."""
+        time, in [0, max(fractions)]: where the least-squares line through the gathered times meets
+        ``(1 - GATHER_MARGIN)`` times the masked time (0 where it holds at no fraction). Never above the largest
+        fraction measured: beyond it the line is an extrapolation, and the few units left out there save less
+        than the timings' noise."""
         n = len(self.fractions)
         mean_f = sum(self.fractions) / n
         mean_t = sum(self.gathered) / n
         var = sum((f - mean_f) ** 2 for f in self.fractions)
-        slope = sum((f - mean_f) * (t - mean_t) for f, t in zip(self.fractions, self.gathered)) / var
+        # a gate of a few units is timed at fewer distinct fractions (all of them one unit for two units)
+        slope = (
+            sum((f - mean_f) * (t - mean_t) for f, t in zip(self.fractions, self.gathered)) / var
+            if var
+            else 0.0
+        )
         intercept = mean_t - slope * mean_f
         worth = self.masked * (1.0 - GATHER_MARGIN)  # the gathered time at which gathering is worth it
+        top = max(self.fractions)
         if slope <= 0:  # gathering costs no less with fewer units: take it only if it is already cheaper
-            return 1.0 if intercept <= worth else 0.0
-        return min(1.0, max(0.0, (worth - intercept) / slope))
+            return top if intercept <= worth else 0.0
+        return min(top, max(0.0, (worth - intercept) / slope))
 
 
 def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[Probe]], cache: Dict) -> None:
@@ -102,7 +113,7 @@ def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[P
         times = [_time_probe(probe) for probe in new.values()]
         times = _summed_over_workers(times)
         for (key, probe), (masked, gathered) in zip(new.items(), times):
-            cache[key] = BreakEven(masked, tuple(gathered))
+            cache[key] = BreakEven(masked, tuple(gathered), probed_fractions(probe.gate.n))
             logger.info(
                 "zero units of %s: gathered below %.2f computed (masked %.1f ms; gathered at %s: %s ms)",
                 key,
@@ -118,14 +129,14 @@ def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[P
 
 
 def _time_probe(probe: Probe, warmup: int = 1, repeat: int = 3) -> Tuple[float, List[float]]:
-    """(masked seconds, [gathered seconds at each of FRACTIONS]) of one probe, with the gate's active set and
+    """(masked seconds with half the units active, [gathered seconds at each of FRACTIONS]) of one probe, with the gate's active set and
     ``gather_below`` put back afterwards."""
     gate = probe.gate
     saved_active, saved_below = gate.active.clone(), gate.gather_below
     device = gate.log_alpha.device
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            gate.set_active(_first(gate.n, FRACTIONS[len(FRACTIONS) // 2], gate.active.device))
+            gate.set_active(_first(gate.n, 0.5, gate.active.device))
             gate.gather_below = 0.0
             masked = _seconds(probe.run, device, warmup, repeat)
             gathered = []
@@ -139,12 +150,22 @@ def _time_probe(probe: Probe, warmup: int = 1, repeat: int = 3) -> Tuple[float, 
     return masked, gathered
 
 
+def _probed_count(n: int, fraction: float) -> int:
+    """The units a probe of a gate of ``n`` computes at ``fraction``: ``round(fraction * n)``, at least one
+    and at most n - 1."""
+    return min(n - 1, max(1, round(fraction * n)))
+
+
+def probed_fractions(n: int) -> Tuple[float, ...]:
+    """The fractions of a gate of ``n`` units the gathered computation is actually timed at (``FRACTIONS``
+    rounded to whole units): what its break-even's line is fitted on."""
+    return tuple(_probed_count(n, f) / n for f in FRACTIONS)
+
+
 def _first(n: int, fraction: float, device: torch.device) -> torch.Tensor:
-    """An active set of ``n`` units with its first ``round(fraction * n)`` (at least one, at most n - 1)
-    active."""
-    k = min(n - 1, max(1, round(fraction * n)))
+    """An active set of ``n`` units with its first ``_probed_count(n, fraction)`` active."""
     active = torch.zeros(n, dtype=torch.bool, device=device)
-    active[:k] = True
+    active[: _probed_count(n, fraction)] = True
     return active
 
 
