@@ -7,6 +7,7 @@ those measurements.
     python benchmarks/shrinking_update.py                        # CPU: Base shape, fp32, 2 x 4 s
     python benchmarks/shrinking_update.py --at 100 200 400       # the recorded states nearest these updates
     python benchmarks/shrinking_update.py --device cuda          # Base shape, AMP as the recipe, 16 x 10 s
+    python benchmarks/shrinking_update.py --at 67 --paired 3     # as chosen against all masked, in one process
 
 Stage 1 is ``configs/dphubert.yaml``, stock is fairseq's ``hubert_base_librispeech.yaml`` (as
 ``training_step.py``); the teacher is a random HuBERT Base. Each measurement runs in its own process on the
@@ -37,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -319,12 +321,36 @@ def worker(args) -> Dict:
         computes_all = args.worker == "today" or args.mode == "mask"
         result["computed_macs_ratio"] = 1.0 if computes_all else computed_macs_ratio(model)
     result.update(time_updates(trainer, sample, memory, args.device, args.warmup, args.repeat)[1])
+    if args.worker == "state" and args.paired:
+        result["paired"] = paired_with_masked(trainer, sample, model, args)
     if args.worker != "stock":
         forward = teacher_forward(trainer, task, sample, args.precision)
         result["teacher_forward_seconds"] = time_calls(forward, args.device, 1, args.repeat)
         if model.active_fractions() != result["active_fractions"]:
             raise RuntimeError("the active sets changed while timing")  # a check ran: see NO_CHECKS
     return result
+
+
+def paired_with_masked(trainer, sample, model, args) -> Dict:
+    """The state's update as its gates chose (``gather_below``: the zero units left out where that pays)
+    against the same state with every unit computed and masked (``gather_below`` 0: today's computation), in
+    this one process, alternating ``args.paired`` times (every other round masked first): both share the
+    process, its memory and its moment, so their ratio is free of the noise between processes."""
+    step = lambda: trainer.train_step([sample])  # noqa: E731
+    gates = list(model.gates().values())
+    chosen = [g.gather_below for g in gates]
+    times: Dict[str, List[float]] = {"chosen": [], "masked": []}
+    try:
+        for round_ in range(args.paired):
+            for kind in ("chosen", "masked") if round_ % 2 == 0 else ("masked", "chosen"):
+                for gate, below in zip(gates, chosen):
+                    gate.gather_below = below if kind == "chosen" else 0.0
+                times[kind].append(time_calls(step, args.device, args.warmup, args.repeat)["median"])
+    finally:
+        for gate, below in zip(gates, chosen):
+            gate.gather_below = below
+    ratio = statistics.median(times["chosen"]) / statistics.median(times["masked"])
+    return {"chosen_seconds": times["chosen"], "masked_seconds": times["masked"], "ratio": ratio}
 
 
 # ----- the invocation -----
@@ -378,6 +404,14 @@ def main() -> int:
         default=1,
         help="measure every kind this many times, interleaved (every other round backwards), and take the median of "
         "the rounds' medians",
+    )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time each state, in its own process, as its gates chose against every unit computed masked "
+        "(today's computation), alternating this many rounds: 'x masked', free of the noise between processes",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--json", default="benchmarks/results/shrinking_update.json")
@@ -442,7 +476,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         print(note)
     data = write_audio(os.path.join(work, "data"), args.batch, args.seconds)
     shared = worker_args(args, teacher) + ["--states", args.states, "--data", data]
-    shared += ["--item-seconds", str(args.seconds)]
+    shared += ["--item-seconds", str(args.seconds), "--paired", str(args.paired)]
 
     modes = args.inactive_compute
     rows: List[Dict] = []
@@ -454,6 +488,13 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
             measured = run_worker(__file__, shared + extra)
             if round_:
                 fold_round(rows[i], measured, ["update_seconds"])
+                if "paired" in measured:  # every round's paired timings, one ratio of their medians
+                    pair = rows[i]["paired"]
+                    for key in ("chosen_seconds", "masked_seconds"):
+                        pair[key] += measured["paired"][key]
+                    pair["ratio"] = statistics.median(pair["chosen_seconds"]) / statistics.median(
+                        pair["masked_seconds"]
+                    )
                 continue
             measured = fold_round(None, measured, ["update_seconds"])
             roles = [label for label, u in landmarks.items() if update is not None and u == update]
@@ -490,7 +531,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         "MACs ratio",
         "computed",
         "gathered",
-    ]
+    ] + (["x masked"] if args.paired else [])
     body = []
     for r in rows:
         fractions = r.get("active_fractions", {})
@@ -517,6 +558,7 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
                     else "-"
                 ),
             ]
+            + ([f"{r['paired']['ratio']:.3f}" if "paired" in r else "-"] if args.paired else [])
         )
     print(
         f"\nbase shape, {args.precision}, {args.device}, batch {args.batch} x {args.seconds:g} s, "
@@ -531,6 +573,12 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
         "heads / FFN units / conv ch: fractions of the gated units still active; MACs ratio: active MACs / "
         "teacher's; computed: expected MACs an update computes / teacher's; gathered: gated blocks that leave "
         "their zero units out at the expected fraction / gated blocks"
+        + (
+            f"; x masked: the state's update as chosen / the same state with every unit masked, in one process, "
+            f"median of {args.paired} alternating rounds"
+            if args.paired
+            else ""
+        )
     )
 
     # the goals
@@ -562,6 +610,13 @@ def measure(args, run: Dict, updates: List[int], work: str) -> int:
             f"{slowest['x_today']:.3f} x today's update"
             + (" (never slower than every unit active)" if slowest["x_today"] <= 1.0 else "")
         )
+        pairs = [r for r in measured if "paired" in r]
+        if pairs:
+            worst = max(pairs, key=lambda r: r["paired"]["ratio"])
+            print(
+                f"  in one process (--paired): the slowest, at update {worst['num_updates']}, takes "
+                f"{worst['paired']['ratio']:.3f} x the same state with every unit masked"
+            )
     points = [(1.0, median(today))] + [(r["computed_macs_ratio"], median(r)) for r in primary]
     intercept, slope = fit_cost(points)
     unconstrained = fit_line(points)

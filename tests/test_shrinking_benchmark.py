@@ -130,6 +130,7 @@ def test_shrinking_update_benchmark(tmp_path):
     out = tmp_path / "shrinking.json"
     args = ["--states", LOGITS_RUN, "--batch", "1", "--seconds", "1", "--warmup", "0", "--repeat", "1"]
     args += ["--at", str(last), "--inactive-compute", "gather"]  # no timing of break-evens: not asserted
+    args += ["--paired", "1"]  # the state as chosen and all masked, in its process
     proc = helpers.run(
         [sys.executable, os.path.join("benchmarks", "shrinking_update.py"), *args, "--json", str(out)],
         timeout=900,
@@ -147,6 +148,10 @@ def test_shrinking_update_benchmark(tmp_path):
     assert state["active_macs_ratio"] == state["recorded_active_macs_ratio"] == 1.0  # nothing inactive
     assert today["computed_macs_ratio"] == 1.0 and state["computed_macs_ratio"] < 0.5  # the samples' zeros
     assert state["logits_recorded"] and state["gathering"]["gates_gathering"] == state["gathering"]["gates"]
+    pair = state["paired"]
+    assert len(pair["chosen_seconds"]) == len(pair["masked_seconds"]) == 1 and "x masked" in proc.stdout
+    assert pair["ratio"] == pytest.approx(pair["chosen_seconds"][0] / pair["masked_seconds"][0])
+    assert "paired" not in today
     for estimate in result["estimates"].values():
         assert 0.0 < estimate["ratio"] <= 1.0, estimate
 
