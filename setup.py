@@ -31,8 +31,10 @@ class BuildWithConfigs(build_py):
 # What the plugin needs. On Python >= 3.11 the official fairseq 0.12.2 does not install (old hydra/omegaconf
 # pins); ve-fairseq 0.12.3 is a prebuilt build of fairseq's main branch that provides the same `fairseq` package.
 REQUIRES = [
-    "torch>=2.0",
-    "torchaudio>=2.0",
+    # 2.4: the device-generic autocast queries (torch.is_autocast_enabled(device), get_autocast_dtype) the
+    # model reads in every training forward, and the fused AdamW on CPU
+    "torch>=2.4",
+    "torchaudio>=2.4",
     "soundfile",
     "numpy",
     "omegaconf>=2.1",

@@ -16,6 +16,14 @@ def parse_conv_layers(spec: str) -> List[ConvLayer]:
     return [tuple(int(v) for v in layer) for layer in layers]
 
 
+def receptive_field(spec: str) -> int:
+    """The samples one output frame of the CNN ``spec`` reads: the shortest input it makes a frame of."""
+    samples = 1
+    for _, kernel, stride in reversed(parse_conv_layers(spec)):
+        samples = (samples - 1) * stride + kernel
+    return samples
+
+
 def format_conv_layers(layers: Sequence[ConvLayer]) -> str:
     """``[(channels, kernel, stride), ...]`` -> a ``conv_feature_layers`` string (one entry per block)."""
     return "[" + ", ".join(f"({c}, {k}, {s})" for c, k, s in layers) + "]"

@@ -66,6 +66,7 @@ def latency_summary(model: DPHuBERTModel, table_path: str) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"latency_table": table_path}
     try:
         table = load_table(table_path)
+        table.check_shape(model.cfg, f"criterion.latency_table={table_path}", pruned=True)
     except ConfigError as err:
         logger.warning("no predicted seconds in the summary: %s", err)
         return summary

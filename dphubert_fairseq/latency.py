@@ -5,7 +5,8 @@ The model, per block of the teacher's shape, for one utterance of ``seconds`` (b
 
 - conv block ``i``: ``a_i + b_i * C_in * C_out + c_i * C_out`` (the convolution's MACs, and the elementwise
   normalisation and GELU over the block's output);
-- feature LayerNorm + projection: ``a + b * F``, ``F`` the CNN's output channels it reads;
+- feature LayerNorm + projection (the LayerNorm alone in a model without one): ``a + b * F``, ``F`` the CNN's
+  output channels it reads;
 - attention: ``a * [H > 0] + b * H`` per layer, ``H`` its heads; FFN: ``a * [F > 0] + b * F`` per layer, ``F``
   its units (a block that keeps nothing costs nothing); each times the layer's keep value;
 - everything else (positional convolution, the encoder's LayerNorms, glue): one constant.
@@ -50,6 +51,8 @@ SHAPE_KEYS = (
     "relative_position_buckets",
     "post_extract_proj",
 )
+#: the SHAPE_KEYS in which a model pruned from the teacher differs from it (the CNN only in its channels)
+SIZED_KEYS = ("conv_feature_layers", "encoder_attention_heads", "encoder_ffn_embed_dims")
 
 
 def architecture_shape(cfg) -> Dict[str, Any]:
@@ -111,7 +114,7 @@ class LatencyTable:
         sizes: differentiable)."""
         conv: Number = 0.0
         in_channels: Number = 1
-        for costs, out_channels in zip(self.conv, sizes.conv_channels):
+        for costs, out_channels in zip(self.conv, sizes.conv_channels, strict=True):
             conv = (
                 conv
                 + costs.fixed
@@ -119,10 +122,9 @@ class LatencyTable:
                 + costs.per_unit * out_channels
             )
             in_channels = out_channels
-        projection: Number = 0.0
-        if cfg.post_extract_proj:
-            features = in_channels + (1 if cfg.feature_norm_removed_channels > 0 else 0)
-            projection = self.projection.fixed + self.projection.per_unit * features
+        # the profile times the feature LayerNorm with the projection, so this term stays without one
+        features = in_channels + (1 if cfg.feature_norm_removed_channels > 0 else 0)
+        projection = self.projection.fixed + self.projection.per_unit * features
         heads, ffn_dims, keep_att, keep_ffn = per_layer_vectors(
             sizes.heads, sizes.ffn_dims, sizes.attention_keep, sizes.ffn_keep
         )
@@ -163,15 +165,24 @@ class LatencyTable:
 
     # ----- checks and files -----
 
-    def check_shape(self, cfg, where: str) -> None:
+    def check_shape(self, cfg, where: str, pruned: bool = False) -> None:
         """Raise ``ConfigError`` (one line, naming ``where`` and the first differing key) when the teacher
-        ``cfg`` is not of the shape this table was measured for."""
+        ``cfg`` is not of the shape this table was measured for; ``pruned``: ``cfg`` is a model pruned from
+        such a teacher, whose sizes (``SIZED_KEYS``) may differ, but not its CNN's kernels and strides."""
         shape = architecture_shape(cfg)
         for key in SHAPE_KEYS:
-            if shape[key] != self.shape.get(key):
+            here, there = shape[key], self.shape.get(key)
+            if pruned and key == "conv_feature_layers":
+                here, there = (
+                    None if v is None else [(k, s) for _, k, s in parse_conv_layers(v)] for v in (here, there)
+                )
+            elif pruned and key in SIZED_KEYS:
+                continue
+            if here != there:
+                whose = "this model's teacher" if pruned else "this teacher"
                 raise ConfigError(
-                    f"{where}: measured for another teacher shape (model.{key} {self.shape.get(key)!r} there, "
-                    f"{shape[key]!r} for this teacher); run dphubert-profile --teacher on this teacher"
+                    f"{where}: measured for another teacher shape (model.{key} {there!r} there, {here!r} "
+                    f"for {whose}); run dphubert-profile --teacher on {whose}"
                 )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -198,13 +209,18 @@ class LatencyTable:
             **blocks,
         )
         table = cls(**values)
-        numbers = [table.rest, table.teacher_seconds()] + [
-            v for b in table.blocks() for v in (b.fixed, b.per_unit, b.per_pair)
-        ]
+        numbers = [table.rest] + [v for b in table.blocks() for v in (b.fixed, b.per_unit, b.per_pair)]
         if not all(math.isfinite(v) and v >= 0 for v in numbers):
             raise ValueError("every cost must be a finite number >= 0")
-        if len(table.conv) != len(parse_conv_layers(table.shape["conv_feature_layers"])):
+        try:
+            layers = parse_conv_layers(table.shape["conv_feature_layers"])
+        except Exception as err:  # fairseq's format is a Python expression: anything can be wrong in it
+            raise ValueError(f"shape.conv_feature_layers is not a conv spec ({type(err).__name__}: {err})")
+        if len(table.conv) != len(layers):
             raise ValueError("one conv entry per conv layer of its shape is needed")
+        teacher = table.teacher_seconds()
+        if not (math.isfinite(teacher) and teacher > 0):
+            raise ValueError(f"the teacher's seconds must be a finite number > 0, got {teacher}")
         return table
 
     def blocks(self) -> List[BlockCosts]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint_io import load_model
-from .conv_spec import format_conv_layers, parse_conv_layers
+from .conv_spec import format_conv_layers, parse_conv_layers, receptive_field
 from .latency import LatencyTable, Measurement, block_report, fit_table, load_table
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from .param_count import static_sizes
@@ -37,6 +37,8 @@ from .teacher import load_teacher_and_config, teacher_hidden_states
 
 #: The smallest fraction of the teacher's conv channels and FFN units a profiled variant draws.
 SMALLEST = 0.125
+#: The fewest architectures a table is fitted on (the teacher's included).
+MIN_VARIANTS = 4
 
 
 def _drawn(rng: np.random.Generator, full: int, zero: bool = False) -> int:
@@ -77,10 +79,12 @@ def variant_configs(teacher_cfg: DPHuBERTConfig, count: int, seed: int = 0) -> L
 
 
 class BlockTimer:
-    """Wall-clock seconds of named modules' forward calls (forward pre- and post-hooks), summed per name."""
+    """Wall-clock seconds of named modules' forward calls (forward pre- and post-hooks), summed per name;
+    nothing is timed (or synchronised) while ``enabled`` is False."""
 
     def __init__(self, modules: Dict[str, nn.Module], sync: Callable[[], None]) -> None:
         self.sync = sync
+        self.enabled = True
         self.seconds: Dict[str, float] = {name: 0.0 for name in modules}
         self._started: Dict[str, float] = {}
         self._handles = []
@@ -90,15 +94,17 @@ class BlockTimer:
 
     def _start(self, name: str):
         def hook(module, args):
-            self.sync()
-            self._started[name] = time.perf_counter()
+            if self.enabled:
+                self.sync()
+                self._started[name] = time.perf_counter()
 
         return hook
 
     def _stop(self, name: str):
         def hook(module, args, output):
-            self.sync()
-            self.seconds[name] += time.perf_counter() - self._started.pop(name)
+            if self.enabled:
+                self.sync()
+                self.seconds[name] += time.perf_counter() - self._started.pop(name)
 
         return hook
 
@@ -142,7 +148,9 @@ def measure(
     """Time architectures (random weights) on one utterance of ``seconds`` of noise: per-block and total
     medians of ``repeat`` rounds after a warm-up round, every model run once per round, in turns, so that a
     drift of the machine's speed hits all alike (a table is read as ratios); with the ``teacher`` checkpoint's
-    own model among them (``teacher_hidden_states``, as the benchmarks time it), its median seconds too."""
+    own model among them (``teacher_hidden_states``, as the benchmarks time it), its median seconds too. On a
+    GPU, where timing a block means waiting for it (which a forward pass otherwise does not), each
+    architecture's total comes from a second pass without the blocks timed, as the teacher's is taken."""
     torch.manual_seed(0)
     models = [DPHuBERTModel(cfg).eval().to(device) for cfg in configs]
     if teacher is not None:
@@ -159,8 +167,16 @@ def measure(
             start = time.perf_counter()
             model(source)
             sync()
+            total = time.perf_counter() - start
+            if device.type == "cuda":
+                timer.enabled = False
+                start = time.perf_counter()
+                model(source)
+                sync()
+                total = time.perf_counter() - start
+                timer.enabled = True
             if round_:
-                model_runs.append({**timer.seconds, "total": time.perf_counter() - start})
+                model_runs.append({**timer.seconds, "total": total})
         if teacher is not None:
             sync()
             start = time.perf_counter()
@@ -215,6 +231,16 @@ def profile(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here")
+    if repeat < 1:
+        raise ValueError(f"--repeat {repeat}: at least one timed pass is needed")
+    if variants < MIN_VARIANTS:
+        raise ValueError(
+            f"--variants {variants}: at least {MIN_VARIANTS} architectures are needed (a conv block's costs "
+            "have three coefficients, fitted on one point per architecture)"
+        )
+    shortest = receptive_field(teacher_cfg.conv_feature_layers) / teacher_cfg.sample_rate
+    if seconds < shortest:
+        raise ValueError(f"--seconds {seconds:g}: shorter than the CNN's receptive field ({shortest:.4f} s)")
     if dev.type == "cpu" and threads:
         torch.set_num_threads(threads)
     log(
@@ -259,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="length of the timed utterance (default 10, as MACs count)",
     )
-    parser.add_argument("--variants", type=int, default=8, help="architectures timed, the teacher included")
+    parser.add_argument(
+        "--variants",
+        type=int,
+        default=8,
+        help=f"architectures timed, the teacher included (default 8, at least {MIN_VARIANTS})",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed passes per architecture (median)")
     parser.add_argument("--table", help="a table written by this command, for --report")
     parser.add_argument(
@@ -273,7 +304,7 @@ def _report(table_path: str, models: Sequence[str]) -> str:
     rows = {}
     for path in models:
         cfg = as_config(load_model(path).cfg)
-        table.check_shape(dataclasses.replace(cfg, **_static_shape(table)), f"--table {table_path}")
+        table.check_shape(cfg, f"--table {table_path}: {path}", pruned=True)
         rows[path] = (cfg, None)
     header = (
         f"predicted seconds per block kind ({table.device}, {table.threads} thread(s), {table.seconds:g} s of "
@@ -284,13 +315,6 @@ def _report(table_path: str, models: Sequence[str]) -> str:
         ratio = float(table.predict(cfg, static_sizes(cfg))) / table.teacher_seconds()
         lines.append(f"{path}: {ratio:.3f} of the teacher's time (latency sparsity {1 - ratio:.4f})")
     return "\n".join(lines)
-
-
-def _static_shape(table: LatencyTable) -> Dict[str, object]:
-    """The sizes a pruned model may differ from its teacher in, taken from the table: what ``check_shape``
-    then compares is the rest of the architecture."""
-    keys = ("conv_feature_layers", "encoder_attention_heads", "encoder_ffn_embed_dims")
-    return {key: table.shape[key] for key in keys}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -338,8 +338,13 @@ def test_a_conv_layer_keeps_one_channel_whatever_its_gates(kind):
 def _worker(rank: int, port: int, out: str) -> None:
     """Rank ``rank`` of 2: the tiny student in torch's DDP without ``find_unused_parameters`` (the configs'
     setting), with skipped blocks and partly inactive gates; rank 1's logits are nudged so that, alone, it
-    would close a unit rank 0 keeps. Two checks and updates; writes its active sets and parameters."""
+    would close a unit rank 0 keeps. Each rank measures where its blocks' gathering pays on its own batch
+    shape, on a device skewed its own way (rank 0's masked blocks, rank 1's gathered ones timed 50x slower: alone,
+    one would always gather, the other never). Two checks and updates; writes its active sets, break-evens,
+    decisions and parameters."""
     import torch.distributed as dist
+
+    from dphubert_fairseq.models import gather_policy
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model, _, _ = pair("large")
@@ -352,9 +357,17 @@ def _worker(rank: int, port: int, out: str) -> None:
         gate.log_alpha[nudged] = -30.0 if rank == 1 else 0.0
         heads.log_alpha[heads.active.nonzero()[:2].flatten()] = -30.0  # both ranks: below
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    timed = gather_policy._time_probe
+
+    def skewed(probe):
+        masked, gathered = timed(probe)
+        return (masked * 50, gathered) if rank == 0 else (masked, [t * 50 for t in gathered])
+
+    gather_policy._time_probe = skewed
     closed = []
     for step in range(2):
         closed.append(model.update_active_sets(1e-4, checks=1))
+        model.choose_gathering("measure", batch_shape=(2, SAMPLES) if rank == 0 else (3, SAMPLES + 800))
         torch.manual_seed(100 + rank)  # each rank its own batch and gate samples
         result = ddp(torch.randn(2, SAMPLES))
         loss = sum(h.pow(2).mean() for h in result["hidden_states"]) + model.expected_size() / 1e5
@@ -367,6 +380,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.save(
         {
             "closed": closed,
+            "break_evens": model.break_evens(),
+            "gather_below": {name: g.gather_below for name, g in model.gates().items()},
             "active": {name: g.active.clone() for name, g in model.gates().items()},
             "params": {name: p.detach().clone() for name, p in model.named_parameters()},
         },
@@ -397,6 +412,9 @@ def test_two_workers_agree_on_the_active_sets(tmp_path):
     assert first["closed"] == second["closed"] and first["closed"][0] == 2  # the two heads, not rank 1's unit
     for name in first["active"]:
         assert torch.equal(first["active"][name], second["active"][name]), name
+    # one decision per kind of block from the times summed over the workers, whatever each measured alone
+    assert first["break_evens"] and first["break_evens"] == second["break_evens"]
+    assert first["gather_below"] == second["gather_below"]
     for name in first["params"]:  # DDP kept the replicas identical through updates with skipped blocks
         assert torch.equal(first["params"][name], second["params"][name]), name
 
@@ -547,19 +565,27 @@ def test_measure_gathers_below_each_kinds_measured_break_even(monkeypatch):
     assert len(device.timed) == timed
 
 
-def test_measuring_leaves_the_run_as_it_was():
-    """A real measurement: the random stream, the active sets and streaks, every ``.grad`` and the model's
-    outputs are as before; every break-even is a fraction."""
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_measuring_leaves_the_run_as_it_was(device):
+    """A real measurement: the random streams (the CPU's and the device's), the active sets and streaks,
+    every ``.grad`` and the model's outputs are as before; every break-even is a fraction."""
     model, _, _ = pair("base")
-    model.train()
-    loss, _ = loss_of(model, *batch())  # a training batch: its shape is what the probes run on
+    model.to(device).train()
+    source, padding = (t.to(device) for t in batch())
+    loss, _ = loss_of(model, source, padding)  # a training batch: its shape is what the probes run on
     loss.backward()
     before_grads = grads(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(11)
     rng = torch.get_rng_state()
+    device_rng = torch.cuda.get_rng_state() if device == "cuda" else None
     model.choose_gathering("measure")
     assert torch.equal(torch.get_rng_state(), rng)
+    if device_rng is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), device_rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     after = grads(model)

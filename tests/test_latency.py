@@ -31,8 +31,8 @@ FFN = BlockCosts(1e-4, 2e-6)
 REST = 3e-4
 
 
-def teacher_cfg():
-    return helpers.tiny_student_config(prune_units=[])
+def teacher_cfg(**overrides):
+    return helpers.tiny_student_config(prune_units=[], **overrides)
 
 
 def synthetic_measurement(cfg) -> Measurement:
@@ -49,8 +49,8 @@ def synthetic_measurement(cfg) -> Measurement:
     return Measurement(cfg, conv, projection, attention, ffn, total)
 
 
-def synthetic_table() -> LatencyTable:
-    cfg = teacher_cfg()
+def synthetic_table(cfg=None) -> LatencyTable:
+    cfg = cfg or teacher_cfg()
     return fit_table(cfg, [synthetic_measurement(c) for c in variant_configs(cfg, 12)], "synthetic", 1, 10.0)
 
 
@@ -75,6 +75,59 @@ def test_the_fit_recovers_a_synthetic_devices_costs():
         synthetic_measurement(unseen).total, rel=1e-6
     )
     assert table.teacher_seconds() == pytest.approx(synthetic_measurement(teacher_cfg()).total, rel=1e-6)
+
+
+def test_a_model_without_projection_keeps_its_feature_norms_time():
+    """Without a feature projection (the CNN's last layer as wide as the encoder) the profile still times the
+    feature LayerNorm: the table keeps that cost and predicts every architecture exactly."""
+    cfg = teacher_cfg(
+        post_extract_proj=False, conv_feature_layers="[(24,10,5)] + [(24,3,2)] * 4 + [(32,2,2)] * 2"
+    )
+    table = synthetic_table(cfg)
+    # the norm reads the encoder's width in every architecture: one point, its cost at that width
+    got, want = table.projection, PROJECTION
+    assert got.fixed + got.per_unit * 32 == pytest.approx(want.fixed + want.per_unit * 32, rel=1e-6)
+    for other in [cfg, *variant_configs(cfg, 20, seed=7)[1:]]:
+        assert float(table.predict(other, static_sizes(other))) == pytest.approx(
+            synthetic_measurement(other).total, rel=1e-6
+        )
+
+
+def test_a_pruned_model_is_checked_against_its_teachers_table():
+    """A table applies to a model pruned from its teacher (other channels, heads and FFN units), not to one
+    whose CNN has other kernels or strides, nor to another width."""
+    table = synthetic_table()
+    pruned = dataclasses.replace(
+        teacher_cfg(),
+        conv_feature_layers="[(20,10,5)] + [(7,3,2)] * 4 + [(24,2,2)] * 2",
+        encoder_attention_heads=[0, 2, 4],
+        encoder_ffn_embed_dims=[5, 0, 64],
+    )
+    table.check_shape(pruned, "t.json", pruned=True)
+    with pytest.raises(dp.ConfigError):  # as a teacher, its sizes differ
+        table.check_shape(pruned, "t.json")
+    for changed, key in (
+        (dict(conv_feature_layers="[(20,10,5)] + [(7,3,2)] * 4 + [(24,3,2)] * 2"), "conv_feature_layers"),
+        (dict(encoder_embed_dim=48), "encoder_embed_dim"),
+    ):
+        with pytest.raises(dp.ConfigError) as e:
+            table.check_shape(dataclasses.replace(pruned, **changed), "t.json", pruned=True)
+        helpers.assert_one_line(
+            str(e.value), starts_with=f"t.json: measured for another teacher shape (model.{key}"
+        )
+
+
+def test_profile_arguments_are_checked_before_timing():
+    from dphubert_fairseq.latency_profile import profile
+
+    for kwargs, message in (
+        (dict(variants=3), "--variants 3: at least 4 architectures"),
+        (dict(repeat=0), "--repeat 0: at least one timed pass"),
+        (dict(seconds=0.01), "--seconds 0.01: shorter than the CNN's receptive field (0.0250 s)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            profile(teacher_cfg(), **kwargs)
+        helpers.assert_one_line(str(e.value), starts_with=message)
 
 
 def test_a_negative_slope_is_not_fitted():
@@ -110,21 +163,39 @@ def test_a_latency_target_lands_on_the_tables_prediction(speech_manifests, tiny_
     task = helpers.distill_task(speech_manifests, teacher)
     cfg = task.teacher_config
     measured = [synthetic_measurement(c) for c in variant_configs(cfg, 12)]
+    # as dphubert-profile writes it: the teacher checkpoint's own model measured slower than the student
+    # with every unit kept is predicted, which therefore starts at latency sparsity 0.2
     table = fit_table(cfg, measured, "synthetic", 1, 10.0)
+    table.teacher_measured = table.predicted_teacher() / 0.8
     path = str(tmp_path / "cost.json")
     table.save(path)
     _, model, criterion = helpers.landing_student(
         speech_manifests, teacher, ["conv", "head", "interm"], target_metric="latency", latency_table=path
     )
-    assert criterion.teacher_size["latency"] == pytest.approx(table.teacher_seconds())
+    assert criterion.teacher_size["latency"] == pytest.approx(table.teacher_measured)
     helpers.randomise_gates(model)
     model.train()
     sample = {"net_input": {"source": torch.randn(2, 8000), "padding_mask": None}}
     _, _, log = criterion(model, sample)
     assert {"expected_latency_sparsity", "eval_latency_sparsity", "expected_macs_sparsity"} <= set(log)
     criterion.after_optimizer_step(model, 5)
-    reached = 1 - model.eval_mask_size(table) / table.teacher_seconds()
+    reached = 1 - model.eval_mask_size(table) / table.teacher_measured
     assert reached == pytest.approx(0.5, abs=0.02)
+    # a target the student meets with every unit kept cannot be landed on: refused, naming where it starts
+    with pytest.raises(dp.ConfigError) as e:
+        helpers.landing_student(
+            speech_manifests,
+            teacher,
+            ["conv", "head", "interm"],
+            target_metric="latency",
+            latency_table=path,
+            target_sparsity=0.15,
+        )
+    helpers.assert_one_line(
+        str(e.value),
+        starts_with="criterion.target_sparsity=0.15 is met before any pruning",
+        contains=["latency sparsity 0.2000", "ask for more than 0.2000"],
+    )
 
 
 def test_latency_errors_are_one_line(speech_manifests, tiny_teachers, tmp_path):
@@ -141,6 +212,18 @@ def test_latency_errors_are_one_line(speech_manifests, tiny_teachers, tmp_path):
     with pytest.raises(dp.ConfigError) as e:
         load_table(str(broken))
     helpers.assert_one_line(str(e.value), contains=["not a dphubert-profile table"])
+    for change, message in (
+        (
+            dict(shape={**other_shape(), "conv_feature_layers": "garbage"}),
+            "shape.conv_feature_layers is not a",
+        ),
+        (dict(teacher_measured=0.0), "the teacher's seconds must be a finite number > 0, got 0.0"),
+        (dict(rest=-1.0), "every cost must be a finite number >= 0"),
+    ):
+        broken.write_text(json.dumps({**synthetic_table().to_dict(), **change}))
+        with pytest.raises(dp.ConfigError) as e:
+            load_table(str(broken))
+        helpers.assert_one_line(str(e.value), contains=[f"{broken}: not a dphubert-profile table ({message}"])
     other = synthetic_table()  # of the tiny config's shape, not this teacher's
     other.shape["encoder_embed_dim"] = 64
     path = str(tmp_path / "other.json")
@@ -150,6 +233,10 @@ def test_latency_errors_are_one_line(speech_manifests, tiny_teachers, tmp_path):
             speech_manifests, teacher, ["head"], target_metric="latency", latency_table=path
         )
     helpers.assert_one_line(str(e.value), starts_with=f"criterion.latency_table={path}: measured for another")
+
+
+def other_shape():
+    return architecture_shape(teacher_cfg())
 
 
 @pytest.mark.slow
@@ -175,6 +262,9 @@ def test_profile_command_writes_a_table_the_report_reads(tiny_teachers, tmp_path
     assert (
         table.teacher_measured > 0
     )  # the teacher checkpoint's own model, timed: the sparsities' denominator
+    measured_teacher = table.provenance["dphubert_teacher_seconds"]  # the teacher's shape as a DPHuBERT model
+    error = abs(table.predicted_teacher() / measured_teacher - 1)
+    assert error <= table.provenance["max_rel_error"] + 1e-9
     pruned = dp.DPHuBERTModel(
         dataclasses.replace(teacher_cfg, encoder_attention_heads=[1] * teacher_cfg.encoder_layers)
     )

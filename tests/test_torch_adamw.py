@@ -119,11 +119,18 @@ def test_the_recipes_configs_use_it_fused_in_every_group(name):
         }
 
 
-def test_a_run_saved_with_fairseqs_adam_resumes_with_it(tmp_path):
-    """fairseq's ``adam`` state (integer step counts, no kernel or decay-mode keys), read back weights-only as
-    checkpoints are, continues in torch_adamw: the moments and counts carry over, the kernel stays fused, the
-    decay stays decoupled, and the next steps follow AdamW from there; its own state round-trips the same way."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_run_saved_with_fairseqs_adam_resumes_with_it(tmp_path, device):
+    """fairseq's ``adam`` state (integer step counts on the CPU, no kernel or decay-mode keys), read back
+    weights-only as checkpoints are, continues in torch_adamw: the moments and counts carry over (the counts
+    onto the parameters' device, where the fused kernel reads them), the kernel stays fused, the decay stays
+    decoupled, and the next steps follow AdamW from there; its own state round-trips the same way."""
     params, grads = params_with_grads(seed=1)
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in params]
+    grads = [g.to(device) for g in grads]
     old = optim.build_optimizer(config("adam", tpu=False), params)
     take_steps(old, params, grads, 2)
     torch.save(old.state_dict(), tmp_path / "adam.pt")
@@ -138,6 +145,7 @@ def test_a_run_saved_with_fairseqs_adam_resumes_with_it(tmp_path):
     group = opt.optimizer.param_groups[0]
     assert group["fused"] is True and group["decoupled_weight_decay"] is True
     assert all(opt.optimizer.state[p]["step"].dtype == torch.float32 for p in params)
+    assert all(opt.optimizer.state[p]["step"].device == p.device for p in params)
     take_steps(opt, params, grads, 2)
     for p, e in zip(params, adamw_by_hand(at_two, grads, 2, start=moments)):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-9)

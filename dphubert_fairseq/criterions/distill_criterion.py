@@ -202,6 +202,8 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             table.check_shape(teacher_cfg, f"criterion.latency_table={cfg.latency_table}")
             self.size_metrics["latency"] = table
         self.teacher_size = {name: _teacher_size(task, m) for name, m in self.size_metrics.items()}
+        if cfg.target_metric == "latency" and cfg.lagrangian:
+            _check_latency_target(cfg, self.size_metrics["latency"])
         self.teacher_params = self.teacher_size["params"]
         self.num_updates = 0
         _check_inactive_settings(cfg)
@@ -442,6 +444,28 @@ def _sparsity_warmup(cfg, total: Optional[int]) -> int:
             f"would never be reached; unset it for a tenth of the run ({total // 10}), as the recipe"
         )
     return ramp
+
+
+def _check_latency_target(cfg: DPHuBERTDistillCriterionConfig, table: LatencyTable) -> None:
+    """A latency sparsity is against the teacher checkpoint's measured time, and the student with every unit
+    kept (``predicted_teacher``) may already run faster than that checkpoint's own model: such a student
+    starts above 0, and a target below where it starts cannot be landed on. Refuse it."""
+    start = 1.0 - table.predicted_teacher() / table.teacher_seconds()
+    logger.info(
+        "latency sparsity of the student with every unit kept: %.4f (%s predicts %.4f s against the teacher "
+        "checkpoint's %.4f s)",
+        start,
+        cfg.latency_table,
+        table.predicted_teacher(),
+        table.teacher_seconds(),
+    )
+    if cfg.target_sparsity <= start:
+        raise ConfigError(
+            f"criterion.target_sparsity={cfg.target_sparsity} is met before any pruning: "
+            f"criterion.latency_table={cfg.latency_table} predicts the student with every unit kept at latency "
+            f"sparsity {start:.4f} ({table.predicted_teacher():.4f} s against the teacher's "
+            f"{table.teacher_seconds():.4f} s); ask for more than {start:.4f}"
+        )
 
 
 def _teacher_size(task, metric: Metric) -> float:

@@ -119,7 +119,7 @@ def choose(gates: Sequence[HardConcrete], mode: str, probes: Callable[[], List[P
                 key,
                 cache[key].below,
                 masked * 1e3,
-                "/".join(f"{f:g}" for f in FRACTIONS),
+                "/".join(f"{f:.3g}" for f in cache[key].fractions),  # the fractions timed, in whole units
                 "/".join(f"{t * 1e3:.1f}" for t in gathered),
             )
     for gate in waiting:

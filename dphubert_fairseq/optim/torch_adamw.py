@@ -12,8 +12,11 @@ that matter here:
   (on CPU as well).
 
 The config keys are ``adam``'s (``adam_betas``, ``adam_eps``, ``weight_decay``; decoupled weight decay in both),
-so a config switches between the two by ``_name`` alone, and a run saved with ``adam`` resumes with this one
-(the moments and step counts carry over; the next update follows torch's formula).
+so a config switches between the two by ``_name`` alone. A run saved with ``adam`` resumes with this one (the
+moments and step counts carry over; the next update follows torch's formula) where fairseq's trainer wraps
+both alike, as it does under ``common.amp`` or ``common.fp16`` and inside ``composite`` (the recipe's
+stage 1): it refuses a checkpoint whose outermost optimizer class differs, which is the case for a plain fp32
+run with one group (there, resume with ``adam``, or pass ``checkpoint.reset_optimizer=true``).
 """
 
 from collections.abc import Collection
@@ -75,8 +78,8 @@ class TorchAdamW(FairseqOptimizer):
 
     @property
     def optimizer_config(self) -> Dict[str, Any]:
-        """The arguments of ``torch.optim.AdamW``; also what a checkpoint's saved groups are overridden with
-        on resume where fairseq asks for it (``checkpoint.optimizer_overrides``)."""
+        """The arguments of ``torch.optim.AdamW`` (fairseq also hands them on where it wraps the optimizer:
+        ``AMPOptimizer``, sharded ``OSS``)."""
         lr = self.cfg.lr[0] if isinstance(self.cfg.lr, Collection) else self.cfg.lr
         betas = self.cfg.adam_betas
         if isinstance(betas, str):  # the argparse form, "(0.9, 0.999)"
