@@ -12,8 +12,8 @@ and run on the same audio with its padding mask (the student also as its int8 fi
 ``formats/onnx_int8.py``, checked against torch fp32 like the export checks it): torch fp32 under ``torch.inference_mode`` with
 ``torch.set_num_threads(N)``, onnxruntime's CPU provider with ``intra_op_num_threads=N`` (graph optimisations
 at their default, all; idle threads not spinning, or the three sessions taking turns would take each other's
-cores: on 2 cores that alone made the int8 file 1.1x slower against the fp32 one). Times are the median of ``--repeat`` forward passes after ``--warmup``, the four
-(model, runtime) pairs taking turns so that drift hits all alike; every ratio is taken within this run.
+cores: on 2 cores that alone made the int8 file 1.1x slower against the fp32 one). Times are the median of ``--repeat`` forward passes after ``--warmup``, the five
+(model, runtime) pairs (the student's int8 file one of them) taking turns so that drift hits all alike; every ratio is taken within this run.
 """
 
 import argparse

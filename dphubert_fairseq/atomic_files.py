@@ -2,10 +2,11 @@
 folder, then renamed over it, so a crash or a kill never leaves a half-written file where the last good one
 was. They get the permissions a plain ``open(path, "w")`` would give (0666 less the umask)."""
 
+import contextlib
 import os
 import shutil
 import tempfile
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 
 def _umask() -> int:
@@ -14,11 +15,15 @@ def _umask() -> int:
     return mask
 
 
-def _temporary_beside(path: str) -> str:
-    """A new, empty temporary file in ``path``'s folder (created if need be), with normal permissions."""
+def _folder_of(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    return folder
+
+
+def _temporary_beside(path: str) -> str:
+    """A new, empty temporary file in ``path``'s folder (created if need be), with normal permissions."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=_folder_of(path))
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
     return tmp
@@ -68,3 +73,16 @@ def atomic_copy(src: str, dst: str) -> None:
             os.chmod(name, 0o666 & ~_umask())
 
     _replace_or_remove(tmp, dst, fill)
+
+
+@contextlib.contextmanager
+def work_folder_beside(path: str) -> Iterator[str]:
+    """A new temporary folder in ``path``'s folder (created if need be), named like ``atomic_write``'s
+    temporary files, removed with what it holds when the ``with`` block is left: room for the intermediate
+    files of what becomes ``path``, on its file system rather than in the system's temporary folder, and
+    never left behind."""
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=_folder_of(path))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

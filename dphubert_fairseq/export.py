@@ -20,6 +20,8 @@ dynamic batch and length), once onnxruntime reproduces it within 1e-4 on a padde
 ``--onnx-audio`` files (else a built-in speech-like probe); the summary gets the file and the deviation.
 ``--int8`` (with ``--onnx``) also writes ``OUT.int8.onnx``, the ONNX file dynamically quantised
 (``formats/onnx_int8.py``), once every hidden state on the same batch is within the cosine floor of torch fp32.
+Both files are made and checked before anything is written: when a check fails, one line says why and OUT, the
+ONNX file and the int8 file are all left as they were.
 """
 
 import argparse
@@ -31,14 +33,14 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-from .atomic_files import atomic_write_text
+from .atomic_files import atomic_write, atomic_write_text
 from .checkpoint_io import save_model
 from .checkpoint_kind import read_student_checkpoint
 from .conv_spec import parse_conv_layers
 from .criterions.target_projection import missed_target
 from .errors import ConfigError
-from .formats.onnx_export import audio_batch, export_onnx, probe_batch, require_onnx, summary_line
-from .formats.onnx_int8 import MIN_COSINE, int8_path, int8_summary_line, quantize_int8
+from .formats.onnx_export import audio_batch, checked_onnx, probe_batch, require_onnx, summary_line
+from .formats.onnx_int8 import MIN_COSINE, checked_int8, int8_path, int8_summary_line
 from .formats.reference import LAYOUTS, ReferenceExportReport, reference_from_model, save_reference
 from .latency import load_table
 from .macs import NOMINAL_SECONDS
@@ -292,24 +294,31 @@ def export(
         "export_summary": summary,
     }
     summary["format"] = output_format
+    onnx_data = int8_data = None
+    if onnx_path:  # every file made and checked before any is written: a refusal leaves all as they were
+        source, mask, checked_on = onnx_check or (None, None, None)
+        batch = None if onnx_check is None else (source, mask)
+        try:
+            onnx_data, onnx_report = checked_onnx(pruned, onnx_path, batch, checked_on=checked_on)
+            summary["onnx"] = onnx_report.summary()
+            if int8:
+                check = onnx_check or probe_batch(pruned)
+                int8_data, int8_report = checked_int8(
+                    onnx_data, int8_path(onnx_path), pruned.float().cpu().eval(), check
+                )
+                summary["onnx_int8"] = int8_report.summary()
+        except ValueError as err:
+            raise type(err)(f"{err}; nothing was written") from err
     if output_format == "reference":
         obj, report = reference_from_model(pruned, layout=reference_layout)
         summary["reference"] = dataclasses.asdict(report)
         save_reference(obj, out)
     else:
         save_model(pruned, out, extra_state=extra_state)
-    if onnx_path:
-        source, mask, checked_on = onnx_check or (None, None, None)
-        batch = None if onnx_check is None else (source, mask)
-        try:
-            summary["onnx"] = export_onnx(pruned, onnx_path, batch, checked_on=checked_on).summary()
-            if int8:
-                check = onnx_check or probe_batch(pruned)
-                report = quantize_int8(onnx_path, int8_path(onnx_path), pruned.float().cpu().eval(), check)
-                summary["onnx_int8"] = report.summary()
-        except ValueError as err:
-            written = [out] + ([onnx_path] if "onnx" in summary else [])
-            raise type(err)(f"{err}; {' and '.join(written)} written") from err
+    if onnx_data is not None:
+        atomic_write(onnx_path, lambda f: f.write(onnx_data))
+    if int8_data is not None:
+        atomic_write(int8_path(onnx_path), lambda f: f.write(int8_data))
     if json_path:
         atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -365,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --onnx: also write OUT.int8.onnx, the ONNX file with int8 linear layers (onnxruntime's "
         "dynamic quantisation) and CNN (inputs scaled per group of frames), once every hidden state on the check "
         f"batch has a cosine of at least {MIN_COSINE} to the torch fp32 model's (else with a float32 CNN, if that "
-        "meets it)",
+        "meets it); else nothing is written",
     )
     parser.add_argument(
         "--onnx-audio",

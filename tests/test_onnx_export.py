@@ -4,6 +4,7 @@ lengths and batch sizes the export did not trace; a check that fails leaves no f
 
 import json
 import os
+import re
 import sys
 
 import helpers
@@ -210,6 +211,7 @@ def test_export_cli_writes_a_checked_int8_file(tiny_teachers, speech, tmp_path, 
     assert summary["max_abs_diff"] > 0  # int8 is not the fp32 file
     assert f"onnx int8: {int8_path} checked with onnxruntime on a built-in speech-like probe" in printed
     assert summary["cnn_int8"] and printed.count("; linear layers and CNN int8\n") == 1
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary file or folder
     graph = onnx.load(int8_path).graph
     assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in graph.node)
     assert {i.name for i in graph.input} == {"source", "padding_mask"} and [
@@ -238,7 +240,73 @@ def test_an_int8_file_below_the_floor_is_refused_and_not_written(tiny_teachers, 
         starts_with=str(path),
         contains=["cosine", "hidden_state_", "below the floor 1.0", "not written"],
     )
+    # six decimals, as the summary line has: 0.98996 must not read 0.9900 against a floor of 0.99
+    assert re.search(r"cosine 0\.\d{6} to torch fp32", str(err.value)), str(err.value)
     assert path.read_bytes() == b"the last good export"
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx"]  # the quantiser's work folder is gone
+
+
+def test_quantize_int8_names_the_file_it_cannot_use(tmp_path):
+    """A missing, corrupt or empty fp32 file, or a destination whose folder cannot take the quantiser's work
+    folder: one line naming the file, and nothing left behind."""
+    check = (torch.zeros(1, 16000), torch.zeros(1, 16000, dtype=torch.bool), "nothing")
+    out = tmp_path / "m.int8.onnx"
+    (tmp_path / "corrupt.onnx").write_bytes(b"not an ONNX file")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    value = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1])  # noqa: E731
+    graph = onnx.helper.make_graph([node], "g", [value("x")], [value("y")])
+    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "relu.onnx"))
+    (tmp_path / "a_file").write_bytes(b"")
+    for fp32, path, starts_with, contains in (
+        (
+            "missing.onnx",
+            out,
+            "{fp32}: ",
+            "cannot read the ONNX file to quantise (No such file or directory)",
+        ),
+        ("corrupt.onnx", out, "{fp32}: ", "not a readable ONNX file"),
+        ("empty.onnx", out, "{path}: ", "onnxruntime cannot quantise {fp32}: "),
+        (
+            "relu.onnx",
+            tmp_path / "a_file" / "m.int8.onnx",
+            "{path}: ",
+            "cannot quantise {fp32} in a work folder",
+        ),
+    ):
+        fp32, before = str(tmp_path / fp32), sorted(os.listdir(tmp_path))
+        with pytest.raises(dp.DPHuBERTError) as err:
+            onnx_int8.quantize_int8(fp32, str(path), None, check)
+        names = dict(fp32=fp32, path=path)
+        assert_one_line(
+            str(err.value), starts_with=starts_with.format(**names), contains=[contains.format(**names)]
+        )
+        assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_refused_int8_file_leaves_every_output_as_it_was(tiny_teachers, tmp_path, capsys, monkeypatch):
+    """``--int8`` below the floor: the checkpoint, the ONNX file and the int8 file of an earlier export all stay
+    as they were (no new fp32 files beside an old int8 one), one line says why, no temporary file is left."""
+    checkpoint = _gated_checkpoint(tiny_teachers, tmp_path)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    old = {name: f"{name} of an earlier model".encode() for name in ("p.pt", "p.onnx", "p.int8.onnx")}
+    for name, data in old.items():
+        (folder / name).write_bytes(data)
+    monkeypatch.setattr(onnx_int8, "MIN_COSINE", 1.0)  # the documented floor; no int8 file reaches 1.0
+    argv = [checkpoint, str(folder / "p.pt"), "--onnx", str(folder / "p.onnx"), "--int8"]
+    argv += ["--json", str(folder / "s.json")]
+    assert export_cli.main(argv) == 2
+    captured = capsys.readouterr()
+    message = captured.err.strip().splitlines()[-1]
+    assert_one_line(
+        message,
+        starts_with=f"dphubert-export: error: {folder / 'p.int8.onnx'}: ",
+        contains=["below the floor 1.0", "nothing was written"],
+    )
+    assert sorted(os.listdir(folder)) == sorted(old)  # no summary, no temporary file or work folder
+    assert all((folder / name).read_bytes() == data for name, data in old.items())
+    assert "wrote" not in captured.out
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,18 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 
-def conv_model(weight: np.ndarray, stride: int, bias=None, group: int = 1, then=None):
+def conv_model(
+    weight: np.ndarray,
+    stride: int,
+    bias=None,
+    group: int = 1,
+    then=None,
+    opset: int = onnx_export.OPSET,
+    names=("conv", "conv2"),
+):
     """An ONNX graph of one Conv1d ``x (B, C, T) -> y (B, N, T_out)``, dynamic batch and length; ``then``
-    ``(weight, stride)``: a second Conv1d on ``y``, whose output ``z`` is a second output."""
+    ``(weight, stride)``: a second Conv1d on ``y``, whose output ``z`` is a second output. ``names``: the two
+    Conv nodes' names."""
     h = onnx.helper
     inits = [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")]
     inputs = ["x", "w"]
@@ -27,18 +36,24 @@ def conv_model(weight: np.ndarray, stride: int, bias=None, group: int = 1, then=
         inputs.append("b")
     nodes = [
         h.make_node(
-            "Conv", inputs, ["y"], name="conv", kernel_shape=[weight.shape[2]], strides=[stride], group=group
+            "Conv",
+            inputs,
+            ["y"],
+            name=names[0],
+            kernel_shape=[weight.shape[2]],
+            strides=[stride],
+            group=group,
         )
     ]
-    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", weight.shape[0], "Ty"])]
     if then is not None:
         inits.append(onnx.numpy_helper.from_array(then[0].astype(np.float32), "w2"))
         nodes.append(
             h.make_node(
-                "Conv", ["y", "w2"], ["z"], name="conv2", kernel_shape=[then[0].shape[2]], strides=[then[1]]
+                "Conv", ["y", "w2"], ["z"], name=names[1], kernel_shape=[then[0].shape[2]], strides=[then[1]]
             )
         )
-        outputs.append(h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
+        outputs.append(h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["B", then[0].shape[0], "Tz"]))
     graph = h.make_graph(
         nodes,
         "conv",
@@ -46,7 +61,7 @@ def conv_model(weight: np.ndarray, stride: int, bias=None, group: int = 1, then=
         outputs,
         inits,
     )
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", onnx_export.OPSET)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
 
 
 def run(proto, x: np.ndarray, output: int = 0) -> np.ndarray:
@@ -126,16 +141,19 @@ def test_rewritten_conv_computes_the_per_group_quantised_conv(kernel, stride, wi
         assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
 
 
-def test_a_conv_after_a_rewritten_one_takes_its_input_frames_first():
+@pytest.mark.parametrize("opset", [13, 14, onnx_export.OPSET, 18, 21])
+def test_a_conv_after_a_rewritten_one_takes_its_input_frames_first(opset):
     """The second of two rewritten convs quantises its input after transposing it (the first one before):
-    both against the numpy model, the second on the first's own output."""
+    both against the numpy model, the second on the first's own output; in every opset's operator signatures
+    (ReduceMax's axes an input from 18 on, Shape's start and end from 15), valid by ONNX's strict checks."""
     rng = np.random.default_rng(7)
     first, second = (
         rng.normal(size=(6, 4, 3)).astype(np.float32),
         rng.normal(size=(5, 6, 2)).astype(np.float32),
     )
-    proto = conv_model(first, 2, then=(second, 2))
+    proto = conv_model(first, 2, then=(second, 2), opset=opset)
     assert onnx_int8_conv.quantize_convs(onnx, proto) == ["conv", "conv2"]
+    onnx.checker.check_model(proto, full_check=True)
     names = {n.name for n in proto.graph.node}
     assert "conv/int8/codes_ct" in names and "conv2/int8/frames" in names  # the two layouts
     for length in (41, 42, 43, 44):
@@ -156,6 +174,45 @@ def test_only_plain_convs_with_several_input_channels_are_rewritten():
         before = proto.SerializeToString()
         assert onnx_int8_conv.quantize_convs(onnx, proto) == []
         assert proto.SerializeToString() == before
+    with pytest.raises(ValueError, match="opset 12 is below 13"):  # no per-axis QuantizeLinear before 13
+        onnx_int8_conv.quantize_convs(onnx, conv_model(rng.normal(size=(4, 3, 3)), 2, opset=12))
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (2, 2), (5, 3), (2, 3)])
+def test_inputs_shorter_than_the_kernel_give_no_frames(kernel, stride):
+    """``(T - k) // s + 1`` with ONNX's truncating Div would give a frame for ``k - s < T < k``; a float Conv
+    gives none there (onnxruntime refuses the input), and so does the rewritten one: 0 frames below the
+    kernel, then one frame from ``T = k``."""
+    rng = np.random.default_rng(kernel * 10 + stride)
+    weight = rng.normal(size=(4, 3, kernel)).astype(np.float32)
+    proto = conv_model(weight, stride)
+    onnx_int8_conv.quantize_convs(onnx, proto)
+    for length in range(1, kernel):
+        assert run(proto, rng.normal(size=(2, 3, length)).astype(np.float32)).shape == (2, 4, 0), length
+    for length in range(kernel, kernel + stride + 1):
+        x = rng.normal(size=(2, 3, length)).astype(np.float32)
+        got, want = run(proto, x), numpy_int8_conv(x, weight, stride)
+        assert got.shape == want.shape == (2, 4, (length - kernel) // stride + 1)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_rewritten_convs_get_unique_names_when_theirs_are_missing_or_shared():
+    """Unnamed convs (and two of one name) would put their new nodes and constants under one prefix."""
+    rng = np.random.default_rng(3)
+    first, second = (
+        rng.normal(size=(6, 4, 3)).astype(np.float32),
+        rng.normal(size=(5, 6, 2)).astype(np.float32),
+    )
+    x = rng.normal(size=(2, 4, 30)).astype(np.float32)
+    for names, labels in ((("", ""), ["conv_0", "conv_1"]), (("c", "c"), ["c", "c"])):
+        proto = conv_model(first, 2, then=(second, 2), names=names)
+        assert onnx_int8_conv.quantize_convs(onnx, proto) == labels
+        node_names = [n.name for n in proto.graph.node]
+        assert len(set(node_names)) == len(node_names)
+        onnx.checker.check_model(proto, full_check=True)  # every tensor (constants too) defined once
+        y, z, want = run(proto, x, 0), run(proto, x, 1), numpy_int8_conv(run(proto, x, 0), second, 2)
+        assert np.abs(y - numpy_int8_conv(x, first, 2)).max() <= 1e-5 * np.abs(y).max()
+        assert np.abs(z - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_per_group_scales_follow_loud_frames_where_one_scale_cannot():
@@ -231,6 +288,59 @@ def test_int8_export_quantises_the_cnn_and_falls_back_to_float32_below_the_floor
     assert fallback.cnn_int8_cosine == pytest.approx(with_cnn.min_cosine)
     line = onnx_int8.int8_summary_line(fallback.summary())
     assert line.endswith(
-        f"linear layers int8, the CNN float32 (with it int8 the lowest cosine was {with_cnn.min_cosine:.4f})"
+        f"linear layers int8, the CNN float32 (with it int8 the lowest cosine was {with_cnn.min_cosine:.6f})"
     )
     assert onnx_int8.int8_summary_line(with_cnn.summary()).endswith("; linear layers and CNN int8")
+
+
+def test_int8_cnn_of_an_opset_18_export(tiny_teachers, tmp_path):
+    """From opset 18 ReduceMax takes its axes as an input: an export at 18 gets an int8 CNN that onnxruntime
+    runs, within the floor."""
+    pruned = dp.prune(dp.student_from_teacher(tiny_teachers["hubert_base"])).eval()
+    fp32 = str(tmp_path / "m.onnx")
+    assert onnx_export.export_onnx(pruned, fp32, opset=18).opset == 18
+    report = onnx_int8.quantize_int8(
+        fp32, str(tmp_path / "m.int8.onnx"), pruned, onnx_export.probe_batch(pruned)
+    )
+    assert report.cnn_int8 and report.cnn_int8_error is None and report.min_cosine >= onnx_int8.MIN_COSINE
+    reduce_max = [
+        n for n in onnx.load(report.path).graph.node if n.op_type == "ReduceMax" and "/int8/" in n.name
+    ]
+    assert reduce_max and all(len(n.input) == 2 and not n.attribute for n in reduce_max)
+
+
+def test_an_int8_cnn_onnxruntime_cannot_run_falls_back_to_float32(
+    tiny_teachers, tmp_path, monkeypatch, caplog
+):
+    """When the file with the int8 CNN does not even load, the float32-CNN file is checked and written, and
+    the report, the printed line and the log say why."""
+    pruned = dp.prune(dp.student_from_teacher(tiny_teachers["hubert_base"])).eval()
+    fp32 = str(tmp_path / "m.onnx")
+    onnx_export.export_onnx(pruned, fp32)
+    real = onnx_int8.quantize_convs
+
+    def broken(
+        onnx_module, proto
+    ):  # a rewrite onnxruntime refuses, as opset 18 once refused ReduceMax's axes
+        rewritten = real(onnx_module, proto)
+        node = next(n for n in proto.graph.node if n.op_type == "ReduceMax")
+        node.attribute.append(onnx_module.helper.make_attribute("bogus", 1))
+        return rewritten
+
+    monkeypatch.setattr(onnx_int8, "quantize_convs", broken)
+    path = tmp_path / "m.int8.onnx"
+    report = onnx_int8.quantize_int8(fp32, str(path), pruned, onnx_export.probe_batch(pruned))
+    assert (
+        not report.cnn_int8 and report.cnn_int8_cosine is None and report.min_cosine >= onnx_int8.MIN_COSINE
+    )
+    assert (
+        report.cnn_int8_error.startswith("onnxruntime cannot run it: ") and "bogus" in report.cnn_int8_error
+    )
+    assert report.summary()["cnn_int8_error"] == report.cnn_int8_error
+    line = onnx_int8.int8_summary_line(report.summary())
+    assert line.endswith(f"linear layers int8, the CNN float32 (with it int8: {report.cnn_int8_error})")
+    assert "bogus" in caplog.text and str(path) in caplog.text
+    graph = onnx.load(str(path)).graph
+    assert not any("/int8/" in n.name for n in graph.node)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["quantization"] == onnx_int8.QUANTIZATION[False]

@@ -17,7 +17,7 @@ Then it runs the file with onnxruntime (CPU) on a padded batch of clips of unequ
 ``probe_batch``: lengths other than those traced, the longer one cut so that HuBERT's rule takes its other
 branch) and compares every output with the torch model's; the file is written (atomically, see
 ``atomic_files``) only when the largest deviation is within ``atol``, else a one-line ``DPHuBERTError`` names
-the file, the deviation and the output.
+the file, the deviation and the output. ``checked_onnx`` does all that but the write.
 
 ``onnx`` and ``onnxruntime`` are imported when an export runs (the ``onnx`` extra of setup.py), so that the
 plugin imports without them.
@@ -296,18 +296,16 @@ def cpu_session(onnxruntime, model_bytes_or_path, threads: int = 0, spinning: bo
     return onnxruntime.InferenceSession(model_bytes_or_path, options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(
+def checked_onnx(
     model: DPHuBERTModel,
     path: str,
     check_batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     atol: float = ATOL,
     checked_on: Optional[str] = None,
     opset: int = OPSET,
-) -> OnnxExportReport:
-    """Write ``model`` (pruned: no gates) to ``path`` as ONNX (see the module's docstring) once onnxruntime
-    reproduces it within ``atol`` on ``check_batch`` ``(source, padding_mask)`` (default: ``probe_batch``);
-    ``checked_on`` describes the batch for the report. Raises a one-line ``DPHuBERTError`` and leaves
-    ``path`` as it was when the check fails."""
+) -> Tuple[bytes, OnnxExportReport]:
+    """``export_onnx`` but for the write: the file's bytes and its report, once the check passes. ``path``
+    (where the file is to go) names it in the report and in errors."""
     onnx, onnxruntime = require_onnx()
     if not isinstance(model, DPHuBERTModel):
         raise TypeError(f"export_onnx expects a dphubert model, got {type(model).__name__}")
@@ -344,8 +342,7 @@ def export_onnx(
                 f"{path}: the ONNX export does not reproduce the model: max abs diff {deviation:.3g} in "
                 f"{where} on {described}, above {atol:g}; the file was not written"
             )
-        atomic_write(path, lambda f: f.write(data))
-        return OnnxExportReport(
+        return data, OnnxExportReport(
             path=str(path),
             checked_on=described,
             max_abs_diff=deviation,
@@ -355,3 +352,20 @@ def export_onnx(
         )
     finally:
         model.train(was_training)
+
+
+def export_onnx(
+    model: DPHuBERTModel,
+    path: str,
+    check_batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    atol: float = ATOL,
+    checked_on: Optional[str] = None,
+    opset: int = OPSET,
+) -> OnnxExportReport:
+    """Write ``model`` (pruned: no gates) to ``path`` as ONNX (see the module's docstring) once onnxruntime
+    reproduces it within ``atol`` on ``check_batch`` ``(source, padding_mask)`` (default: ``probe_batch``);
+    ``checked_on`` describes the batch for the report. Raises a one-line ``DPHuBERTError`` and leaves
+    ``path`` as it was when the check fails."""
+    data, report = checked_onnx(model, path, check_batch, atol=atol, checked_on=checked_on, opset=opset)
+    atomic_write(path, lambda f: f.write(data))
+    return report

@@ -28,10 +28,12 @@ ones transpose their float input, a transpose onnxruntime's layout optimiser can
 conv's output transpose.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 import numpy as np
 
+#: the lowest ONNX opset the rewrite is written for (per-axis QuantizeLinear, Unsqueeze's axes as an input)
+MIN_OPSET = 13
 #: convolutions with fewer input channels stay float32 (the first layer: its input is the waveform, C = 1)
 MIN_IN_CHANNELS = 2
 #: the largest magnitude of a symmetric int8 code; uint8 codes are centred on ``ZERO_POINT``
@@ -80,15 +82,22 @@ def convertible(node, initializers: Dict[str, object], helper) -> bool:
     )
 
 
-class _Builder:
-    """Appends the nodes and constants of one rewritten conv, named under its node's name."""
+def graph_opset(proto) -> int:
+    """The version of the default ONNX domain ``proto`` imports (0 when it imports none)."""
+    return max((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), default=0)
 
-    def __init__(self, onnx, graph, prefix: str) -> None:
-        self.helper, self.numpy_helper, self.graph, self.prefix = (
+
+class _Builder:
+    """Appends the nodes and constants of one rewritten conv, named under ``prefix``, in the signatures of
+    ``opset``."""
+
+    def __init__(self, onnx, graph, prefix: str, opset: int) -> None:
+        self.helper, self.numpy_helper, self.graph, self.prefix, self.opset = (
             onnx.helper,
             onnx.numpy_helper,
             graph,
             prefix,
+            opset,
         )
         self.nodes: List[object] = []
 
@@ -104,8 +113,26 @@ class _Builder:
         )
         return output
 
+    def reduce_max(self, x: str, axis: int, name: str) -> str:
+        """``x``'s maximum over ``axis``, kept as a dimension of 1 (``axes`` an input from opset 18 on)."""
+        if self.opset >= 18:
+            return self.node("ReduceMax", [x, self.const(f"{name}_axes", np.array([axis], np.int64))], name)
+        return self.node("ReduceMax", [x], name, axes=[axis], keepdims=1)
 
-def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first: bool) -> List[object]:
+    def length(self, x: str, axis: int, name: str) -> str:
+        """``[x.shape[axis]]`` (int64, 1-D): ``Shape``'s ``start`` / ``end`` from opset 15 on, else a slice."""
+        if self.opset >= 15:
+            return self.node("Shape", [x], name, start=axis, end=axis + 1)
+        starts, ends = (
+            self.const(f"{name}_start", np.array([axis], np.int64)),
+            self.const(f"{name}_end", np.array([axis + 1], np.int64)),
+        )
+        return self.node("Slice", [self.node("Shape", [x], f"{name}_all"), starts, ends], name)
+
+
+def _rewrite(
+    onnx, graph, node, weight: np.ndarray, stride: int, channels_first: bool, prefix: str, opset: int
+) -> List[object]:
     """The nodes that compute ``node`` (a ``convertible`` Conv) with int8 matrix products. ``channels_first``:
     quantise the input as it comes, ``(B, C, T)``, and transpose the codes; else transpose the float input to
     ``(B, T, C)`` first, which onnxruntime's layout optimiser cancels against the previous rewritten conv's
@@ -113,7 +140,7 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first:
     nothing cancels it (after the float32 first layer)."""
     n_out, channels, kernel = weight.shape
     matrices, weight_scale = group_weights(weight, stride)
-    b = _Builder(onnx, graph, node.name + "/int8")
+    b = _Builder(onnx, graph, prefix, opset)
     i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
     floor = b.const("scale_floor", np.float32(SCALE_FLOOR))
     levels = b.const("levels", np.float32(LEVELS))
@@ -123,12 +150,10 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first:
     # each frame divided by its group's scale and rounded to uint8 codes around ZERO_POINT
     if channels_first:
         x = node.input[0]  # (B, C, T)
-        peak = b.node(
-            "ReduceMax", [b.node("Abs", [x], "abs")], "frame_peak", axes=[1], keepdims=1
-        )  # (B, 1, T)
+        peak = b.reduce_max(b.node("Abs", [x], "abs"), 1, "frame_peak")  # (B, 1, T)
         peak = b.node("MaxPool", [peak], "group_peak", kernel_shape=[stride], strides=[stride], ceil_mode=1)
         group_scale = b.node("Div", [b.node("Max", [peak, floor], "peak_floor"), levels], "group_scale")
-        length = b.node("Shape", [x], "length", start=2, end=3)  # [T]
+        length = b.length(x, 2, "length")  # [T]
         frame_scale = b.node(
             "Expand",
             [
@@ -150,9 +175,7 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first:
         scale = b.node("Transpose", [group_scale], "scale", perm=[0, 2, 1])  # (B, n_groups, 1)
     else:
         x = b.node("Transpose", [node.input[0]], "frames", perm=[0, 2, 1])  # (B, T, C)
-        peak = b.node(
-            "ReduceMax", [b.node("Abs", [x], "abs")], "frame_peak", axes=[2], keepdims=1
-        )  # (B, T, 1)
+        peak = b.reduce_max(b.node("Abs", [x], "abs"), 2, "frame_peak")  # (B, T, 1)
         peak = b.node("Transpose", [peak], "frame_peak_t", perm=[0, 2, 1])  # (B, 1, T)
         peak = b.node("MaxPool", [peak], "group_peak", kernel_shape=[stride], strides=[stride], ceil_mode=1)
         peak = b.node("Transpose", [peak], "group_peak_t", perm=[0, 2, 1])  # (B, n_groups, 1)
@@ -160,7 +183,7 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first:
         # one per-axis QuantizeLinear over the (B T, C) rows, with no pass of its own to divide
         frame_scale = b.node("Expand", [scale, b.const("group_shape", i64(1, 1, stride))], "frame_scale")
         frame_scale = b.node("Reshape", [frame_scale, b.const("batch_rows", i64(0, -1))], "frame_scale_rows")
-        length = b.node("Shape", [x], "length", start=1, end=2)  # [T]
+        length = b.length(x, 1, "length")  # [T]
         frame_scale = b.node(
             "Slice",
             [frame_scale, b.const("zero", i64(0)), length, b.const("time_axis", i64(1))],
@@ -184,32 +207,25 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first:
     )
     codes = b.node("Pad", [codes, pads, zero_point], "codes_padded")
     rows = b.node("Reshape", [codes, b.const("rows_shape", i64(0, -1, stride * channels))], "rows")
-    # output frames: (T - k) // s + 1; product g takes groups g .. g + T_out - 1
-    t_out = b.node(
-        "Add",
-        [
-            b.node("Div", [b.node("Sub", [length, b.const("kernel", i64(kernel))], "tail"), s], "steps"),
-            b.const("one_i", i64(1)),
-        ],
-        "t_out",
-    )
+    # output frames: max(T - k + s, 0) // s, which is (T - k) // s + 1 from T = k on and none below (a float
+    # Conv rejects T < k; Div truncates towards zero, so (T - k) // s + 1 would give one frame there);
+    # product g takes groups g .. g + T_out - 1
+    reach = b.node("Sub", [length, b.const("kernel_m_stride", i64(kernel - stride))], "reach")
+    t_out = b.node("Div", [b.node("Max", [reach, b.const("zero_frames", i64(0))], "reach_pos"), s], "t_out")
     scale_w = b.const("weight_scale", weight_scale)
+    row_axes, group_axis = b.const("row_axes", i64(1, 2)), b.const("group_axis", i64(1))
     parts = []
     for g, matrix in enumerate(matrices):
         end = b.node("Add", [t_out, b.const(f"offset{g}", i64(g))], f"end{g}")
         ends = b.node("Concat", [end, b.const(f"width{g}", i64(matrix.shape[0]))], f"ends{g}", axis=0)
-        a = b.node(
-            "Slice", [rows, b.const(f"starts{g}", i64(g, 0)), ends, b.const("row_axes", i64(1, 2))], f"a{g}"
-        )
+        a = b.node("Slice", [rows, b.const(f"starts{g}", i64(g, 0)), ends, row_axes], f"a{g}")
         product = b.node(
             "MatMulIntegerToFloat",
             [a, b.const(f"weight{g}", matrix), one, scale_w, zero_point],
             f"product{g}",
             domain="com.microsoft",
         )  # (B, T_out, N): codes x weight codes x weight scale
-        group_scale = b.node(
-            "Slice", [scale, b.const(f"offset_s{g}", i64(g)), end, b.const("group_axis", i64(1))], f"scale{g}"
-        )
+        group_scale = b.node("Slice", [scale, b.const(f"offset_s{g}", i64(g)), end, group_axis], f"scale{g}")
         parts.append(b.node("Mul", [product, group_scale], f"part{g}"))
     y = parts[0] if len(parts) == 1 else b.node("Sum", parts, "sum")
     if len(node.input) > 2 and node.input[2]:
@@ -218,21 +234,38 @@ def _rewrite(onnx, graph, node, weight: np.ndarray, stride: int, channels_first:
     return b.nodes
 
 
+def _unique(base: str, taken: Set[str]) -> str:
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
 def quantize_convs(onnx, proto) -> List[str]:
     """Rewrite every ``convertible`` Conv of ``proto`` (in place) as int8 matrix products with per-group
-    dynamic scales; returns the names of the rewritten nodes. The replaced float weights are dropped."""
+    dynamic scales, in the operator signatures of the graph's opset (at least ``MIN_OPSET``, else a
+    ``ValueError``); returns the names of the rewritten nodes (``conv_I`` for the node at position ``I`` when
+    it has none). Their new nodes and constants are named ``NAME/int8/...``, unique in the graph. The replaced
+    float weights are dropped."""
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
+    opset = graph_opset(proto)
+    if opset < MIN_OPSET and any(convertible(n, initializers, onnx.helper) for n in graph.node):
+        raise ValueError(f"the graph's opset {opset} is below {MIN_OPSET}, the int8 CNN's least")
+    taken = {n.name for n in graph.node}
     nodes, rewritten = [], []
-    for node in graph.node:
+    for position, node in enumerate(graph.node):
         if not convertible(node, initializers, onnx.helper):
             nodes.append(node)
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         weight = onnx.numpy_helper.to_array(initializers[node.input[1]])
         stride = int(attrs.get("strides", [1])[0])
-        nodes.extend(_rewrite(onnx, graph, node, weight, stride, channels_first=not rewritten))
-        rewritten.append(node.name)
+        label = node.name or _unique(f"conv_{position}", taken)
+        prefix = _unique(f"{label}/int8", taken)
+        nodes.extend(_rewrite(onnx, graph, node, weight, stride, not rewritten, prefix=prefix, opset=opset))
+        rewritten.append(label)
     if not rewritten:
         return rewritten
     del graph.node[:]
