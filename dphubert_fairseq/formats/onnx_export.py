@@ -203,7 +203,8 @@ def summary_line(summary: Dict[str, Any]) -> str:
     )
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (the class name when it has none), for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -330,13 +331,13 @@ def checked_onnx(
         try:
             data = _trace(model, opset)
         except Exception as err:
-            raise DPHuBERTError(f"{path}: torch.onnx.export failed: {_first_line(err)}") from err
+            raise DPHuBERTError(f"{path}: torch.onnx.export failed: {first_line(err)}") from err
         data = _with_metadata(onnx, data, model)
         try:
             session = cpu_session(onnxruntime, data)
             deviation, where = compare(session, model, source, padding_mask)
         except Exception as err:
-            raise DPHuBERTError(f"{path}: onnxruntime cannot run the export: {_first_line(err)}") from err
+            raise DPHuBERTError(f"{path}: onnxruntime cannot run the export: {first_line(err)}") from err
         if not deviation <= atol:
             raise DPHuBERTError(
                 f"{path}: the ONNX export does not reproduce the model: max abs diff {deviation:.3g} in "

@@ -31,7 +31,7 @@ import torch
 from ..atomic_files import atomic_copy, atomic_write, work_folder_beside
 from ..errors import DPHuBERTError
 from ..models.dphubert import DPHuBERTModel
-from .onnx_export import cpu_session, require_onnx
+from .onnx_export import cpu_session, first_line, require_onnx
 from .onnx_int8_conv import quantize_convs
 
 logger = logging.getLogger(__name__)
@@ -135,11 +135,6 @@ def agreement(
     return out
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _checked(
     onnxruntime, proto, model, source, padding_mask, path
 ) -> Tuple[bytes, Dict[str, Dict[str, float]]]:
@@ -147,7 +142,7 @@ def _checked(
     try:
         return data, agreement(cpu_session(onnxruntime, data), model, source, padding_mask)
     except Exception as err:
-        raise DPHuBERTError(f"{path}: onnxruntime cannot run the int8 file: {_first_line(err)}") from err
+        raise DPHuBERTError(f"{path}: onnxruntime cannot run the int8 file: {first_line(err)}") from err
 
 
 def _lowest(outputs: Dict[str, Dict[str, float]]) -> Tuple[str, float]:
@@ -165,7 +160,7 @@ def _load_fp32(onnx, fp32: Union[str, bytes]):
         ) from None
     except Exception as err:  # protobuf's DecodeError and kin for what is not an ONNX file
         what = "the ONNX export to quantise" if isinstance(fp32, bytes) else fp32
-        raise DPHuBERTError(f"{what}: not a readable ONNX file ({_first_line(err)})") from None
+        raise DPHuBERTError(f"{what}: not a readable ONNX file ({first_line(err)})") from None
 
 
 def _linear_int8(onnx, fp32: Union[str, bytes], path: str):
@@ -197,7 +192,7 @@ def _linear_int8(onnx, fp32: Union[str, bytes], path: str):
                 raise
             except Exception as err:
                 raise DPHuBERTError(
-                    f"{path}: onnxruntime cannot quantise {named}: {_first_line(err)}"
+                    f"{path}: onnxruntime cannot quantise {named}: {first_line(err)}"
                 ) from err
     except OSError as err:
         folder = os.path.dirname(os.path.abspath(path))
@@ -229,7 +224,7 @@ def checked_int8(
             if quantize_convs(onnx, with_cnn):
                 candidates.append((with_cnn, True))
         except Exception as err:
-            cnn_error = f"its convolutions could not be rewritten: {_first_line(err)}"
+            cnn_error = f"its convolutions could not be rewritten: {first_line(err)}"
     candidates.append((linear, False))
     cnn_cosine = None
     for proto, cnn_int8 in candidates:
@@ -240,7 +235,7 @@ def checked_int8(
         except DPHuBERTError as err:
             if not cnn_int8:
                 raise
-            cnn_error = f"onnxruntime cannot run it: {_first_line(err.__cause__ or err)}"
+            cnn_error = f"onnxruntime cannot run it: {first_line(err.__cause__ or err)}"
             continue
         worst, lowest = _lowest(outputs)
         if lowest >= min_cosine:
