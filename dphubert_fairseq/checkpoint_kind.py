@@ -67,7 +67,15 @@ def read_teacher_checkpoint(path: str) -> dict:
 def read_student_checkpoint(path: str, expected: str = "a dphubert one") -> dict:
     """The loaded checkpoint ``path``, which must hold a ``dphubert`` model; otherwise a ``CheckpointError``
     saying it holds another model, not ``expected``."""
-    state = read_checkpoint(path)
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError:
+        # WavLM's own checkpoints are no fairseq checkpoints: say what the file is, not what it lacks
+        if is_wavlm_checkpoint(read_torch_file(path, mmap=True)):
+            raise CheckpointError(
+                f"{path}: holds a WavLM teacher (WavLM's own format), not {expected}"
+            ) from None
+        raise
     name = checkpoint_model_name(state)
     if name != STUDENT:
         raise CheckpointError(

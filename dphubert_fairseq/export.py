@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic_files import atomic_write, atomic_write_text
 from .checkpoint_io import save_model
@@ -183,6 +183,29 @@ def check_destination(path: str, what: str) -> None:
     os.remove(probe)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same file through links too, where both exist)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_destinations(source: str, destinations: Sequence[Tuple[Optional[str], str, str]]) -> None:
+    """``check_destination`` for each ``(path, flag, what)`` given (``path`` None: not asked for), and that
+    none of them is ``source`` (the input would be overwritten, a stage-1 run's gates lost) or another of
+    them. ``what``: how an error names that file ("the output checkpoint's")."""
+    given = [(path, flag, what) for path, flag, what in destinations if path]
+    for i, (path, flag, _) in enumerate(given):
+        check_destination(path, flag)
+        if _same_file(path, source):
+            raise ConfigError(
+                f"{flag} {path}: is the input {source}, which it would overwrite; give another file"
+            )
+        for other, _, what in given[:i]:
+            if _same_file(path, other):
+                raise ConfigError(f"{flag} {path}: is {what} path too; give another file")
+
+
 def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
     """What the distillation recorded in a training checkpoint (its criterion) or, when the source is itself
     an export, what that export carried: projections, their layers, the head mode and the target."""
@@ -233,28 +256,22 @@ def export(
         raise ConfigError(f"--reference-layout {reference_layout}: choose one of {', '.join(LAYOUTS)}")
     if reference_layout != "exact" and output_format != "reference":
         raise ConfigError("--reference-layout applies to --format reference only")
-    check_destination(out, "output")
-    if json_path:
-        check_destination(json_path, "--json")
-        if os.path.abspath(json_path) == os.path.abspath(out):
-            raise ConfigError(f"--json {json_path}: is the output checkpoint's path too; give another file")
     if onnx_audio and not onnx_path:
         raise ConfigError("--onnx-audio needs --onnx (the ONNX file that is checked on the audio)")
     if int8 and not onnx_path:
         raise ConfigError(
             "--int8 needs --onnx (the int8 file is the ONNX file quantised, written next to it)"
         )
+    check_destinations(
+        checkpoint,
+        [
+            (out, "output", "the output checkpoint's"),
+            (json_path, "--json", "the --json summary's"),
+            (onnx_path, "--onnx", "the --onnx file's"),
+            (int8_path(onnx_path) if int8 else None, "--int8", "the int8 file's"),
+        ],
+    )
     if onnx_path:
-        check_destination(onnx_path, "--onnx")
-        others = [(out, "the output checkpoint's"), (json_path, "the --json summary's")]
-        for other, what in others:
-            if other and os.path.abspath(onnx_path) == os.path.abspath(other):
-                raise ConfigError(f"--onnx {onnx_path}: is {what} path too; give another file")
-        if int8:
-            check_destination(int8_path(onnx_path), "--int8")
-            for other, what in others:
-                if other and os.path.abspath(int8_path(onnx_path)) == os.path.abspath(other):
-                    raise ConfigError(f"--int8 {int8_path(onnx_path)}: is {what} path too; give another file")
         require_onnx()
     model, state = model_from_training_checkpoint(checkpoint)
     onnx_check = audio_batch(model, onnx_audio) if onnx_audio else None  # read before anything is written

@@ -19,19 +19,16 @@ from typing import Any, Dict, List, Optional
 
 from .atomic_files import atomic_write_text
 from .checkpoint_io import save_model
-from .errors import ConfigError
-from .export import check_destination, format_summary, summarize
+from .export import check_destinations, format_summary, summarize
 from .formats.reference import model_from_reference
 
 
 def import_reference(reference: str, out: str, json_path: Optional[str] = None) -> Dict[str, Any]:
     """Read ``reference``, write the ``dphubert`` checkpoint ``out`` (and the summary as JSON); returns the
     summary."""
-    check_destination(out, "output")
-    if json_path:
-        check_destination(json_path, "--json")
-        if os.path.abspath(json_path) == os.path.abspath(out):
-            raise ConfigError(f"--json {json_path}: is the output checkpoint's path too; give another file")
+    check_destinations(
+        reference, [(out, "output", "the output checkpoint's"), (json_path, "--json", "the --json summary's")]
+    )
     model = model_from_reference(reference)
     summary = summarize(model)
     summary["source"] = os.path.abspath(reference)

@@ -78,7 +78,7 @@ def test_conformer_wav2vec2_is_refused(tmp_path):
     _assert_one_line(err, path, "not supported", "hubert, wav2vec2 and data2vec_audio")
 
 
-def test_student_given_as_teacher_and_teacher_given_as_student(tmp_path, tiny_teachers):
+def test_student_given_as_teacher_and_teacher_given_as_student(tmp_path, tiny_teachers, wavlm_teachers):
     student_path = dp.save_model(
         dp.student_from_teacher(tiny_teachers["hubert_base"]), tmp_path / "student.pt"
     )
@@ -88,6 +88,10 @@ def test_student_given_as_teacher_and_teacher_given_as_student(tmp_path, tiny_te
     with pytest.raises(dp.CheckpointError) as err:
         dp.load_model(tiny_teachers["hubert_base"])
     _assert_one_line(err, tiny_teachers["hubert_base"], "'hubert'", "load_teacher")
+    wavlm = next(iter(wavlm_teachers.values()))
+    with pytest.raises(dp.CheckpointError) as err:
+        dp.load_model(wavlm)
+    _assert_one_line(err, wavlm, "holds a WavLM teacher (WavLM's own format), not a dphubert one")
 
 
 def test_bad_prune_units(tiny_teachers):

@@ -53,6 +53,25 @@ def test_prune_is_exact_for_base_shaped_extractor(tiny_teachers, unequal_batch, 
     assert model.training is False  # prune leaves the caller's mode alone
 
 
+def test_a_conv_layer_whose_gates_all_lean_closed_keeps_one_channel(tiny_teachers):
+    """A conv layer whose expected count is below half a channel: its eval mask keeps the likeliest channel
+    (a conv with no output cannot be exported), and the sizes counted without a host sync, the export and the
+    parameter count agree on it."""
+    model = randomise_gates(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=ALL_UNITS))
+    gate = model.feature_extractor.blocks[3].gate
+    with torch.no_grad():
+        gate.log_alpha.fill_(-10.0)
+        gate.log_alpha[5] = -2.0
+    assert gate.l0_norm().item() < 0.5
+    model.eval()
+    assert (gate.deterministic_mask() > 0).nonzero().flatten().tolist() == [5]
+    assert float(model.eval_mask_params(sync_free=True)) == model.eval_mask_params()
+    pruned = dp.prune(model)
+    assert pruned.pruning_report.exact
+    assert dp.count_params(pruned) == counted_student_params(pruned) == model.eval_mask_params()
+    assert pruned.feature_extractor.blocks[3].conv.out_channels == 1
+
+
 def test_prune_keeps_the_caller_in_training_mode(tiny_teachers):
     model = dp.student_from_teacher(tiny_teachers["hubert_base"]).train()
     dp.prune(model, verify=False)

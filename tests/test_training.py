@@ -351,12 +351,22 @@ def test_export_checks_its_destinations_before_writing(stage1, workdir, capsys):
         ([good, "--json", str(workdir)], f"--json {workdir}: is a directory"),
         ([good, "--json", "/proc/x/s.json"], "--json /proc/x/s.json: cannot write in /proc"),
         ([good, "--json", str(a_file / "s.json")], f"{a_file} is a file, not a folder"),
+        # the input itself, by its path or through a link: the stage-1 run's gates would be lost
+        ([checkpoint], f"output {checkpoint}: is the input {checkpoint}, which it would overwrite"),
+        ([good, "--json", checkpoint], f"--json {checkpoint}: is the input {checkpoint}, which it would"),
+        ([str(workdir / "link.pt")], f"output {workdir / 'link.pt'}: is the input {checkpoint}"),
     ]
+    os.symlink(checkpoint, workdir / "link.pt")
+    with open(checkpoint, "rb") as f:
+        before = f.read()
     for args, expected in cases:
         assert main([checkpoint, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and expected in err and "Traceback" not in err, err
         assert not os.path.exists(good) and not os.path.exists(workdir / "dest")  # nothing was written
+    with open(checkpoint, "rb") as f:
+        assert f.read() == before
+    os.remove(workdir / "link.pt")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

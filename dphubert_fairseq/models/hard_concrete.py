@@ -165,10 +165,11 @@ class HardConcrete(Float32Module):
 
     @torch.no_grad()
     def deterministic_mask(self) -> torch.Tensor:
-        """Eval mask: the ``round(n - L0)`` gates with the smallest log_alpha are 0, the rest soft values.
-        Inactive units count as the smallest (``L0`` leaves them out, so they are among the zeros)."""
+        """Eval mask: the ``round(n - L0)`` gates with the smallest log_alpha are 0 (at most ``n - min_active``:
+        a conv layer keeps a channel, as its active set does), the rest soft values. Inactive units count as
+        the smallest (``L0`` leaves them out, so they are among the zeros)."""
         log_alpha = self.log_alpha.float()
-        num_zeros = round(self.n - self.l0_norm().item())
+        num_zeros = min(round(self.n - self.l0_norm().item()), self.n - self.min_active)
         mask = torch.sigmoid(log_alpha / BETA * EVAL_SHARPNESS)
         if num_zeros > 0:
             ranked = log_alpha.masked_fill(~self.active, float("-inf"))
@@ -240,16 +241,16 @@ class GateSet:
 
     def eval_open(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Number of gates open in each gate vector's deterministic (eval) mask, ``(len(self),)`` float32:
-        ``n - round(n - L0)``, the count ``HardConcrete.deterministic_mask`` keeps, computed without reading
-        any value back to the host. ``shift`` as in ``expected_open``."""
+        ``n - round(n - L0)``, at least ``min_active``: the count ``HardConcrete.deterministic_mask`` keeps,
+        computed without reading any value back to the host. ``shift`` as in ``expected_open``."""
         with torch.no_grad():
             expected = self.expected_open(shift)
             if expected.device not in self._sizes:
-                self._sizes[expected.device] = torch.tensor([float(g.n) for g in self.gates]).to(
-                    expected.device
-                )
-            n = self._sizes[expected.device]
-            return n - torch.round(n - expected)
+                self._sizes[expected.device] = torch.tensor(
+                    [[float(g.n) for g in self.gates], [float(g.min_active) for g in self.gates]]
+                ).to(expected.device)
+            n, least = self._sizes[expected.device]
+            return torch.maximum(n - torch.round(n - expected), least)
 
     @contextmanager
     def drawn(self) -> Iterator[None]:

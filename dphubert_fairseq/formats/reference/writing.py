@@ -15,8 +15,8 @@ What the format cannot hold exactly, and what ``reference_from_model`` does abou
   (0-head, zero-output) attention block in layer 0, which holds the table; ``gru_rel_pos=False`` is written
   as gates that are exactly 1 (zero linear, ``gru_rel_pos_const`` -2);
 - conventions that change no weight are reported as notes: HuBERT-style frame padding (the reference masks
-  frames by conv output length, which differs at the last frame or two of padded utterances), input
-  normalisation inside the model.
+  frames by conv output length, which can leave one more frame of a padded utterance unmasked; every frame
+  attends to it, so every frame of that utterance can differ), input normalisation inside the model.
 """
 
 import logging
@@ -349,9 +349,9 @@ def _convention_notes(model: DPHuBERTModel) -> List[str]:
     notes = []
     if cfg.frame_padding == "hubert":
         notes.append(
-            "frame padding: the model masks frames HuBERT's way, the reference by conv output length; on "
-            "padded batches the last frame or two of a padded utterance can differ (unpadded input: no "
-            "difference)"
+            "frame padding: the model masks frames HuBERT's way, the reference by conv output length, which can "
+            "leave one more frame of a padded utterance unmasked: every frame of that utterance can then "
+            "differ (attention reads that frame; unpadded input: no difference)"
         )
     if cfg.normalize:
         notes.append(
