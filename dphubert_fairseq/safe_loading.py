@@ -214,6 +214,9 @@ def read_torch_file(path: str, mmap: bool = False) -> object:
     does), for files that are not fairseq checkpoints (WavLM's, the reference implementation's). ``mmap``:
     map the tensors' storage instead of reading it (zip-format files; others are read), for a look at the
     layout that costs no full read."""
+    # allow-listed here too: the patch that does it at import is guarded on torch >= 2.6, and this read is
+    # weights-only on every torch (a HuBERT teacher's Dictionary is looked at through it first)
+    allow_list_classes()
     check_trusted_globals()
     check_checkpoint_file(path)
     with open(path, "rb") as f:

@@ -97,3 +97,19 @@ def test_student_given_as_teacher_and_teacher_given_as_student(tmp_path, tiny_te
 def test_bad_prune_units(tiny_teachers):
     with pytest.raises(ValueError, match="unknown unit.*'heads'.*choose from"):
         dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("heads",))
+
+
+def test_teachers_load_without_the_import_time_allow_list(tiny_teachers):
+    """On torch < 2.6, or with a fairseq that passes ``weights_only`` itself, the patch that allow-lists
+    fairseq's classes at import is not installed; the plugin's own weights-only read of a teacher (a HuBERT
+    one pickles fairseq's Dictionary) still allow-lists them."""
+    import torch
+
+    from dphubert_fairseq.safe_loading import allow_list_classes
+
+    torch.serialization.clear_safe_globals()  # what such a process has
+    try:
+        teacher = dp.load_teacher(tiny_teachers["hubert_base"])
+    finally:
+        allow_list_classes()  # as this process had them, for the other tests
+    assert sum(p.numel() for p in teacher.parameters()) > 0

@@ -144,12 +144,17 @@ def test_amp_unscales_gradients_once_with_the_recipes_composite_optimizer():
     opt.load_state_dict(state)
 
 
-def test_amp_step_equals_the_fp32_step_with_stage2s_plain_adam():
-    (amp, plain), _ = _amp_and_plain_updates(
-        recipe_cfg("dphubert_final"), lambda: [torch.nn.Parameter(torch.ones(3)) for _ in range(6)]
-    )
+def test_amp_step_equals_the_fp32_step_with_stage2s_plain_adam(caplog):
+    """Also: the run says, once, that its AMP steps are the patched ones (any task of a process that loaded
+    the plugin gets them)."""
+    with caplog.at_level("INFO", logger="fairseq.optim.amp_optimizer"):
+        (amp, plain), _ = _amp_and_plain_updates(
+            recipe_cfg("dphubert_final"), lambda: [torch.nn.Parameter(torch.ones(3)) for _ in range(6)]
+        )
     for a, b in zip(amp, plain):  # without the fix the smallest gradients' updates shrank ~250-fold
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    said = [r.getMessage() for r in caplog.records if "unscaled once per update" in r.getMessage()]
+    assert len(said) == 1 and "patch of AMPOptimizer" in said[0]
 
 
 @pytest.mark.parametrize("name", ["dphubert", "dphubert_final"])

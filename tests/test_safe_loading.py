@@ -211,3 +211,23 @@ def test_incomplete_fairseq_checkpoint_is_one_line_naming_the_file(tmp_path, tin
             load(path)
         message = str(err.value)
         assert "\n" not in message and message.startswith(path) and problem in message, message
+
+
+def test_a_remote_checkpoint_path_is_left_to_fairseqs_path_manager(tiny_teachers, monkeypatch):
+    """fairseq reads ``s3://`` and the like through its PathManager (iopath, when installed): the plugin's
+    checks of a local file do not stand in the way; a local path that is missing still gets its one line."""
+    from fairseq import file_io
+
+    remote = "s3://bucket/teachers/hubert_base.pt"
+    local = tiny_teachers["hubert_base"]
+    fetched = []
+
+    def get_local_path(path, **kwargs):
+        fetched.append(path)
+        return local if path == remote else path
+
+    monkeypatch.setattr(file_io.PathManager, "get_local_path", staticmethod(get_local_path))
+    state = checkpoint_utils.load_checkpoint_to_cpu(remote)
+    assert remote in fetched and "model" in state
+    with pytest.raises(dp.CheckpointError, match=r"^/nowhere/x.pt: no such checkpoint file$"):
+        checkpoint_utils.load_checkpoint_to_cpu("/nowhere/x.pt")

@@ -68,6 +68,54 @@ def test_empty_and_missing_manifest(data, tiny_teachers):
         task.load_dataset("test")
 
 
+def test_manifest_lines_are_read_as_fairseq_reads_them(data, tiny_teachers):
+    """fairseq's reader strips each line and wants exactly two fields, with no blank line: what it would
+    stop on with a bare AssertionError is refused first, naming the line; what it accepts passes."""
+    manifest = data / "train.tsv"
+    good = manifest.read_text()
+    root, *lines = good.rstrip("\n").split("\n")
+    cases = [
+        ([lines[0], "", *lines[1:]], 3, "a blank line, which fairseq's reader refuses"),
+        ([*lines, ""], 5, "a blank line"),
+        ([lines[0], lines[1] + "\textra", lines[2]], 3, "expected 'relative/path<TAB>num_samples'"),
+    ]
+    for body, number, message in cases:
+        manifest.write_text("\n".join([root, *body]) + "\n")
+        with pytest.raises(ManifestError) as err:
+            task_for(data, tiny_teachers["hubert_base"]).load_dataset("train")
+        assert one_line(err).startswith(f"{manifest}:{number}: {message}"), str(err.value)
+    manifest.write_text("\n".join([root, " " + lines[0], *lines[1:]]) + "\r\n")  # fairseq strips these
+    task = task_for(data, tiny_teachers["hubert_base"])
+    task.load_dataset("train")
+    assert len(task.datasets["train"]) == 3
+
+
+def test_lengths_the_teacher_cannot_train_on_are_refused(data, tiny_teachers, speech):
+    """A split that task.min_sample_size leaves empty, and one that keeps an utterance shorter than the
+    teacher's receptive field (400 samples here), are refused at load, naming the manifest and the key."""
+    import soundfile as sf
+
+    teacher = tiny_teachers["hubert_base"]
+    manifest = data / "train.tsv"
+    with pytest.raises(dp.ConfigError) as err:
+        task_for(data, teacher, min_sample_size=20000).load_dataset("train")
+    assert (
+        one_line(err)
+        == f"{manifest}: no utterance is at least task.min_sample_size=20000 samples long; lower it"
+    )
+    sf.write(data / "audio" / "2.wav", speech[2][:300].numpy(), 16000)
+    manifest.write_text(manifest.read_text().replace("2.wav\t16000", "2.wav\t300"))
+    with pytest.raises(dp.ConfigError) as err:
+        task_for(data, teacher, min_sample_size=100).load_dataset("train")
+    assert one_line(err) == (
+        f"{manifest}: 1 utterance(s) shorter than 400 samples, the teacher's CNN's receptive field (the "
+        "shortest 300), are kept by task.min_sample_size=100; set it to at least 400"
+    )
+    task = task_for(data, teacher, min_sample_size=400)
+    task.load_dataset("train")
+    assert len(task.datasets["train"]) == 2
+
+
 def test_missing_unsupported_or_student_teacher(data, tiny_teachers, tmp_path):
     with pytest.raises(dp.CheckpointError) as err:
         task_for(data, tmp_path / "nope.pt")

@@ -72,7 +72,7 @@ def check_manifest(
     if not numbered:
         raise ManifestError(f"{path}: the manifest lists no audio files")
     root = numbered[0][1].strip()
-    entries = [(number, line.rstrip("\r")) for number, line in numbered[1:] if line.strip()]
+    entries = numbered[1:]  # blank lines too: fairseq's reader refuses them
     if not entries:
         raise ManifestError(f"{path}: the manifest lists no audio files")
     if not os.path.isdir(root):
@@ -114,9 +114,12 @@ def check_manifest_on_workers(
 def _check_entry(
     path: str, number: int, line: str, root: str, sample_rate: int, read_headers: bool, read_content: bool
 ) -> None:
-    """One manifest entry (line ``number`` of ``path``, ``line`` its text): its format and its file."""
-    fields = line.split("\t")
-    if len(fields) < 2 or not fields[1].strip().isdigit():
+    """One manifest entry (line ``number`` of ``path``, ``line`` its text): its format, read as fairseq's
+    ``FileAudioDataset`` reads it (the line stripped, then exactly two tab-separated fields), and its file."""
+    if not line.strip():
+        raise ManifestError(f"{path}:{number}: a blank line, which fairseq's reader refuses; remove it")
+    fields = line.strip().split("\t")
+    if len(fields) != 2 or not fields[1].isdigit():
         raise ManifestError(f"{path}:{number}: expected 'relative/path<TAB>num_samples', got {line!r}")
     audio = os.path.join(root, fields[0])
     if not os.path.isfile(audio):

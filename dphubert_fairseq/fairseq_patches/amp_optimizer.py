@@ -63,6 +63,13 @@ class ScalerTarget:
 def _scaler_target(amp: AMPOptimizer) -> ScalerTarget:
     target = amp.__dict__.get("_scaler_target")
     if target is None or target.optimizer is not amp.fp32_optimizer:
+        if target is None:
+            # the patch applies to every AMP run of a process that loaded the plugin, stock tasks' too: say so
+            logger.info(
+                "AMP: gradients unscaled once per update and the loss scale saved in checkpoints "
+                "(dphubert_fairseq's patch of AMPOptimizer; fairseq's own divides the gradients by the loss "
+                "scale twice)"
+            )
         target = amp.__dict__["_scaler_target"] = ScalerTarget(amp.fp32_optimizer)
     return target
 

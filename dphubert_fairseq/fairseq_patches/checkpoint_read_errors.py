@@ -1,8 +1,9 @@
 """Patch: fairseq's checkpoint reader fails with a one-line ``CheckpointError`` that names the file.
 
 Target: ``checkpoint_utils.load_checkpoint_to_cpu`` (every checkpoint the plugin, the trainer and stock
-fine-tuning read). Before reading: the file exists, is a file and starts like a torch checkpoint
-(``safe_loading.check_checkpoint_file``), and ``DPHUBERT_SAFE_GLOBALS`` is well formed. While reading: a
+fine-tuning read). Before reading: a local path's file exists, is a file and starts like a torch checkpoint
+(``safe_loading.check_checkpoint_file``; remote paths, ``s3://`` and the like, are left to fairseq's
+``PathManager``), and ``DPHUBERT_SAFE_GLOBALS`` is well formed. While reading: a
 refused class, a truncated zip and a layout problem become one line (``safe_loading.describe_load_error``).
 Guard: the reader does not already fail with a ``ValueError`` naming the file for a missing file.
 """
@@ -30,7 +31,8 @@ def needed() -> bool:
 def _reader_with_readable_errors(original):
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         check_trusted_globals()
-        check_checkpoint_file(path)
+        if "://" not in str(path):  # a remote path (s3://, https://) is fairseq's PathManager's to fetch
+            check_checkpoint_file(path)
         return read_with_readable_errors(path, lambda: original(path, *args, **kwargs))
 
     return load_checkpoint_to_cpu

@@ -15,6 +15,7 @@ from omegaconf import II, MISSING, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ..checkpoint_io import load_model_and_extra_state
+from ..conv_spec import receptive_field
 from ..data.finite_audio import FiniteAudioDataset
 from ..data.length_filter import drop_long_utterances
 from ..data.manifest_check import check_manifest_on_workers
@@ -265,8 +266,27 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
                     f"task.max_sample_size={self.cfg.max_sample_size} samples; change them, or set "
                     "task.long_utterances=crop"
                 )
+        self._check_lengths(manifest, self.datasets[split])
         # after the length filter, which edits the FileAudioDataset itself
         self.datasets[split] = FiniteAudioDataset(self.datasets[split], manifest)
+
+    def _check_lengths(self, manifest: str, dataset) -> None:
+        """Refuse, before training, a split that ``task.min_sample_size`` left empty (fairseq would stop later
+        with an error naming neither) or that keeps an utterance shorter than the teacher's CNN makes one
+        frame of (a batch is cropped to its shortest utterance, and the teacher would then fail mid-run)."""
+        sizes = dataset.sizes
+        if len(sizes) == 0:
+            raise ConfigError(
+                f"{manifest}: no utterance is at least task.min_sample_size={self.cfg.min_sample_size} samples "
+                "long; lower it"
+            )
+        shortest = receptive_field(self.teacher_config.conv_feature_layers)
+        if int(sizes.min()) < shortest:
+            raise ConfigError(
+                f"{manifest}: {int((sizes < shortest).sum())} utterance(s) shorter than {shortest} samples, the "
+                f"teacher's CNN's receptive field (the shortest {int(sizes.min())}), are kept by "
+                f"task.min_sample_size={self.cfg.min_sample_size}; set it to at least {shortest}"
+            )
 
     # ----- model -----
 
