@@ -116,6 +116,19 @@ def test_criterion_projects_in_the_final_phase_only(task, tiny_teachers):
     assert model.eval_mask_params() == before
 
 
+def test_a_run_of_unknown_length_says_it_will_not_land(task, caplog):
+    """An epoch-limited run (optimization.max_update 0, the ramp set by hand) has no final phase to land in:
+    the criterion says so at the start instead of silently relying on the Lagrangian."""
+    with caplog.at_level("WARNING"):
+        criterion = criterion_for(task, max_update=0, sparsity_warmup_updates=10)
+    assert criterion.projection_from is None
+    assert any(
+        "optimization.max_update is not set: criterion.target_projection_start=0.9 cannot place the landing"
+        in r.getMessage()
+        for r in caplog.records
+    )
+
+
 def test_the_target_ramp_follows_the_run_length(task):
     """Unset, the ramp is a tenth of optimization.max_update, as the recipe's 5k of 50k: shortening a run is
     one knob. Set, it must end within the run."""

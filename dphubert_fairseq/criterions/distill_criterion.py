@@ -69,8 +69,9 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
             "help": "what target_sparsity counts: 'params' (the paper's: counted parameters), 'macs' "
             "(multiply-accumulates of one 10 s utterance, macs.NOMINAL_SECONDS: the cost of running the "
             "model, the CNN front end included) or 'latency' (the forward time latency_table predicts on the "
-            "device it was measured on); the parameter and MACs sparsities are logged whichever it is, the "
-            "latency sparsity whenever latency_table is set"
+            "device it was measured on); the parameter and MACs sparsities are logged whichever it is (in "
+            "training while the Lagrangian is on, at every validation), the latency sparsity too whenever "
+            "latency_table is set"
         },
     )
     latency_table: Optional[str] = field(
@@ -91,9 +92,11 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
         default=0.9,
         metadata={
             "help": "fraction of optimization.max_update after which every update ends by shifting all gate "
-            "logits by one common offset so that the eval-mask size (what the export keeps) is the target; "
-            "the run then lands on the target whatever its length (1.0: the Lagrangian alone, as the "
-            "reference). See criterions/target_projection.py"
+            "logits by one common offset so that the eval-mask size (what the export keeps) is the target "
+            "(from the end of the sparsity ramp if that comes later); the run then lands on the target "
+            "whatever its length, which must be set (optimization.max_update; without it there is no "
+            "landing, and the criterion warns). 1.0: the Lagrangian alone, as the reference. See "
+            "criterions/target_projection.py"
         },
     )
     skip_inactive_units: bool = field(
@@ -195,6 +198,13 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             else None
         )
         self.projection_offset: Optional[torch.Tensor] = None
+        if cfg.lagrangian and cfg.target_projection_start < 1.0 and not total:
+            logger.warning(
+                "optimization.max_update is not set: criterion.target_projection_start=%g cannot place the "
+                "landing on the target, so the run relies on the Lagrangian alone and its end is not checked "
+                "against the target; set optimization.max_update",
+                cfg.target_projection_start,
+            )
         #: the sizes the run logs: "params", "macs", and "latency" (a LatencyTable) with criterion.latency_table
         self.size_metrics: Dict[str, Metric] = {metric: metric for metric in METRICS}
         if cfg.target_metric == "latency" or cfg.latency_table:

@@ -72,7 +72,9 @@ class DistillationProjections(nn.Module):
 
     Layer-to-layer (default): target layer ``i`` is predicted from the student's layer ``i``; the layers of a
     group share one projection. Prediction-head mode (DistilHuBERT): every target layer has its own head, all
-    reading the student's last layer.
+    reading the student's last layer. Every map is a linear layer started at the identity; the reference's
+    prediction-head mode uses a linear layer and a GELU at torch's random initialisation instead, a baseline
+    this mode does not reproduce (docs/method.md).
     """
 
     def __init__(self, groups: Sequence[Sequence[int]], dim: int, prediction_heads: bool) -> None:
