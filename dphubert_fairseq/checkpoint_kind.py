@@ -64,18 +64,28 @@ def read_teacher_checkpoint(path: str) -> dict:
     return state
 
 
+def _holds_wavlm(path: str) -> bool:
+    """Whether ``path`` is a readable WavLM checkpoint (tensors mapped, not read)."""
+    try:
+        return is_wavlm_checkpoint(read_torch_file(path, mmap=True))
+    except CheckpointError:
+        return False
+
+
 def read_student_checkpoint(path: str, expected: str = "a dphubert one") -> dict:
     """The loaded checkpoint ``path``, which must hold a ``dphubert`` model; otherwise a ``CheckpointError``
     saying it holds another model, not ``expected``."""
     try:
         state = read_checkpoint(path)
-    except CheckpointError:
+    except CheckpointError as err:
+        failed = err
+    else:
+        failed = None
+    if failed is not None:
         # WavLM's own checkpoints are no fairseq checkpoints: say what the file is, not what it lacks
-        if is_wavlm_checkpoint(read_torch_file(path, mmap=True)):
-            raise CheckpointError(
-                f"{path}: holds a WavLM teacher (WavLM's own format), not {expected}"
-            ) from None
-        raise
+        if _holds_wavlm(path):
+            raise CheckpointError(f"{path}: holds a WavLM teacher (WavLM's own format), not {expected}")
+        raise failed
     name = checkpoint_model_name(state)
     if name != STUDENT:
         raise CheckpointError(
