@@ -7,6 +7,7 @@ invocation on one machine. Measurements that must not share a process (peak memo
 subprocesses of the same invocation.
 """
 
+import argparse
 import base64
 import json
 import os
@@ -276,6 +277,20 @@ def time_calls(fn: Callable[[], object], device: str, warmup: int, repeat: int) 
         synchronize(device)
         times.append(time.perf_counter() - start)
     return {"median": statistics.median(times), "mean": statistics.fmean(times), "min": min(times)}
+
+
+def add_round_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--warmup`` and ``--repeat`` (``time_calls``'s, per measurement) and ``--rounds`` (``round_order``,
+    ``fold_round``), as the update benchmarks take them."""
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every kind this many times, interleaved (every other round backwards), and take the median of "
+        "the rounds' medians",
+    )
 
 
 def round_order(n: int, round_: int) -> List[int]:

@@ -49,6 +49,7 @@ from harness import (
     SAMPLE_RATE,
     SHAPES,
     PeakMemory,
+    add_round_arguments,
     batch_overrides,
     decode_active,
     decode_logits,
@@ -396,15 +397,7 @@ def main() -> int:
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per item (default: 4 on CPU, 10 on CUDA)"
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measure every kind this many times, interleaved (every other round backwards), and take the median of "
-        "the rounds' medians",
-    )
+    add_round_arguments(parser)
     parser.add_argument(
         "--paired",
         type=int,

@@ -29,6 +29,7 @@ import torch
 from harness import (
     SHAPES,
     PeakMemory,
+    add_round_arguments,
     batch_overrides,
     device_overrides,
     fold_round,
@@ -124,15 +125,7 @@ def main() -> int:
         default=None,
         help="seconds per item (default: 4 on CPU, 10 on CUDA)",
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measure every kind this many times, interleaved (every other round backwards), and take the median of "
-        "the rounds' medians",
-    )
+    add_round_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument(
         "--fairseq-adam",

@@ -355,18 +355,12 @@ def checked_onnx(
         model.train(was_training)
 
 
-def export_onnx(
-    model: DPHuBERTModel,
-    path: str,
-    check_batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    atol: float = ATOL,
-    checked_on: Optional[str] = None,
-    opset: int = OPSET,
-) -> OnnxExportReport:
+def export_onnx(model: DPHuBERTModel, path: str, **check: Any) -> OnnxExportReport:
     """Write ``model`` (pruned: no gates) to ``path`` as ONNX (see the module's docstring) once onnxruntime
     reproduces it within ``atol`` on ``check_batch`` ``(source, padding_mask)`` (default: ``probe_batch``);
-    ``checked_on`` describes the batch for the report. Raises a one-line ``DPHuBERTError`` and leaves
-    ``path`` as it was when the check fails."""
-    data, report = checked_onnx(model, path, check_batch, atol=atol, checked_on=checked_on, opset=opset)
+    ``checked_on`` describes the batch for the report (``check``: ``checked_onnx``'s keywords, ``check_batch``,
+    ``atol``, ``checked_on``, ``opset``). Raises a one-line ``DPHuBERTError`` and leaves ``path`` as it was
+    when the check fails."""
+    data, report = checked_onnx(model, path, **check)
     atomic_write(path, lambda f: f.write(data))
     return report
