@@ -9,8 +9,8 @@ Reads a checkpoint written by fairseq's trainer for the ``dphubert_distill`` tas
 eval-mode gates into the weights (``prune``), writes the result with ``save_model`` (the distillation
 projections go along in ``extra_state`` for stage 2), prints a summary and optionally writes it as JSON.
 
-``--format reference`` writes OUT, instead of the fairseq checkpoint, as the reference implementation
-(pyf98/DPHuBERT) releases its models: ``{"state_dict", "config"}`` for its ``wav2vec2_model`` builder
+``--format reference`` writes OUT, instead of the fairseq checkpoint, as the paper's reference
+implementation (the authors' torchaudio code) releases its models: ``{"state_dict", "config"}`` for its ``wav2vec2_model`` builder
 (``formats/reference/writing.py``). It holds the model only (no distillation projections: a fairseq export
 is what stage 2 continues from), and the summary says whether it reproduces the model exactly, with the max
 abs hidden-state deviation measured on a probe input.

@@ -3,7 +3,7 @@
     python -m dphubert_fairseq.import_reference REF.pth OUT.pt [--json SUMMARY.json]
     dphubert-import REF.pth OUT.pt [--json SUMMARY.json]
 
-REF.pth is a ``{"state_dict", "config"}`` file as pyf98/DPHuBERT writes its pruned models (HuBERT / wav2vec2
+REF.pth is a ``{"state_dict", "config"}`` file as the paper's reference implementation writes its pruned models (HuBERT / wav2vec2
 or WavLM style; ``formats/reference/reading.py``). OUT.pt is an ungated ``dphubert`` model that computes the
 same hidden states, written with ``save_model``: stock fairseq loads it (once the plugin is imported),
 fine-tunes it, and ``dphubert-export --format reference`` writes it back. The fine-tuning head (``aux``) and
@@ -43,8 +43,8 @@ def import_reference(reference: str, out: str, json_path: Optional[str] = None) 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dphubert-import",
-        description="Import a model in the reference implementation's format (pyf98/DPHuBERT's "
-        "{state_dict, config} .pth) as a dphubert fairseq checkpoint.",
+        description="Import a model in the format of the paper's reference implementation (its "
+        "{state_dict, config} .pth, as its released pruned models) as a dphubert fairseq checkpoint.",
     )
     parser.add_argument("reference", help="the reference-format file (.pth)")
     parser.add_argument("out", help="where to write the dphubert fairseq checkpoint (.pt)")

@@ -50,9 +50,12 @@ class PruningReport:
 
 
 def _mask(gate: Optional[HardConcrete], n: int, like: torch.Tensor) -> torch.Tensor:
+    """The eval mask in float32 on ``like``'s device, whatever the model's dtype: which units are kept is
+    decided on it (a kept unit's soft value can be below fp16's smallest, ~6e-8), and the folds multiply in
+    float32 before the result is cast into the pruned model's parameters."""
     if gate is None:
-        return torch.ones(n, dtype=like.dtype, device=like.device)
-    return gate.deterministic_mask().to(like)
+        return torch.ones(n, dtype=torch.float32, device=like.device)
+    return gate.deterministic_mask().to(like.device)
 
 
 def _kept(mask: torch.Tensor) -> torch.Tensor:

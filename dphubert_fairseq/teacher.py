@@ -196,7 +196,9 @@ def config_from_wavlm(wavlm_cfg: Dict[str, Any]) -> DPHuBERTConfig:
     ``DPHuBERTConfig`` (no gates)."""
     c = dict(WAVLM_DEFAULTS, **{k: v for k, v in wavlm_cfg.items() if v is not None})
     if c["activation_fn"] not in utils.get_available_activation_fns() or c["activation_fn"] == "glu":
-        raise UnsupportedTeacherError(f"WavLM with activation_fn {c['activation_fn']!r} is not supported")
+        raise UnsupportedTeacherError(
+            f"WavLM with activation_fn {c['activation_fn']!r} is not supported; {SUPPORTED_TEXT}"
+        )
     layers, dim, heads = (
         int(c["encoder_layers"]),
         int(c["encoder_embed_dim"]),

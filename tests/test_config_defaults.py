@@ -28,6 +28,7 @@ TASK_KEYS = (
     "long_utterances",
     "enable_padding",
     "check_audio_files",
+    "check_audio_content",
 )
 
 #: keys whose yaml value is the dataclass default: the recipe and a bare ``--task dphubert_distill`` agree

@@ -226,7 +226,9 @@ def test_every_rank_applies_rank_0s_landing_offset(tmp_path, tiny_teachers):
 # ----- 5. the audio check: each rank reads its share, all share the verdict -----
 
 
-def manifest_scenario(rank: int, manifest: str) -> Dict:
+def manifest_scenario(rank: int, manifest: str, broken_rank: int = -1) -> Dict:
+    """The check on this rank's share; on ``broken_rank`` checking an entry fails with an error that is not a
+    ``ManifestError`` (an I/O error where no check expects one)."""
     from dphubert_fairseq.data import manifest_check
 
     opened = []
@@ -235,6 +237,12 @@ def manifest_scenario(rank: int, manifest: str) -> Dict:
     def counting(path, *args, **kwargs):
         opened.append(os.path.basename(path))
         return real(path, *args, **kwargs)
+
+    def failing(path, number, *args):
+        raise OSError(5, "Input/output error", path)
+
+    if rank == broken_rank:
+        manifest_check._check_entry = failing
 
     manifest_check.sf.SoundFile = counting
     try:
@@ -279,6 +287,13 @@ def test_the_audio_check_splits_the_files_across_ranks_and_shares_one_verdict(tm
     for r in results:
         assert r["error"] == str(alone.value) and r["line"] == alone.value.line == 3
     assert all(len(r["opened"]) <= 3 for r in results)
+
+    # a failure that is no manifest's (rank 1's file system fails) still reaches the gather: both ranks raise
+    # it, instead of rank 0 waiting in the collective until the timeout
+    results = run_ranks("manifest_scenario", tmp_path, manifest=good, broken_rank=1)
+    for r in results:
+        assert r["error"].startswith(f"{good}: worker 1 failed checking its files: OSError: [Errno 5]"), r
+        assert "\n" not in r["error"]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import dphubert_fairseq as dp
 from dphubert_fairseq import errors, fairseq_patches
@@ -64,6 +65,23 @@ def test_repeated_distill_layer_is_a_config_error():
 def test_unknown_prune_unit_is_a_config_error():
     with pytest.raises(dp.ConfigError, match="model.prune_units: unknown unit.*'heads'"):
         DPHuBERTModel(DPHuBERTConfig(prune_units=["heads"]))
+
+
+def test_a_cnn_that_does_not_match_the_encoder_without_a_projection_is_a_config_error():
+    """Without post_extract_proj the CNN's last channels are the encoder's input: a mismatch is refused when
+    the model is built, not at its first forward."""
+    from helpers import assert_one_line, tiny_student_config
+
+    with pytest.raises(dp.ConfigError) as err:
+        DPHuBERTModel(tiny_student_config(post_extract_proj=False))
+    assert_one_line(str(err.value), starts_with="model.post_extract_proj is false")
+    assert "24 channels and model.encoder_embed_dim is 32" in str(err.value)
+    matching = tiny_student_config(
+        post_extract_proj=False, conv_feature_layers="[(24,10,5)] + [(24,3,2)] * 4 + [(32,2,2)] * 2"
+    )
+    model = DPHuBERTModel(matching).eval()
+    with torch.no_grad():
+        assert model.hidden_states(torch.randn(1, 4000))[0].shape[-1] == 32
 
 
 def test_malformed_trust_variable_fails_the_first_load_not_the_import(tiny_teachers):

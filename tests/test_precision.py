@@ -220,3 +220,48 @@ def test_a_skipped_amp_step_is_not_an_update(tiny_teachers, tmp_path):
     assert criterion.projection_offset is not None
     assert int(gate.below_threshold_checks.max()) == 1  # one check for the one update taken
     assert gate.all_active  # two checks in a row are needed
+
+
+def test_the_landing_shift_survives_fp16s_flat_master_copy(tiny_teachers, tmp_path, monkeypatch):
+    """``common.fp16`` with flattened gradients (fairseq's default): ``FP16Optimizer`` keeps one flat float32
+    copy of every parameter and writes it over the model at each step. The landing's shift of the gate logits
+    reaches that copy too, so the next step starts from the shifted logits instead of undoing the shift."""
+    import os
+    import sys
+
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+    from omegaconf import open_dict
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import landing_student
+
+    # fairseq builds its flat copy on torch.cuda.current_device(); None is the CPU parameters' device index
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    cfg = recipe_cfg("dphubert_final")  # one optimizer: the composite one refuses flat copies
+    with open_dict(cfg):
+        cfg.common.amp, cfg.common.fp16, cfg.common.fp16_no_flatten_grads = False, True, False
+    task, model, criterion = landing_student(
+        tmp_path, tiny_teachers["hubert_base"], ["interm"], target_sparsity=0.2
+    )
+    params = [p for m in (model, criterion) for p in m.parameters() if p.requires_grad]
+    opt = FP16Optimizer.build_optimizer(cfg, params)
+    assert opt.has_flat_params
+    gate = model.gates()["encoder.layers.0.ffn.unit_gate"]
+    sample = {"net_input": {"source": torch.randn(2, 8000), "padding_mask": None}}
+    model.train()
+    index = [id(p) for p in opt.fp16_params].index(id(gate.log_alpha))
+    start = sum(p.numel() for p in opt.fp16_params[:index])
+    offsets = []
+    for update in (3, 4):
+        opt.zero_grad()
+        task.train_step(sample, model, criterion, opt, update_num=update)
+        opt.clip_grad_norm(10.0)
+        before = gate.log_alpha.detach().clone()
+        task.optimizer_step(opt, model, update_num=update)
+        offsets.append(float(criterion.projection_offset))
+        # the step moves each logit by about lr (1e-4), the landing by the offset
+        assert torch.allclose(gate.log_alpha.detach(), before + offsets[-1], atol=1e-3)
+        flat = next(iter(opt.fp32_params.values()))
+        assert torch.equal(flat.data[start : start + gate.n], gate.log_alpha.detach())
+    # the first landing moves the gates by logit units; the second finds them where the first left them
+    assert abs(offsets[0]) > 0.5 and abs(offsets[1]) < 0.05, offsets

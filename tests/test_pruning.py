@@ -1,5 +1,6 @@
 """prune(model) reproduces the eval-mode gated model, including the cases the reference gets wrong."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -70,6 +71,38 @@ def test_a_conv_layer_whose_gates_all_lean_closed_keeps_one_channel(tiny_teacher
     assert pruned.pruning_report.exact
     assert dp.count_params(pruned) == counted_student_params(pruned) == model.eval_mask_params()
     assert pruned.feature_extractor.blocks[3].conv.out_channels == 1
+
+
+def test_feature_layernorm_of_a_pruned_cnn_keeps_its_statistics_in_float32():
+    """An exported model in fp16 (common.fp16, or half inference): the LayerNorm standing for the pruned
+    channels sums 500 squares, which overflow fp16 once the channels spread beyond ~11; it computes its
+    statistics in float32 as F.layer_norm does, so its output agrees with float32 to fp16's precision."""
+    from dphubert_fairseq.models.feature_norm import FeatureLayerNorm
+
+    torch.manual_seed(0)
+    norm = FeatureLayerNorm(500, removed_channels=12, channel_scale=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        norm.channel_scale.uniform_(0.5, 1.0)
+    x = torch.randn(2, 5, 500) * 15 + 5
+    want = norm(x)
+    got = copy.deepcopy(norm).half()(x.half())
+    assert got.dtype == torch.float16
+    assert (got.float() - want).abs().max().item() < 0.02
+
+
+def test_prune_of_an_fp16_model_keeps_a_channel_whose_soft_value_is_below_fp16(tiny_teachers):
+    """Which units are kept is decided on the float32 eval mask: a conv layer's one kept channel, whose soft
+    value sigmoid(1.2 log_alpha) is below fp16's smallest number, is kept in fp16 as in float32."""
+    widths = []
+    for dtype in (torch.float32, torch.float16):
+        model = dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=("conv",))
+        with torch.no_grad():
+            model.feature_extractor.blocks[3].gate.log_alpha.fill_(-15.0)
+        pruned = dp.prune(model.to(dtype).eval(), verify=False)
+        widths.append(pruned.feature_extractor.blocks[3].conv.out_channels)
+    assert widths == [1, 1]
 
 
 def test_prune_keeps_the_caller_in_training_mode(tiny_teachers):

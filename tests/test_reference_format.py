@@ -1,4 +1,4 @@
-"""The reference implementation's format (``formats/reference/``, pyf98/DPHuBERT's ``{state_dict,
+"""The reference implementation's format (``formats/reference/``, its ``{state_dict,
 config}``), both ways, against an independent model of the reference builder: torchaudio's own wav2vec2 /
 WavLM modules (torchaudio 2.9), sized per layer, plus the reference's ``dummy_weight`` (a per-channel scale of
 the last conv block's output, before the feature LayerNorm) applied by a forward hook. The reference's code is

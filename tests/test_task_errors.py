@@ -173,3 +173,23 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path):
     with pytest.raises(Exception):
         checkpoint_utils.torch_persistent_save({"model": {"w": torch.ones(3)}, "bad": lambda: 0}, path)
     assert open(path, "rb").read() == good
+
+
+def test_an_asynchronous_write_in_place_leaves_the_hard_linked_checkpoints_alone(tmp_path, monkeypatch):
+    """The plugin's checkpoint copies may be hard links of checkpoint_E_N.pt; fairseq's asynchronous writes
+    (checkpoint.write_checkpoints_asynchronously) open their file in place, through ``PathManager.opena``
+    (iopath's, here a plain open in its stead): the written name is unlinked first, so the older checkpoint
+    that shared its file keeps its content."""
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    monkeypatch.setattr(PathManager, "opena", staticmethod(lambda path, mode="r", *a, **k: open(path, mode)))
+    older = str(tmp_path / "checkpoint_1_10.pt")
+    last = str(tmp_path / "checkpoint_last.pt")
+    checkpoint_utils.torch_persistent_save({"model": {"w": torch.ones(3)}}, older)
+    assert checkpoint_utils.PathManager.copy(older, last, overwrite=True)
+    if os.stat(last).st_nlink == 1:
+        pytest.skip("this file system made a full copy, not a hard link")
+    checkpoint_utils.torch_persistent_save({"model": {"w": torch.zeros(5)}}, last, async_write=True)
+    assert torch.equal(torch.load(older)["model"]["w"], torch.ones(3))
+    assert torch.equal(torch.load(last)["model"]["w"], torch.zeros(5))

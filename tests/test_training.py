@@ -520,7 +520,7 @@ def test_two_workers_train_one_consistent_checkpoint(workdir, data, teacher):
 @pytest.mark.parametrize("recipe", list(P.CTC_RECIPES))
 def test_exported_model_finetunes_with_stock_ctc(stage1, workdir, data, recipe):
     """fairseq's own CTC recipes on the exported model, plugin loaded through common.user_dir, a few updates
-    on a tiny labelled set (hubert_ctc needs the plugin's fix for fairseq issue 4916)."""
+    on a tiny labelled set (hubert_ctc needs the plugin's fix of its build)."""
     save_dir, _ = stage1
     pruned = str(workdir / "for_ctc.pt")
     if not os.path.exists(pruned):

@@ -18,7 +18,7 @@ from ..macs import METRICS, Metric, architecture_size
 from ..models import gather_policy, inactive_units
 from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
-from .target_projection import missed_target, project_to_target
+from .target_projection import missed_target, project_to_target, shift_master_copies
 
 TARGET_METRICS = ChoiceEnum([*METRICS, "latency"])
 logger = logging.getLogger(__name__)
@@ -224,9 +224,10 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
 
-    def after_optimizer_step(self, model, update_num: int) -> None:
-        """Called by the task after each optimizer step: in the final phase, project the gates onto the
-        target size (``target_projection``)."""
+    def after_optimizer_step(self, model, update_num: int, optimizer=None) -> None:
+        """Called by the task after each optimizer step (``optimizer``: fairseq's, whose master copy of the
+        gates the landing shifts too): in the final phase, project the gates onto the target size
+        (``target_projection``)."""
         landing = (
             self.projection_from is not None
             and update_num + 1 >= self.projection_from
@@ -238,6 +239,8 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             metric = self.cfg.target_metric
             target_size = (1.0 - self.cfg.target_sparsity) * self.teacher_size[metric]
             self.projection_offset = project_to_target(unwrap(model), target_size, self.size_metrics[metric])
+            if optimizer is not None:
+                shift_master_copies(optimizer, unwrap(model))
         if not self._gathering_chosen:  # the first update of this process: every worker at once
             unwrap(model).choose_gathering(self.cfg.inactive_compute)
             self._gathering_chosen = True

@@ -20,7 +20,8 @@ bisection sums over ``index_add``, which is not deterministic on CUDA, and near 
 two workers to different offsets, which nothing would bring back together.
 """
 
-from typing import Optional
+from collections import defaultdict
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -88,3 +89,24 @@ def project_to_target(model: DPHuBERTModel, target_params: float, metric: Metric
     for gate in model.gate_set.gates:
         gate.log_alpha.add_(offset.to(gate.log_alpha.dtype))
     return offset
+
+
+@torch.no_grad()
+def shift_master_copies(optimizer, model: DPHuBERTModel) -> None:
+    """Write the gate logits, as the landing shifted them, into the flat float32 master copy that fairseq's
+    ``FP16Optimizer`` keeps under ``common.fp16`` with flattened gradients (its default): that copy overwrites
+    the model's parameters at every step, so a shift made on the model alone would be undone by the next one.
+    Nothing to do for other optimizers: unflattened float32 masters of the (float32) gates share their storage.
+    The copy's layout is fairseq's: per device, that device's ``fp16_params`` in order."""
+    if not getattr(optimizer, "has_flat_params", False):
+        return
+    gates = {id(gate.log_alpha) for gate in model.gate_set.gates}
+    on_device: Dict[Optional[int], List[torch.Tensor]] = defaultdict(list)
+    for p in optimizer.fp16_params:
+        on_device[p.device.index].append(p)
+    for device, flat in optimizer.fp32_params.items():
+        offset = 0
+        for p in on_device[device]:
+            if id(p) in gates:
+                flat.data[offset : offset + p.numel()].copy_(p.data.view(-1))
+            offset += p.numel()

@@ -1,6 +1,7 @@
 """Checks of a fairseq audio manifest (``{split}.tsv``) before any training starts."""
 
 import os
+import sys
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -93,21 +94,33 @@ def check_manifest_on_workers(
     every world_size-th file, so that no worker spends world_size times longer than it must before the next
     collective (a slow shared file system could otherwise take one past NCCL's timeout). The verdicts are
     shared: every worker returns the count, or raises the same error, that of the earliest line at fault, as a
-    single process would. Without a process group, ``check_manifest``."""
+    single process would (a failure that is not a manifest's, an ``OSError`` say, as a ``ManifestError`` naming
+    the worker, chained to it on that worker). Without a process group, ``check_manifest``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return check_manifest(path, sample_rate, read_headers, read_content)
     rank, world = dist.get_rank(), dist.get_world_size()
     verdict: Optional[Tuple[int, str]] = None
+    cause: Optional[Exception] = None
     count = 0
     try:
         count = check_manifest(path, sample_rate, read_headers, read_content, share=(rank, world))
     except ManifestError as err:
         verdict = (err.line, str(err))
+    except Exception as err:
+        # any other failure (an I/O error of the file system) must reach the gather too, or the other workers
+        # wait in it until the process group's timeout; the workers raise it as the verdict of no line, after
+        # any line at fault
+        cause = err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        verdict = (
+            sys.maxsize,
+            f"{path}: worker {rank} failed checking its files: {type(err).__name__}: {first_line}",
+        )
     verdicts: List[Optional[Tuple[int, str]]] = [None] * world
     dist.all_gather_object(verdicts, verdict)
     failed = sorted(v for v in verdicts if v is not None)
     if failed:
-        raise ManifestError(failed[0][1], line=failed[0][0])
+        raise ManifestError(failed[0][1], line=failed[0][0] if failed[0][0] != sys.maxsize else 0) from cause
     return count
 
 

@@ -12,7 +12,7 @@ checkpoint_layout_check            checkpoint_utils._upgrade_state_dict         
                                                                                     a bare KeyError/IndexError
 checkpoint_read_errors             checkpoint_utils.load_checkpoint_to_cpu          a missing file is not a
                                                                                     ValueError naming it
-hubert_ctc_autoregressive          HubertCtc.build_model (fairseq issue 4916)       HubertCtcConfig lacks
+hubert_ctc_autoregressive          HubertCtc.build_model                            HubertCtcConfig lacks
                                                                                     ``autoregressive``
 amp_optimizer                      AMPOptimizer's clip_grad_norm, step,             clip and step hand the
                                    param_groups, zero_grad, state_dict,             scaler two objects, a step

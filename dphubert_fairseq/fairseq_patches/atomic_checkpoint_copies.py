@@ -4,7 +4,9 @@ Target: the ``PathManager`` that ``checkpoint_utils.save_checkpoint`` uses. It w
 atomically (a .tmp file renamed), then makes ``checkpoint_last.pt`` and ``checkpoint_best.pt`` with a plain
 ``PathManager.copy`` over the old file: a kill during that copy leaves a truncated ``checkpoint_last.pt``, and
 the next run refuses to resume. Local copies become ``atomic_files.atomic_copy`` (a hard link or a copy under a
-temporary name, renamed).
+temporary name, renamed). A hard link shares its file with the checkpoint it copies, so a write in place
+(``checkpoint.write_checkpoints_asynchronously``: ``PathManager.opena``, iopath's) first unlinks the name it
+writes, and the other names keep their checkpoints.
 Guard: ``save_checkpoint`` still copies with ``PathManager.copy``.
 """
 
@@ -30,6 +32,12 @@ class AtomicCopyPathManager:
             return PathManager.copy(src_path, dst_path, overwrite)
         atomic_copy(src_path, dst_path)
         return True
+
+    @staticmethod
+    def opena(path: str, mode: str = "r", *args, **kwargs):
+        if "://" not in path and "w" in mode and os.path.isfile(path) and os.stat(path).st_nlink > 1:
+            os.unlink(path)
+        return PathManager.opena(path, mode, *args, **kwargs)
 
 
 setattr(AtomicCopyPathManager, MARK, True)

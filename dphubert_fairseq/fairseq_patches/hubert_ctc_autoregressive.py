@@ -1,4 +1,4 @@
-"""Patch: stock ``hubert_ctc`` fine-tuning builds (fairseq issue 4916).
+"""Patch: stock ``hubert_ctc`` fine-tuning builds.
 
 Target: ``HubertCtc.build_model``. ``HubertEncoder`` reads ``cfg.autoregressive``, which only
 ``HubertSeq2SeqConfig`` declares, so stock hubert_ctc fails with "Key 'autoregressive' not in

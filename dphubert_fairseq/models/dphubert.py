@@ -296,6 +296,13 @@ def validate_config(cfg) -> None:
                 f"{cfg.encoder_layers}"
             )
     validate_prune_units(cfg.prune_units)
+    if not cfg.post_extract_proj:
+        channels = parse_conv_layers(cfg.conv_feature_layers)[-1][0]
+        if channels != cfg.encoder_embed_dim:
+            raise ConfigError(
+                f"model.post_extract_proj is false, so the CNN's last layer feeds the encoder directly, but it has "
+                f"{channels} channels and model.encoder_embed_dim is {cfg.encoder_embed_dim}"
+            )
     if not cfg.gate_init_importance >= 0:
         raise ConfigError(f"model.gate_init_importance must be >= 0, got {cfg.gate_init_importance}")
     if not 0 < cfg.conv_gate_init_drop_rate < 1:

@@ -51,10 +51,15 @@ class FeatureLayerNorm(nn.Module):
             x = x * self.channel_scale.to(x.dtype)
         if self.removed_channels == 0:
             return F.layer_norm(x, (self.channels,), self.weight, self.bias, self.eps)
+        # the statistics in float32 whatever the input's dtype, as F.layer_norm accumulates them: in fp16 the
+        # sum of squares of 512 channels overflows once their spread passes ~11, and rsqrt(inf) = 0 would
+        # replace every feature by its bias
+        dtype = x.dtype
+        x = x.float()
         total = self.channels + self.removed_channels
         mean = x.sum(-1, keepdim=True) / total
         centred = x - mean
         var = (centred.pow(2).sum(-1, keepdim=True) + self.removed_channels * mean.pow(2)) / total
         inv_std = torch.rsqrt(var + self.eps)
-        normed = centred * inv_std * self.weight + self.bias
-        return torch.cat([normed, -mean * inv_std], dim=-1)
+        normed = centred * inv_std * self.weight.float() + self.bias.float()
+        return torch.cat([normed, -mean * inv_std], dim=-1).to(dtype)

@@ -50,7 +50,12 @@ class TorchAdamWConfig(FairseqDataclass):
             "dtype (CUDA, CPU) and torch's multi-tensor path elsewhere; true requires it; false never uses it"
         },
     )
-    lr: List[float] = II("optimization.lr")
+    lr: List[float] = field(
+        default=II("optimization.lr"),
+        metadata={
+            "help": "the learning rate (its first entry), optimization.lr unless set; the scheduler sets it"
+        },
+    )
 
 
 def fused_kernel_takes(p: torch.Tensor) -> bool:

@@ -92,7 +92,10 @@ def autocast_enabled(device: torch.device) -> bool:
 class DPHuBERTDistillConfig(AudioPretrainingConfig):
     teacher_path: str = field(
         default=MISSING,
-        metadata={"help": "native fairseq HuBERT / wav2vec2 checkpoint of the frozen teacher"},
+        metadata={
+            "help": "checkpoint of the frozen teacher: native fairseq HuBERT / wav2vec2 / data2vec audio, or WavLM "
+            "as released"
+        },
     )
     student_path: Optional[str] = field(
         default=None,
@@ -383,4 +386,4 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         # with the same update_num: what runs once per update (the landing, the inactive-unit checks, the
         # end-of-run report) runs once per step taken (fairseq_patches/amp_optimizer.py says which)
         if getattr(optimizer, "last_step_taken", True) and hasattr(self._criterion, "after_optimizer_step"):
-            self._criterion.after_optimizer_step(model, update_num)
+            self._criterion.after_optimizer_step(model, update_num, optimizer)

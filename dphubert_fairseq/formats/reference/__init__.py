@@ -1,6 +1,6 @@
 """The reference implementation's release format, both ways: the ``{"state_dict", "config"}`` files that
-pyf98/DPHuBERT (torchaudio-based) writes for its pruned models, read into an ungated ``dphubert`` model and
-written from one.
+the paper's reference implementation (torchaudio-based) writes for its pruned models, read into an ungated
+``dphubert`` model and written from one.
 
 - ``layout``: what a file holds: the builder's config keys, the state-dict names and shapes a config makes
   (``reference_layout``), and the config facts both directions share;

@@ -1,4 +1,4 @@
-"""The reference implementation's file layout (pyf98/DPHuBERT, torchaudio-based): the config keys its builder
+"""The reference implementation's file layout (the paper's, torchaudio-based): the config keys its builder
 takes, the state-dict names and shapes a config makes, and the config facts that reading and writing share.
 
 What a file holds (the reference's ``wav2vec2/model.py`` builder ``wav2vec2_model(**config)``, its
