@@ -215,6 +215,7 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
             "distill_projections": previous.get("distill_projections") or {},
             "distill_layers": previous.get("distill_layers"),
             "prediction_heads": previous.get("prediction_heads"),
+            "prediction_head": previous.get("prediction_head"),
             "target_sparsity": (previous.get("export_summary") or {}).get("target_sparsity"),
             "target_metric": (previous.get("export_summary") or {}).get("target_metric"),
             "latency_table": (previous.get("export_summary") or {}).get("latency_table"),
@@ -228,6 +229,7 @@ def _recorded(state: Dict[str, Any]) -> Dict[str, Any]:
         },
         "distill_layers": criterion_cfg.get("distill_layers"),
         "prediction_heads": criterion_cfg.get("prediction_heads"),
+        "prediction_head": criterion_cfg.get("prediction_head"),
         "target_sparsity": float(criterion_cfg["target_sparsity"]) if stage1 else None,
         "target_metric": str(criterion_cfg.get("target_metric") or "params") if stage1 else None,
         "latency_table": criterion_cfg.get("latency_table"),
@@ -308,6 +310,7 @@ def export(
         "distill_projections": recorded["distill_projections"],
         "distill_layers": recorded["distill_layers"],
         "prediction_heads": recorded["prediction_heads"],
+        "prediction_head": recorded["prediction_head"],
         "export_summary": summary,
     }
     summary["format"] = output_format

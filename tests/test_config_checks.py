@@ -74,8 +74,17 @@ def test_stage2_layers_must_be_the_stage1_ones(task):
             ValueError, match="criterion.prediction_heads=True differs from the stage-1 run's False"
         ):
             criterion(task, prediction_heads=True, lagrangian=False)
+        # an export made with DistilHuBERT's heads (one made before the key existed records None: linear)
+        task.initial_prediction_heads, task.initial_prediction_head = True, "distilhubert"
+        criterion(task, prediction_heads=True, prediction_head="distilhubert", lagrangian=False)
+        with pytest.raises(
+            ValueError, match="criterion.prediction_head=linear differs from the stage-1 run's distilhubert"
+        ):
+            criterion(task, prediction_heads=True, lagrangian=False)
+        task.initial_prediction_head = None
+        criterion(task, prediction_heads=True, lagrangian=False)
     finally:
-        task.initial_distill_layers = task.initial_prediction_heads = None
+        task.initial_distill_layers = task.initial_prediction_heads = task.initial_prediction_head = None
 
 
 @pytest.mark.parametrize(

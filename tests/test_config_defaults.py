@@ -31,16 +31,22 @@ TASK_KEYS = (
     "check_audio_content",
 )
 
+#: criterion keys both stages set to the dataclass default
+DISTILL_KEYS = (
+    "distill_layers",
+    "l1_weight",
+    "cos_weight",
+    "mse_weight",
+    "prediction_heads",
+    "prediction_head",
+)
+
 #: keys whose yaml value is the dataclass default: the recipe and a bare ``--task dphubert_distill`` agree
 MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "dphubert": {
         "task": TASK_KEYS,
-        "criterion": (
-            "distill_layers",
-            "l1_weight",
-            "cos_weight",
-            "mse_weight",
-            "prediction_heads",
+        "criterion": DISTILL_KEYS
+        + (
             "lagrangian",
             "target_sparsity",
             "target_metric",
@@ -64,7 +70,7 @@ MEANT_TO_AGREE: Dict[str, Dict[str, Tuple[str, ...]]] = {
     },
     "dphubert_final": {
         "task": TASK_KEYS,
-        "criterion": ("distill_layers", "l1_weight", "cos_weight", "mse_weight", "prediction_heads"),
+        "criterion": DISTILL_KEYS,
         "model": ("prune_units", "dropout", "attention_dropout", "activation_dropout", "feature_grad_mult"),
     },
 }

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn as nn
 from omegaconf import OmegaConf
 
 from dphubert_fairseq.criterions import DPHuBERTDistillCriterion, DPHuBERTDistillCriterionConfig
@@ -65,6 +66,39 @@ def test_prediction_heads_and_lagrangian_logging(task):
     assert all(p.grad is not None for p in criterion.projections.parameters())
     assert criterion.lagrangian.lambda1.grad is not None
     assert any(g.log_alpha.grad is not None for g in model.gates().values())
+
+
+def test_distilhuberts_heads(task):
+    """criterion.prediction_head=distilhubert: one head per target layer, each DistilHuBERT's (linear, GELU,
+    linear at torch's default initialisation, seeded like the run), all reading the student's last layer and
+    trained; refused without prediction_heads."""
+    torch.manual_seed(3)
+    model, criterion = build(
+        task, distill_layers="1;3", prediction_heads=True, prediction_head="distilhubert", lagrangian=False
+    )
+    proj = criterion.projections
+    assert proj.targets == [1, 3] and len(proj.proj) == 2
+    for head in proj.proj:
+        assert [type(m) for m in head] == [nn.Linear, nn.GELU, nn.Linear]
+        dim = head[0].in_features
+        assert head[2].out_features == dim and head[0].weight.abs().max() <= dim**-0.5  # torch's bound
+    torch.manual_seed(3)
+    _, again = build(
+        task, distill_layers="1;3", prediction_heads=True, prediction_head="distilhubert", lagrangian=False
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(proj.state_dict().values(), again.projections.state_dict().values())
+    )
+    model.train()
+    states = model(**sample()["net_input"])["hidden_states"]
+    first, second = proj(states)
+    assert torch.allclose(first, proj.proj[0](states[-1])) and not torch.allclose(first, second)
+    loss, _, _ = criterion(model, sample())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+    with pytest.raises(ValueError) as err:
+        build(task, distill_layers="1;3", prediction_head="distilhubert", lagrangian=False)
+    assert str(err.value).startswith("criterion.prediction_head=distilhubert is a kind of prediction head")
 
 
 def test_bad_criterion_settings(task):

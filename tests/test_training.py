@@ -326,7 +326,7 @@ def test_reexporting_an_export_keeps_what_it_carries(stage1, workdir):
     assert out.returncode == 0, out.stderr[-2000:]
     a = dp.checkpoint_io.load_model_and_extra_state(first)
     b = dp.checkpoint_io.load_model_and_extra_state(again)
-    for key in ("distill_layers", "prediction_heads"):
+    for key in ("distill_layers", "prediction_heads", "prediction_head"):
         assert b[1][key] == a[1][key] is not None
     assert b[1]["distill_projections"].keys() == a[1]["distill_projections"].keys() != set()
     for name, value in a[1]["distill_projections"].items():

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..latency import LatencyTable, load_table
 from ..macs import METRICS, Metric, architecture_size
 from ..models import gather_policy, inactive_units
-from .distill_loss import DistillationProjections, layer_loss, parse_layer_groups
+from .distill_loss import PREDICTION_HEADS, DistillationProjections, layer_loss, parse_layer_groups
 from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target, shift_master_copies
 
@@ -51,6 +51,14 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
         metadata={
             "help": "DistilHuBERT-style: one head per target layer, all on the student's last layer, instead "
             "of layer-to-layer projections"
+        },
+    )
+    prediction_head: ChoiceEnum(PREDICTION_HEADS) = field(
+        default="linear",
+        metadata={
+            "help": "with prediction_heads: what a head is; 'linear', a linear layer started at the identity; "
+            "'distilhubert', DistilHuBERT's (linear, GELU, linear at torch's default initialisation), the "
+            "baseline the paper compares against"
         },
     )
     lagrangian: bool = field(
@@ -173,7 +181,7 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                 "[conv,head,interm]), or set criterion.lagrangian=false for plain distillation (stage 2)"
             )
         self.projections = DistillationProjections(
-            groups, teacher_cfg.encoder_embed_dim, cfg.prediction_heads
+            groups, teacher_cfg.encoder_embed_dim, cfg.prediction_heads, str(cfg.prediction_head)
         )
         initial = getattr(task, "initial_projections", None)
         if initial:
@@ -181,7 +189,8 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
                 self.projections.load_state_dict(initial)
             except RuntimeError:
                 raise ConfigError(
-                    "criterion.distill_layers / prediction_heads differ from the stage-1 run whose projections "
+                    "criterion.distill_layers / prediction_heads / prediction_head differ from the stage-1 run "
+                    "whose projections "
                     "task.student_path carries; use the same settings"
                 ) from None
         total = _run_length(cfg)
@@ -417,6 +426,12 @@ def _check_stage1_layers(task, cfg: DPHuBERTDistillCriterionConfig, groups: List
         raise ConfigError(
             f"criterion.prediction_heads={cfg.prediction_heads} differs from the stage-1 run's {heads}, whose "
             "projections task.student_path carries; use the stage-1 value"
+        )
+    head = getattr(task, "initial_prediction_head", None)
+    if heads is not None and (head or "linear") != str(cfg.prediction_head):
+        raise ConfigError(
+            f"criterion.prediction_head={cfg.prediction_head} differs from the stage-1 run's {head or 'linear'}, "
+            "whose heads task.student_path carries; use the stage-1 value"
         )
 
 

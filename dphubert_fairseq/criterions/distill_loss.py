@@ -1,4 +1,4 @@
-"""Layer-to-layer distillation loss and its identity-initialised projections."""
+"""Layer-to-layer distillation loss and its projections (identity-initialised, or DistilHuBERT's heads)."""
 
 from typing import List, Optional, Sequence
 
@@ -67,22 +67,49 @@ def layer_loss(
     return loss
 
 
+#: what a prediction head is (``criterion.prediction_head``): ``linear``, a linear layer started at the
+#: identity; ``distilhubert``, DistilHuBERT's head (``distilhubert_head``)
+PREDICTION_HEADS = ("linear", "distilhubert")
+
+
+def distilhubert_head(dim: int) -> nn.Sequential:
+    """DistilHuBERT's prediction head, ``(B, T, D) -> (B, T, D)``: linear, GELU, linear, at torch's default
+    initialisation (DistilHuBERT computes its heads' first layers as one wide linear layer split per head, and
+    its second layers with uniform(+-1/sqrt(D)) weights and biases: the same functions, the same
+    initial distributions). Its inner width is the student's."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
 class DistillationProjections(nn.Module):
     """Maps student hidden states onto the teacher's.
 
-    Layer-to-layer (default): target layer ``i`` is predicted from the student's layer ``i``; the layers of a
-    group share one projection. Prediction-head mode (DistilHuBERT): every target layer has its own head, all
-    reading the student's last layer. Every map is a linear layer started at the identity; the reference's
-    prediction-head mode uses a linear layer and a GELU at torch's random initialisation instead, a baseline
-    this mode does not reproduce (docs/method.md).
+    Layer-to-layer (default): target layer ``i`` is predicted from the student's layer ``i`` through a linear
+    layer started at the identity; the layers of a group share one. Prediction-head mode (DistilHuBERT): every
+    target layer has its own head, all reading the student's last layer; ``head`` says what a head is:
+    ``linear`` (a linear layer started at the identity) or ``distilhubert`` (DistilHuBERT's own,
+    ``distilhubert_head``). The reference implementation's prediction-head mode is a third kind (linear, then
+    GELU), which neither reproduces (docs/method.md).
     """
 
-    def __init__(self, groups: Sequence[Sequence[int]], dim: int, prediction_heads: bool) -> None:
+    def __init__(
+        self, groups: Sequence[Sequence[int]], dim: int, prediction_heads: bool, head: str = "linear"
+    ) -> None:
         super().__init__()
+        if head not in PREDICTION_HEADS:
+            raise ConfigError(
+                f"criterion.prediction_head: {head!r}; choose from {', '.join(PREDICTION_HEADS)}"
+            )
+        if head != "linear" and not prediction_heads:
+            raise ConfigError(
+                f"criterion.prediction_head={head} is a kind of prediction head; set criterion.prediction_heads=true "
+                "or leave it at linear"
+            )
         self.prediction_heads = prediction_heads
+        self.head = head
         if prediction_heads:
             self.targets = [layer for group in groups for layer in group]
-            self.proj = nn.ModuleList(identity_linear(dim) for _ in self.targets)
+            make = distilhubert_head if head == "distilhubert" else identity_linear
+            self.proj = nn.ModuleList(make(dim) for _ in self.targets)
             self.proj_index = list(range(len(self.targets)))
         else:
             self.targets = [layer for group in groups for layer in group]

@@ -153,9 +153,11 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
         self._teacher_config: Optional[DPHuBERTConfig] = None
         #: distillation projections carried over from the stage-1 export (stage 2), for the criterion
         self.initial_projections: Optional[Dict[str, torch.Tensor]] = None
-        #: the stage-1 run's criterion.distill_layers / prediction_heads as its export recorded them (stage 2)
+        #: the stage-1 run's criterion.distill_layers / prediction_heads / prediction_head as its export
+        #: recorded them (stage 2; an export made before prediction_head existed records None: linear)
         self.initial_distill_layers: Optional[str] = None
         self.initial_prediction_heads: Optional[bool] = None
+        self.initial_prediction_head: Optional[str] = None
         #: model.prune_units of the student built here, for the criterion's checks
         self.student_prune_units: Optional[List[str]] = None
         self._teacher_identity: Optional[str] = None
@@ -315,6 +317,7 @@ class DPHuBERTDistillTask(AudioPretrainingTask):
             self.initial_projections = extra_state.get("distill_projections")
             self.initial_distill_layers = extra_state.get("distill_layers")
             self.initial_prediction_heads = extra_state.get("prediction_heads")
+            self.initial_prediction_head = extra_state.get("prediction_head")
             student_cfg = as_config(source.cfg)
             self._check_same_teacher(student_cfg.teacher_identity)
             if student_cfg.encoder_embed_dim != self.teacher_config.encoder_embed_dim:

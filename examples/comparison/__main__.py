@@ -285,6 +285,8 @@ class Comparison(PhasedRun):
                 f"lr_scheduler.warmup_updates={schedule.stage2_warmup}",
                 f'criterion.distill_layers="{layers}"',
                 f"criterion.prediction_heads={str(prediction_heads).lower()}",
+                # DistilHuBERT's own heads (linear, GELU, linear), the paper's baseline
+                f"criterion.prediction_head={'distilhubert' if prediction_heads else 'linear'}",
             ],
             seed,
         )

@@ -28,7 +28,8 @@ def projections(extra_state: Dict, dim: int) -> Optional[DistillationProjections
     if not state:
         return None
     heads = bool(extra_state.get("prediction_heads"))
-    out = DistillationProjections(parse_layer_groups(extra_state["distill_layers"]), dim, heads)
+    head = extra_state.get("prediction_head") or "linear"
+    out = DistillationProjections(parse_layer_groups(extra_state["distill_layers"]), dim, heads, head)
     out.load_state_dict(state)
     return out.eval()
 
