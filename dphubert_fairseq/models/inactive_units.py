@@ -5,11 +5,14 @@ has been below ``threshold`` at ``checks`` consecutive checks. From then on it i
 samples 0, the expected and eval counts (so the Lagrangian and the landing) leave it out, and the prunable
 modules compute without it (``active_index``): attention with the active heads only, the FFN with the active
 units only, a conv layer with its active output channels and the previous layer's active input channels. Its
-parameters keep their shapes and get exactly zero gradient.
+parameters keep their shapes and get exactly zero gradient (except in a CNN whose LayerNorm normalises over the
+channels, the Large models' ``layer_norm`` mode: there an inactive channel is still computed for its layer's
+statistics, and its conv weights get gradient through them; an export removes them all the same).
 
 What this changes: a skipped unit would have been non-zero in a training sample with probability below
-``threshold`` per update; skipping it sets that sample to 0. The logits of inactive units also stop moving
-(they get no gradient), and the eval mask and the landing cannot reopen them.
+``threshold`` per update; skipping it sets that sample to 0. The logits of inactive units get no gradient (they
+drift only as far as the optimizer's momentum still carries them), and the eval mask and the landing cannot
+reopen them.
 
 A gate may keep some units active whatever their logits (``HardConcrete.min_active``: a conv layer keeps one
 channel, or it could not be computed).

@@ -534,7 +534,7 @@ def main(argv=None) -> int:
         "--size",
         choices=sorted(SIZES),
         default="default",
-        help="'default': the paper's claims, the committed results (44 min on 2 quiet cores); 'full': every kind, "
+        help="'default': the paper's claims, the committed results (36-44 min on 2 quiet cores); 'full': every kind, "
         "with the ablations and the option (52-67 min); 'long': four times the student updates; 'tiny': for tests",
     )
     parser.add_argument(

@@ -134,7 +134,7 @@ def split(total: int, proportions: Proportions) -> Schedule:
 @dataclass
 class Size:
     """How big the comparison is, and which student kinds it trains (``kinds``, in ``KINDS``' order).
-    'default' (the six ``CLAIM_KINDS``, three seeds) took 44 minutes on 2 quiet CPU cores of an AMD EPYC; 'full'
+    'default' (the six ``CLAIM_KINDS``, three seeds) took 36 to 44 minutes on 2 quiet CPU cores of an AMD EPYC; 'full'
     (all ten kinds, the same sizes) took 52 and 67 (shared with other work at times, then quiet on that slower
     machine; docs/evidence.md). 'tiny' is for tests."""
 
