@@ -89,6 +89,11 @@ def test_comparison_tiny_end_to_end(tmp_path):
         assert 0 <= end["export_max_abs_deviation"] < 1e-3
     distil = next(r for r in rows if r["kind"] == "distilhubert")
     assert distil["heads"] == [8, 8] and len(distil["ffn_dims"]) == 2
+    from dphubert_fairseq.checkpoint_io import load_model_and_extra_state
+
+    _, extra = load_model_and_extra_state(str(out / "models" / "distilhubert_seed1.pt"))
+    # trained with DistilHuBERT's own heads
+    assert extra["prediction_heads"] and extra["prediction_head"] == "distilhubert"
 
     quality = result["teacher"]
     assert quality["prior_bits"] > 0 and math.isfinite(quality["loss_bits"])
