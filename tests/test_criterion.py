@@ -68,6 +68,34 @@ def test_prediction_heads_and_lagrangian_logging(task):
     assert any(g.log_alpha.grad is not None for g in model.gates().values())
 
 
+def test_validation_loss_is_the_mean_over_frames(task):
+    """Validation's loss and distill_loss are means over every frame of the split, each batch weighted by its
+    frames (as fairseq's meters aggregate the batches' reduced logs), so that batching and the number of
+    workers do not change them; training logs its per-update means as before."""
+    from fairseq.logging import metrics
+
+    model, criterion = build(task, distill_layers="1;3", lagrangian=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a student that is not the teacher, so that the batches' losses differ
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.eval()
+    logs = [criterion(model, sample(batch=b, length=n))[2] for b, n in ((1, 4000), (3, 12000))]
+    with metrics.aggregate(new_root=True) as agg:
+        for log in logs:
+            criterion.reduce_metrics([log])  # one valid step each, as fairseq's trainer reduces them
+    frames = [float(log["ntokens"]) for log in logs]
+    assert frames[0] < frames[1] / 3
+    for key in ("loss", "distill_loss"):
+        values = [float(log[key]) for log in logs]
+        weighted = sum(v * f for v, f in zip(values, frames)) / sum(frames)
+        assert agg.get_smoothed_value(key) == pytest.approx(weighted, abs=1e-5)
+        assert abs(weighted - sum(values) / 2) > 1e-3  # what a mean over batches would have said
+    model.train()
+    log = criterion(model, sample())[2]
+    assert not any(key.endswith("_x_frames") for key in log)
+
+
 def test_distilhuberts_heads(task):
     """criterion.prediction_head=distilhubert: one head per target layer, each DistilHuBERT's (linear, GELU,
     linear at torch's default initialisation, seeded like the run), all reading the student's last layer and

@@ -21,6 +21,10 @@ from .lagrangian import SparsityLagrangian, target_sparsity
 from .target_projection import missed_target, project_to_target, shift_master_copies
 
 TARGET_METRICS = ChoiceEnum([*METRICS, "latency"])
+#: the logged values that validation averages over frames rather than batches, each also logged times its
+#: batch's frames under its name + FRAMES_SUFFIX
+FRAME_WEIGHTED = ("loss", "distill_loss")
+FRAMES_SUFFIX = "_x_frames"
 logger = logging.getLogger(__name__)
 #: per size metric: the logged keys of its expected and its eval-mask sparsity
 LOG_KEYS = {
@@ -351,6 +355,11 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
             log.update(self._active_units_log(unwrap(model)))
         if not model.training:
             self._log_eval_masks(model, log)
+            # validation's loss is the mean over every frame of the split, whatever its batching and number of
+            # workers: each batch's mean weighted by its frames (not in training, where the weight would make
+            # fairseq's meters wait for the device at every update)
+            for key in FRAME_WEIGHTED:
+                log[key + FRAMES_SUFFIX] = log[key] * log["ntokens"]
         return loss, 1, log
 
     def _active_units_log(self, model) -> Dict[str, float]:
@@ -387,8 +396,14 @@ class DPHuBERTDistillCriterion(FairseqCriterion):
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         count = sum(log.get("count", 0) for log in logging_outputs) or 1
-        for key in logging_outputs[0] if logging_outputs else []:
-            if key in ("count", "sample_size"):
+        keys = logging_outputs[0] if logging_outputs else []
+        frames = sum(log.get("ntokens", 0) for log in logging_outputs)
+        for key in keys:
+            if key in ("count", "sample_size") or key.endswith(FRAMES_SUFFIX):
+                continue
+            if key + FRAMES_SUFFIX in keys:  # validation: weighted by frames across batches and workers
+                weighted = sum(log.get(key + FRAMES_SUFFIX, 0) for log in logging_outputs)
+                metrics.log_scalar(key, weighted / frames, frames, round=5)
                 continue
             total = sum(log.get(key, 0) for log in logging_outputs)
             if key in ("ntokens", "nsentences"):
