@@ -198,9 +198,8 @@ SIZES = {
     # four times the student updates, the same teacher (cached when OUT holds it): does a gap close with training?
     "long": Size(320, 40, 4, 1500, 1600, 1, 160000),
     # DPHuBERT: 10 + 5 updates, ramp 1; its long-ramp row 11 + 4, ramp 7. Every code path, not every kind:
-    # the option and the kinds on little data differ from kinds it runs only in STAGE1_OVERRIDES / the data
-    # (which every size writes), the structure with fresh weights from the ablations only in its model
-    # (students.random_structure)
+    # the option and DPHuBERT on little data differ from kinds it runs only in STAGE1_OVERRIDES / the data,
+    # the structure with fresh weights from the ablations only in its model (students.random_structure)
     "tiny": Size(
         16,
         4,
@@ -212,10 +211,7 @@ SIZES = {
         phoneme_probe_steps=20,
         phoneme_probe_seeds=2,
         kinds=tuple(
-            k
-            for k in KINDS
-            if k
-            not in ("dphubert_importance_init", "dphubert_10pct", "distilhubert_10pct", "random_structure")
+            k for k in KINDS if k not in ("dphubert_importance_init", "dphubert_10pct", "random_structure")
         ),
     ),
 }
