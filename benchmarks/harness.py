@@ -74,6 +74,11 @@ def update_config(
     ``hubert_base_librispeech.yaml`` for ``shape``) or ``dphubert`` (stage 1, ``configs/dphubert.yaml``, distilling
     ``teacher``), with the ``common`` overrides (device, batch) and, for stage 1, ``extra``."""
     if kind == "stock":
+        if "common.amp=true" in common:
+            # fairseq's HuBERT does not train under common.amp: autocast hands apply_mask fp16 features while
+            # mask_emb stays fp32, and the index put refuses the mix; its own recipe trains in fp16
+            common = [o for o in common if o.split("=")[0] not in ("common.amp", "common.fp16")]
+            common += ["common.amp=false", "common.fp16=true"]
         return compose(
             fairseq_hubert_config_dir(),
             "hubert_base_librispeech",

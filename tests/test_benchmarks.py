@@ -103,3 +103,30 @@ def test_inference_benchmark(tmp_path):
     # the ratio recorded at the target's 10 s, up to the attention's T^2 terms, which weigh less at 1 s
     assert abs(models["exported macs61"]["macs_ratio"] - (1 - macs["macs_sparsity"])) < 0.05
     assert set(result["seconds_per_forward"]) == {"1 thread"}
+
+
+def test_gpu_check_records_every_step_and_packs_the_results(tmp_path):
+    """gpu_check.sh's mechanics, on this machine: the selected step runs and is recorded, the others are not
+    run, a failing or missing tool stops nothing, and every result lands in the one archive."""
+    import subprocess
+    import tarfile
+
+    out, pack = tmp_path / "out", tmp_path / "back" / "results.tgz"
+    pack.parent.mkdir()
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_PACK=str(pack), GPU_CHECK_ONLY="cuda_tests")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # python3: this environment's
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=helpers.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = (out / "steps.txt").read_text().splitlines()
+    assert len(steps) == 1 and steps[0].startswith("cuda_tests: exit 0 after"), steps
+    with tarfile.open(pack) as archive:
+        names = {os.path.basename(n) for n in archive.getnames()}
+    assert {"steps.txt", "env.txt", "cuda_tests.txt"} <= names
+    assert "fairseq 0.12.3" in (out / "env.txt").read_text()
