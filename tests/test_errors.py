@@ -1,6 +1,7 @@
 """One exception family: every error the plugin raises for bad input is a ``DPHuBERTError`` (a ValueError) of
 the kind that names what went wrong; fairseq's patches report whether they applied."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -97,6 +98,31 @@ def test_malformed_trust_variable_fails_the_first_load_not_the_import(tiny_teach
     assert out.returncode != 0 and "imported" in out.stdout, out.stderr[-1500:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("dphubert_fairseq.errors.ConfigError: ") and TRUST_ENV in last and "eval" in last
+
+
+def test_cpu_gradients_are_clipped_on_the_cpu_where_cuda_is_available(monkeypatch):
+    """fairseq's clip_grad_norm_ takes the norm on the GPU whenever CUDA is available; with the patch, CPU
+    gradients are clipped on the CPU there, to the same result as on a machine without a GPU."""
+    from fairseq import utils
+
+    def parameters():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+        for p in params:
+            p.grad = torch.randn_like(p) * 10
+        return params
+
+    expected = parameters()
+    norm = utils.clip_grad_norm_(expected, 1.0)  # no CUDA claimed: the CPU path either way
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as fairseq sees it
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(RuntimeError):  # fairseq's own: the norm sent to the GPU
+        inspect.unwrap(utils.clip_grad_norm_)(parameters(), 1.0)
+    clipped = parameters()
+    assert torch.equal(utils.clip_grad_norm_(clipped, 1.0), norm) and norm.device.type == "cpu"
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(clipped, expected))
+    assert utils.torch is torch  # fairseq's module is as it was
+    assert abs(sum(p.grad.norm() ** 2 for p in clipped) ** 0.5 - 1.0) < 1e-4
 
 
 def test_every_patch_applies_on_this_fairseq():

@@ -565,13 +565,10 @@ def test_measure_gathers_below_each_kinds_measured_break_even(monkeypatch):
     assert len(device.timed) == timed
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
-)
-def test_measuring_leaves_the_run_as_it_was(device):
-    """A real measurement: the random streams (the CPU's and the device's), the active sets and streaks,
-    every ``.grad`` and the model's outputs are as before; every break-even is a fraction."""
+def test_measuring_leaves_the_run_as_it_was():
+    """A real measurement (on the CPU, where measure times blocks): the random stream, the active sets and
+    streaks, every ``.grad`` and the model's outputs are as before; every break-even is a fraction."""
+    device = "cpu"
     model, _, _ = pair("base")
     model.to(device).train()
     source, padding = (t.to(device) for t in batch())
@@ -581,11 +578,8 @@ def test_measuring_leaves_the_run_as_it_was(device):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(11)
     rng = torch.get_rng_state()
-    device_rng = torch.cuda.get_rng_state() if device == "cuda" else None
     model.choose_gathering("measure")
     assert torch.equal(torch.get_rng_state(), rng)
-    if device_rng is not None:
-        assert torch.equal(torch.cuda.get_rng_state(), device_rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     after = grads(model)
@@ -593,6 +587,42 @@ def test_measuring_leaves_the_run_as_it_was(device):
     evens = model.break_evens()
     assert {k[0] for k in evens} == {"conv", "attention", "ffn"}
     assert all(0.0 <= v <= 1.0 for v in evens.values())
+
+
+def test_measure_masks_without_timing_on_a_gpu():
+    """On a device type measure does not time (a GPU), every gate computes masked and no probe is built."""
+    on_gpu = [
+        types.SimpleNamespace(
+            log_alpha=types.SimpleNamespace(device=torch.device("cuda", 0)),
+            n=8,
+            num_active=4,
+            gather_below=1.0,
+        )
+        for _ in range(3)
+    ]
+
+    def probes():
+        raise AssertionError("measure timed blocks on a GPU")
+
+    cache = {}
+    gather_policy.choose(on_gpu, "measure", probes, cache)
+    assert [g.gather_below for g in on_gpu] == [0.0] * 3 and cache == {}
+    gather_policy.choose(on_gpu, "gather", probes, cache)  # asked for, it still gathers there
+    assert [g.gather_below for g in on_gpu] == [1.0] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_measure_on_cuda_masks_and_leaves_the_run_as_it_was():
+    model, _, _ = pair("base")
+    model.to("cuda").train()
+    source, padding = (t.to("cuda") for t in batch())
+    loss, _ = loss_of(model, source, padding)
+    loss.backward()
+    device_rng = torch.cuda.get_rng_state()
+    model.choose_gathering("measure")
+    assert torch.equal(torch.cuda.get_rng_state(), device_rng)
+    assert model.break_evens() == {}
+    assert all(g.gather_below == 0.0 for g in model.gate_set.gates)
 
 
 def test_an_unknown_mode_is_refused():

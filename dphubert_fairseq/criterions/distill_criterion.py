@@ -142,7 +142,8 @@ class DPHuBERTDistillCriterionConfig(FairseqDataclass):
             "unit whose hard-concrete sample is 0 then: the same result and gradients either way): 'gather' "
             "leaves them out (index-selects the other rows and columns), 'mask' computes every unit with those "
             "masked (the reference), 'measure' times both once per kind of block on this device, on the first "
-            "training batch's shape, and gathers below the fraction of units computed where that pays "
+            "training batch's shape, and gathers below the fraction of units computed where that pays; on a "
+            "GPU, where a block timed alone does not predict an update, 'measure' masks "
             "(models/gather_policy.py)"
         },
     )

@@ -26,6 +26,9 @@ dummy_batch                        EpochBatchIterator.first_batch               
                                                                                     batch as the dummy
 config_type_errors                 fairseq.dataclass.utils.merge_with_parent        it lets omegaconf's
                                                                                     ValidationError through
+cpu_grad_norm                      fairseq.utils.clip_grad_norm_                    it puts the norm on the
+                                                                                    GPU whenever CUDA is
+                                                                                    available
 =================================  ===============================================  ==========================
 
 Each module's docstring says what fairseq does wrong, what the patch does instead, and its guard.
@@ -39,6 +42,7 @@ from . import (
     checkpoint_layout_check,
     checkpoint_read_errors,
     config_type_errors,
+    cpu_grad_norm,
     dummy_batch,
     hubert_ctc_autoregressive,
     resume_past_damaged_checkpoint,
@@ -58,6 +62,7 @@ PATCHES: List[Patch] = [
     resume_past_damaged_checkpoint.PATCH,
     dummy_batch.PATCH,
     config_type_errors.PATCH,
+    cpu_grad_norm.PATCH,
 ]
 
 
