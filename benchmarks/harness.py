@@ -254,6 +254,20 @@ def time_updates(trainer, sample, memory: "PeakMemory", device: str, warmup: int
     return step, {"update_seconds": seconds, "peak_memory_bytes": memory.peak_bytes()}
 
 
+def gathering_summary(model) -> Dict[str, object]:
+    """How the gated blocks of ``model`` compute the units whose sample is 0 (``criterion.inactive_compute``):
+    each kind of block's measured break-even, and how many gates leave units out at the fraction an update
+    computes on average (their expected size) among the gates that could."""
+    gated = [g for g in model.gates().values() if g.n > 1 and g.num_active > 0]
+    with torch.no_grad():
+        gathering = sum(float(g.l0_norm()) / g.n < g.gather_below for g in gated)
+    return {
+        "break_evens": {repr(k): v for k, v in model.break_evens().items()},
+        "gates_gathering": gathering,
+        "gates": len(gated),
+    }
+
+
 def worker_args(args, teacher: str) -> List[str]:
     """The arguments every worker of a benchmark shares: device, precision, batch, timing, the teacher and the
     thread count of the invocation ``args``."""

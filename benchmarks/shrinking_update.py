@@ -55,6 +55,7 @@ from harness import (
     decode_logits,
     device_overrides,
     fold_round,
+    gathering_summary,
     machine,
     random_teacher_in,
     round_order,
@@ -310,13 +311,7 @@ def worker(args) -> Dict:
         if args.worker == "state":
             apply_state(model, state_at(load_run(args.states), args.update))
             model.choose_gathering(args.mode, (args.batch, round(args.item_seconds * SAMPLE_RATE)))
-            gated = [g for g in model.gates().values() if g.n > 1 and g.num_active > 0]
-            expected = lambda g: float(g.l0_norm()) / g.n  # noqa: E731  the fraction an update computes
-            result["gathering"] = {
-                "break_evens": {repr(k): v for k, v in model.break_evens().items()},
-                "gates_gathering": sum(expected(g) < g.gather_below for g in gated),
-                "gates": len(gated),
-            }
+            result["gathering"] = gathering_summary(model)
         result["active_fractions"] = model.active_fractions()
         result["active_macs_ratio"] = active_macs_ratio(model)
         computes_all = args.worker == "today" or args.mode == "mask"

@@ -33,6 +33,7 @@ from harness import (
     batch_overrides,
     device_overrides,
     fold_round,
+    gathering_summary,
     machine,
     optimizer_overrides,
     random_teacher_in,
@@ -90,6 +91,7 @@ def worker(args) -> Dict:
         model = trainer.get_model()
         landing = lambda: offset_to_target(model, 0.25 * model.num_params())  # noqa: E731
         result["landing_seconds"] = time_calls(landing, args.device, 1, args.repeat)
+        result["gathering"] = gathering_summary(model)  # as chosen after the first update
     return result
 
 
@@ -226,6 +228,14 @@ def main() -> int:
         + rounds
     )
     print(table(body, header))
+    gathering = ", ".join(
+        f"{r['dphubert']['gathering']['gates_gathering']}/{r['dphubert']['gathering']['gates']}"
+        f" at {r['seconds_per_item']:g} s"
+        for r in rows
+    )
+    print(
+        f"stage-1 gates leaving their zero units out (as measure chose after the first update): {gathering}"
+    )
     if len(rows) > 1:
         print("\nstage-1 update time against the shortest items: per update, and per second of audio")
         first = rows[0]["dphubert"]["update_seconds"]["median"]

@@ -67,6 +67,10 @@ def test_training_step_benchmark(tmp_path):
     # the landing search is one part of a landing-phase update
     assert row["dphubert"]["landing_seconds"]["median"] > 0 and "landing ms" in proc.stdout
     assert 0.0 < row["landing_share"] < 1.0
+    # how the stage-1 update computed its zero units: measured on this CPU after the first update
+    gathering = row["dphubert"]["gathering"]
+    assert gathering["break_evens"] and 0 <= gathering["gates_gathering"] <= gathering["gates"] > 0
+    assert "leaving their zero units out" in proc.stdout
 
 
 @pytest.mark.slow
