@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 import dphubert_fairseq as dp
@@ -68,3 +69,17 @@ def test_layerdrop_skips_layers_in_training(tiny_teachers):
     assert all(torch.equal(states[i], states[1]) for i in range(2, len(states)))
     evaluated = model.eval().hidden_states(torch.randn(1, 8000))
     assert not torch.equal(evaluated[2], evaluated[1])
+
+
+def test_masking_under_autocast_where_stock_hubert_fails(tiny_teachers):
+    """Under autocast (common.amp) the features reach the masking in reduced precision while mask_emb stays
+    float32: stock fairseq HuBERT's index put refuses the mix, the dphubert model masks (troubleshooting.md)."""
+    model = _with(dp.student_from_teacher(tiny_teachers["hubert_base"], prune_units=()), mask_prob=0.5)
+    teacher = dp.load_teacher(tiny_teachers["hubert_base"]).train()
+    source = torch.randn(2, 16000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="Index put requires the source and destination dtypes match"):
+            teacher.extract_features(source, None, mask=True)
+        torch.manual_seed(0)
+        masked = model.train().extract_features(source, None, mask=True)["x"]
+    assert masked.dtype == torch.bfloat16 and torch.isfinite(masked).all()
