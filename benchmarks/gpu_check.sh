@@ -14,7 +14,8 @@
 # Steps, in order: the suite's CUDA-only tests, a Base-shaped stage-1 update against stock HuBERT pretraining
 # (AMP, 16 x 10 s), inference (8 x 10 s, fp16), the stage-1 update at the active sets recorded along a run
 # (shrinking_update.py), stage 1 with two workers through fairseq's distributed start (distributed_check.py),
-# and the length scaling (8 items of 2 and 16 s). Alongside them, on two physical cores kept free of the GPU
+# the GPU's latency table (dphubert-profile at 8 x 10 s in fp16) and what it predicts for the recorded
+# structures (inference.py --latency-table), and the length scaling (8 items of 2 and 16 s). Alongside them, on two physical cores kept free of the GPU
 # steps, when the CPU has AMX or AVX512: the CPU table of "skipping is never slower than computing"
 # (shrinking_update.py --paired) at 2 threads. On an H200 the steps took 25, 81, 29, 132, 88 and 84 s (about
 # 7.5 minutes with the install), the CPU table 297 s alongside.
@@ -108,6 +109,21 @@ step shrinking_update_gpu 150 $G python3 benchmarks/shrinking_update.py --device
   --json "$OUT/shrinking_update_gpu.json"
 step distributed_gpu 180 $G python3 benchmarks/distributed_check.py --device cuda --out "$(mktemp -d)" \
   --json "$OUT/distributed_gpu.json"
+# the latency table of this GPU, timed as inference.py runs (8 x 10 s, fp16), on a random HuBERT Base teacher;
+# then what it predicts for the recorded structures against their measured times
+profile_gpu() {
+  local work
+  work=$(mktemp -d)
+  python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import harness
+harness.random_teacher_in(sys.argv[1], harness.SHAPES["base"])' "$work" || return
+  python3 -m dphubert_fairseq.latency_profile --teacher "$work/teacher.pt" --device cuda --batch 8 \
+    --dtype float16 --out "$OUT/latency_table_gpu.json" || return
+  python3 benchmarks/inference.py --device cuda --latency-table "$OUT/latency_table_gpu.json" \
+    --json "$OUT/inference_latency_gpu.json"
+}
+export -f profile_gpu
+export OUT
+step latency_profile_gpu 150 $G bash -c profile_gpu
 step scaling_gpu 120 $G python3 benchmarks/training_step.py --device cuda --batch 8 --seconds 2 16 --repeat 10 \
   --no-fairseq-adam --json "$OUT/scaling_gpu.json"
 [ -n "$CPU_PID" ] && wait "$CPU_PID"

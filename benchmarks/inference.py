@@ -79,14 +79,22 @@ def interleaved_times(models: Dict[str, torch.nn.Module], source, device, warmup
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def latency_report(path: str, models, teacher_cfg, timing) -> Dict[str, float]:
+def latency_report(
+    path: str, models, teacher_cfg, timing, batch: int, seconds: float, dtype: torch.dtype
+) -> Dict[str, float]:
     """Print what the table at ``path`` predicts per block kind for every model and, at the table's thread
-    count, the predicted against the measured fraction of the teacher's time; returns the predicted seconds."""
+    count (on the GPU for a GPU's table), the predicted against the measured fraction of the teacher's time;
+    returns the predicted seconds."""
     table = load_table(path, where="--latency-table")
-    key = f"{table.threads} thread{'s' if table.threads > 1 else ''}"
+    gpu = table.device.startswith("cuda")
+    key = "gpu" if gpu else f"{table.threads} thread{'s' if table.threads > 1 else ''}"
     measured = timing.get(key, {})
+    print(f"\n{path}: timed on {table.device}, {table.batch} x {table.seconds:g} s in {table.dtype}")
+    if (table.batch, table.seconds, getattr(torch, table.dtype)) != (batch, seconds, dtype):
+        run = f"{batch} x {seconds:g} s in {str(dtype).removeprefix('torch.')}"
+        print(f"  this run: {run}; the table was made for other inputs")
     configs = {name: teacher_cfg if name == "teacher" else as_config(m.cfg) for name, m in models.items()}
-    print(f"\n{path}: predicted seconds per block kind; measured at {key}" if measured else "")
+    print(f"{path}: predicted seconds per block kind; measured at {key}" if measured else "")
     print(block_report(table, {name: (cfg, measured.get(name)) for name, cfg in configs.items()}))
     predicted = {name: float(table.predict(cfg, static_sizes(cfg))) for name, cfg in configs.items()}
     for name in models:
@@ -207,7 +215,9 @@ def main() -> int:
     print(table(rows, header))
     print("time/MACs: the time ratio over the MACs ratio (1.00 = the speed-up the MAC count promises)")
     predicted = (
-        latency_report(args.latency_table, models, teacher_cfg, timing) if args.latency_table else None
+        latency_report(args.latency_table, models, teacher_cfg, timing, batch, args.seconds, dtype)
+        if args.latency_table
+        else None
     )
     write_json(
         args.json,

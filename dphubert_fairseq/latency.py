@@ -34,6 +34,8 @@ from .param_count import Number, UnitSizes, per_layer_vectors, static_sizes
 
 #: The file format's name and version, written into every table.
 FORMAT = "dphubert-latency-table/1"
+#: The dtypes a table can be timed in (``dphubert-profile --dtype``), as torch names them.
+DTYPES = ("float32", "float16", "bfloat16")
 #: The architecture keys a table was measured for: a table applies to a teacher whose keys are all equal.
 SHAPE_KEYS = (
     "conv_feature_layers",
@@ -87,7 +89,8 @@ class BlockCosts:
 
 @dataclass
 class LatencyTable:
-    """Per-unit costs of a teacher's shape on one device, for one utterance of ``seconds`` (batch 1)."""
+    """Per-unit costs of a teacher's shape on one device, for a batch of ``batch`` utterances of ``seconds``
+    in ``dtype``."""
 
     device: str
     threads: int
@@ -98,6 +101,9 @@ class LatencyTable:
     attention: BlockCosts
     ffn: BlockCosts
     rest: float
+    #: utterances per forward pass, and the weights' and inputs' dtype (``DTYPES``) they were timed in
+    batch: int = 1
+    dtype: str = "float32"
     #: the teacher checkpoint's own forward time (its fairseq model, ``dphubert-profile --teacher``): the
     #: denominator of a latency sparsity, so that 0.40 means 0.40 of what the user runs today; None: the
     #: predicted time of the teacher's shape
@@ -202,6 +208,8 @@ class LatencyTable:
             shape=dict(data["shape"]),
             conv=[BlockCosts(**c) for c in data["conv"]],
             rest=float(data["rest"]),
+            batch=int(data.get("batch", 1)),  # tables written before these keys: one utterance in fp32
+            dtype=str(data.get("dtype", "float32")),
             teacher_measured=None
             if data.get("teacher_measured") is None
             else float(data["teacher_measured"]),
@@ -212,6 +220,8 @@ class LatencyTable:
         numbers = [table.rest] + [v for b in table.blocks() for v in (b.fixed, b.per_unit, b.per_pair)]
         if not all(math.isfinite(v) and v >= 0 for v in numbers):
             raise ValueError("every cost must be a finite number >= 0")
+        if table.batch < 1 or table.dtype not in DTYPES:
+            raise ValueError(f"batch must be >= 1 and dtype one of {', '.join(DTYPES)}")
         try:
             layers = parse_conv_layers(table.shape["conv_feature_layers"])
         except Exception as err:  # fairseq's format is a Python expression: anything can be wrong in it
@@ -312,10 +322,13 @@ def fit_table(
     threads: int,
     seconds: float,
     teacher_measured: Optional[float] = None,
+    batch: int = 1,
+    dtype: str = "float32",
     **provenance,
 ) -> LatencyTable:
-    """The table that explains ``measurements`` (architectures of ``teacher_cfg``'s shape with other sizes);
-    ``teacher_measured``: the teacher checkpoint's own time, when it was measured."""
+    """The table that explains ``measurements`` (architectures of ``teacher_cfg``'s shape with other sizes,
+    timed on batches of ``batch`` utterances in ``dtype``); ``teacher_measured``: the teacher checkpoint's own
+    time, when it was measured."""
     conv_rows: List[List[Tuple[float, float, float]]] = [
         [] for _ in parse_conv_layers(teacher_cfg.conv_feature_layers)
     ]
@@ -338,6 +351,8 @@ def fit_table(
         attention=fit_block(attention_rows, "units"),
         ffn=fit_block(ffn_rows, "units"),
         rest=float(max(0.0, np.median([m.rest for m in measurements]))),
+        batch=batch,
+        dtype=dtype,
         teacher_measured=teacher_measured,
     )
     totals = [[m.total, float(table.predict(m.cfg, static_sizes(m.cfg)))] for m in measurements]

@@ -2,11 +2,13 @@
 ``criterion.target_metric=latency`` trains against (``latency.py``).
 
     dphubert-profile --teacher hubert_base_ls960.pt --device cpu --threads 1 --seconds 10 --out cost.json
+    dphubert-profile --teacher hubert_base_ls960.pt --device cuda --batch 8 --dtype float16 --out gpu.json
     dphubert-profile --table cost.json --report pruned.pt [other.pt ...]
 
 The teacher itself and ``--variants - 1`` architectures of its shape with other sizes (conv channels, heads
 and FFN units drawn per layer, seeded) are built with random weights and run on one utterance of
-``--seconds`` (batch 1, fp32, inference mode), in turns with the teacher checkpoint's own model; forward
+``--seconds`` (``--batch`` copies of it, in ``--dtype``: by default one, in fp32; inference mode), in turns
+with the teacher checkpoint's own model; forward
 hooks time every conv block, the feature projection, every attention and every FFN (the median of
 ``--repeat`` rounds after one warm-up round). Each block kind's costs
 are fitted to its (size, seconds) points, with every coefficient >= 0; what no hook covers (positional
@@ -30,7 +32,7 @@ import torch.nn as nn
 
 from .checkpoint_io import load_model
 from .conv_spec import format_conv_layers, parse_conv_layers, receptive_field
-from .latency import LatencyTable, Measurement, block_report, fit_table, load_table
+from .latency import DTYPES, LatencyTable, Measurement, block_report, fit_table, load_table
 from .models.dphubert import DPHuBERTConfig, DPHuBERTModel, as_config
 from .param_count import static_sizes
 from .teacher import load_teacher_and_config, teacher_hidden_states
@@ -144,18 +146,22 @@ def measure(
     seconds: float,
     repeat: int,
     teacher: Optional[nn.Module] = None,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> Tuple[List[Measurement], Optional[float]]:
-    """Time architectures (random weights) on one utterance of ``seconds`` of noise: per-block and total
+    """Time architectures (random weights, in ``dtype``) on ``batch`` utterances of ``seconds`` of noise
+    (``(batch, samples)``): per-block and total
     medians of ``repeat`` rounds after a warm-up round, every model run once per round, in turns, so that a
     drift of the machine's speed hits all alike (a table is read as ratios); with the ``teacher`` checkpoint's
     own model among them (``teacher_hidden_states``, as the benchmarks time it), its median seconds too. On a
     GPU, where timing a block means waiting for it (which a forward pass otherwise does not), each
     architecture's total comes from a second pass without the blocks timed, as the teacher's is taken."""
     torch.manual_seed(0)
-    models = [DPHuBERTModel(cfg).eval().to(device) for cfg in configs]
+    models = [DPHuBERTModel(cfg).eval().to(device, dtype) for cfg in configs]
     if teacher is not None:
-        teacher = teacher.eval().to(device)
-    source = torch.randn(1, int(round(seconds * configs[0].sample_rate)), device=device)
+        teacher = teacher.eval().to(device, dtype)
+    samples = int(round(seconds * configs[0].sample_rate))
+    source = torch.randn(batch, samples, device=device).to(dtype)
     sync = synchronizer(device)
     timers = [BlockTimer(timed_modules(model), sync) for model in models]
     runs: List[List[Dict[str, float]]] = [[] for _ in models]
@@ -225,14 +231,21 @@ def profile(
     variants: int = 8,
     repeat: int = 5,
     log: Callable[[str], None] = print,
+    batch: int = 1,
+    dtype: str = "float32",
 ) -> LatencyTable:
-    """Measure ``variants`` architectures of the teacher's shape on ``device`` and fit their table; with the
-    ``teacher`` model itself, its own time becomes the table's denominator."""
+    """Measure ``variants`` architectures of the teacher's shape on ``device``, on batches of ``batch``
+    utterances in ``dtype`` (``DTYPES``), and fit their table; with the ``teacher`` model itself, its own time
+    becomes the table's denominator."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here")
     if repeat < 1:
         raise ValueError(f"--repeat {repeat}: at least one timed pass is needed")
+    if batch < 1:
+        raise ValueError(f"--batch {batch}: at least one utterance per pass is needed")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
     if variants < MIN_VARIANTS:
         raise ValueError(
             f"--variants {variants}: at least {MIN_VARIANTS} architectures are needed (a conv block's costs "
@@ -244,9 +257,12 @@ def profile(
     if dev.type == "cpu" and threads:
         torch.set_num_threads(threads)
     log(
-        f"timing {variants} architectures of the teacher's shape{' and the teacher' if teacher else ''}, in turns"
+        f"timing {variants} architectures of the teacher's shape{' and the teacher' if teacher else ''}, in turns,"
+        f" on {batch} x {seconds:g} s in {dtype}"
     )
-    measurements, measured = measure(variant_configs(teacher_cfg, variants), dev, seconds, repeat, teacher)
+    measurements, measured = measure(
+        variant_configs(teacher_cfg, variants), dev, seconds, repeat, teacher, batch, getattr(torch, dtype)
+    )
     for i, m in enumerate(measurements):
         log(
             f"architecture {i + 1}/{variants}: {m.total:.4f} s" + (" (the teacher's shape)" if i == 0 else "")
@@ -260,6 +276,8 @@ def profile(
         threads=torch.get_num_threads() if dev.type == "cpu" else 0,
         seconds=seconds,
         teacher_measured=measured,
+        batch=batch,
+        dtype=dtype,
         device_name=device_name(dev),
         torch=torch.__version__,
         date=datetime.date.today().isoformat(),
@@ -291,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help=f"architectures timed, the teacher included (default 8, at least {MIN_VARIANTS})",
     )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="utterances per timed forward pass (default 1), as you deploy"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="the weights' and inputs' dtype (default float32; float16 or bfloat16 as you deploy, e.g. on a GPU)",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed passes per architecture (median)")
     parser.add_argument("--table", help="a table written by this command, for --report")
     parser.add_argument(
@@ -307,8 +334,8 @@ def _report(table_path: str, models: Sequence[str]) -> str:
         table.check_shape(cfg, f"--table {table_path}: {path}", pruned=True)
         rows[path] = (cfg, None)
     header = (
-        f"predicted seconds per block kind ({table.device}, {table.threads} thread(s), {table.seconds:g} s of "
-        f"audio; the teacher: {table.teacher_seconds():.4f} s)"
+        f"predicted seconds per block kind ({table.device}, {table.threads} thread(s), {table.batch} x "
+        f"{table.seconds:g} s of audio in {table.dtype}; the teacher: {table.teacher_seconds():.4f} s)"
     )
     lines = [header, block_report(table, rows)]
     for path, (cfg, _) in rows.items():
@@ -329,7 +356,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("give --teacher and --out to profile, or --table and --report to report")
         teacher, teacher_cfg = load_teacher_and_config(args.teacher)
         table = profile(
-            teacher_cfg, teacher, args.device, args.threads, args.seconds, args.variants, args.repeat
+            teacher_cfg,
+            teacher,
+            args.device,
+            args.threads,
+            args.seconds,
+            args.variants,
+            args.repeat,
+            batch=args.batch,
+            dtype=args.dtype,
         )
         table.save(args.out)
     except ValueError as err:  # every DPHuBERTError is one

@@ -9,6 +9,7 @@ import pytest
 
 STRUCTURE = os.path.join(helpers.REPO, "benchmarks", "structures", "hubert_base_sp75.json")
 MACS_STRUCTURE = os.path.join(helpers.REPO, "benchmarks", "structures", "hubert_base_macs61.json")
+LATENCY_TABLE = os.path.join(helpers.REPO, "benchmarks", "structures", "cpu_1thread_latency_table.json")
 
 
 def run_script(name: str, *args: str):
@@ -89,6 +90,8 @@ def test_inference_benchmark(tmp_path):
         "1",
         "--rounding",
         "4:128",
+        "--latency-table",
+        LATENCY_TABLE,
         "--json",
         str(out),
     )
@@ -107,6 +110,9 @@ def test_inference_benchmark(tmp_path):
     # the ratio recorded at the target's 10 s, up to the attention's T^2 terms, which weigh less at 1 s
     assert abs(models["exported macs61"]["macs_ratio"] - (1 - macs["macs_sparsity"])) < 0.05
     assert set(result["seconds_per_forward"]) == {"1 thread"}
+    # the table's prediction next to the measured times, and that it was timed on other inputs (10 s)
+    assert "timed on cpu, 1 x 10 s in float32" in proc.stdout and "made for other inputs" in proc.stdout
+    assert "predicted seconds per block kind; measured at 1 thread" in proc.stdout
 
 
 def test_gpu_check_records_every_step_and_packs_the_results(tmp_path):

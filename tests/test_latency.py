@@ -124,10 +124,40 @@ def test_profile_arguments_are_checked_before_timing():
         (dict(variants=3), "--variants 3: at least 4 architectures"),
         (dict(repeat=0), "--repeat 0: at least one timed pass"),
         (dict(seconds=0.01), "--seconds 0.01: shorter than the CNN's receptive field (0.0250 s)"),
+        (dict(batch=0), "--batch 0: at least one utterance per pass"),
+        (dict(dtype="int8"), "--dtype int8: one of float32, float16, bfloat16"),
     ):
         with pytest.raises(ValueError) as e:
             profile(teacher_cfg(), **kwargs)
         helpers.assert_one_line(str(e.value), starts_with=message)
+
+
+def test_a_table_timed_on_a_batch_in_reduced_precision(tmp_path, monkeypatch):
+    """``--batch`` / ``--dtype``: the blocks are timed on that many utterances in that dtype (as a GPU
+    deployment runs them), the table says so and keeps it through a save; a table written before these keys
+    reads as one utterance in float32."""
+    from dphubert_fairseq.latency_profile import profile
+
+    seen = []
+    original = dp.DPHuBERTModel.forward
+
+    def recording(self, source, *args, **kwargs):
+        seen.append((tuple(source.shape), source.dtype, next(self.parameters()).dtype))
+        return original(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(dp.DPHuBERTModel, "forward", recording)
+    table = profile(
+        teacher_cfg(), seconds=0.1, variants=4, repeat=1, log=lambda line: None, batch=2, dtype="bfloat16"
+    )
+    assert seen and all(s == ((2, 1600), torch.bfloat16, torch.bfloat16) for s in seen)
+    assert (table.batch, table.dtype) == (2, "bfloat16")
+    path = str(tmp_path / "t.json")
+    table.save(path)
+    assert (load_table(path).batch, load_table(path).dtype) == (2, "bfloat16")
+    old = {k: v for k, v in table.to_dict().items() if k not in ("batch", "dtype")}
+    assert (LatencyTable.from_dict(old).batch, LatencyTable.from_dict(old).dtype) == (1, "float32")
+    with pytest.raises(ValueError, match="dtype one of float32, float16, bfloat16"):
+        LatencyTable.from_dict({**old, "dtype": "int8"})
 
 
 def test_a_negative_slope_is_not_fitted():
