@@ -355,17 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.teacher or not args.out:
             raise ValueError("give --teacher and --out to profile, or --table and --report to report")
         teacher, teacher_cfg = load_teacher_and_config(args.teacher)
-        table = profile(
-            teacher_cfg,
-            teacher,
-            args.device,
-            args.threads,
-            args.seconds,
-            args.variants,
-            args.repeat,
-            batch=args.batch,
-            dtype=args.dtype,
-        )
+        options = ("device", "threads", "seconds", "variants", "repeat", "batch", "dtype")
+        table = profile(teacher_cfg, teacher, **{name: getattr(args, name) for name in options})
         table.save(args.out)
     except ValueError as err:  # every DPHuBERTError is one
         print(f"dphubert-profile: error: {err}", file=sys.stderr)
